@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# End-to-end: the release binary in a real window under Xvfb on software Vulkan (lavapipe).
+# Opens a slide, zooms with the wheel and keys, pans by dragging at several zoom levels, takes
+# screenshots, and writes frame-time percentiles. Usage: packaging/e2e-window.sh [SLIDE] [OUT_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+slide=${1:-assets/samples/CMU-1-Small-Region.svs}
+out=${2:-target/e2e}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cargo build --release --locked
+export XDG_RUNTIME_DIR; XDG_RUNTIME_DIR=$(mktemp -d); chmod 700 "$XDG_RUNTIME_DIR"
+export HISTOLENS_DATA_DIR="$out/data"
+export SLIDE="$slide" OUT="$out"
+xvfb-run -a -s "-screen 0 1280x800x24" bash -euo pipefail -c '
+  ./target/release/histolens --cache-mb 512 --frame-stats "$OUT/frames.json" "$SLIDE" >"$OUT/app.log" 2>&1 &
+  app=$!
+  wid=""
+  for _ in $(seq 120); do
+    wid=$(xdotool search --name "^histolens" 2>/dev/null | head -n1 || true)
+    [ -n "$wid" ] && break
+    sleep 0.5
+  done
+  [ -n "$wid" ] || { echo "no window appeared"; cat "$OUT/app.log"; exit 1; }
+  xdotool windowsize "$wid" 1280 800 windowmove "$wid" 0 0 || true
+  sleep 4
+  import -window root "$OUT/01-open.png"
+  # Zoom in with the wheel around a point on the tissue, then pan by dragging, at three zoom levels.
+  cx=500; cy=420
+  shot=2
+  for zoom in 1 2 3; do
+    xdotool mousemove $cx $cy
+    for _ in $(seq 6); do xdotool click 4; sleep 0.05; done
+    sleep 1.5
+    import -window root "$OUT/0${shot}-zoom${zoom}.png"; shot=$((shot+1))
+    xdotool mousemove $cx $cy mousedown 1
+    for _ in $(seq 40); do xdotool mousemove_relative -- -6 -3; sleep 0.016; done
+    for _ in $(seq 40); do xdotool mousemove_relative -- 6 3; sleep 0.016; done
+    xdotool mouseup 1
+    sleep 1.5
+  done
+  import -window root "$OUT/0${shot}-panned.png"; shot=$((shot+1))
+  # Keyboard: zoom out twice, pan right, fit.
+  xdotool key --window "$wid" minus minus Right Right
+  sleep 1
+  import -window root "$OUT/0${shot}-keys.png"; shot=$((shot+1))
+  xdotool key --window "$wid" f
+  sleep 1
+  import -window root "$OUT/0${shot}-fit.png"
+  xdotool key --window "$wid" ctrl+q
+  for _ in $(seq 40); do kill -0 $app 2>/dev/null || break; sleep 0.25; done
+  kill $app 2>/dev/null || true
+'
+echo "screenshots and frames.json in $out"
+cat "$out/frames.json" 2>/dev/null || echo "(no frame statistics written)"

@@ -1,0 +1,229 @@
+//! `histolens bench …`: throughput and memory measurements (benchmarks, not tests).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Subcommand;
+use histolens::slide::Slide;
+use histolens::tiles::{TileKey, TileStreamer, Viewport, plan_tiles};
+use histolens::util::memory;
+use serde::Serialize;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Tile throughput: every tile of every level, cold (fresh slide handle, empty cache) then warm.
+    Tiles {
+        file: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        tile_size: u32,
+        /// Loader thread counts to measure, e.g. 1,2.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        threads: Vec<usize>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Peak memory while panning across a slide at several zoom levels with a given cache budget.
+    Pan {
+        file: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        cache_mb: u64,
+        /// View size in screen pixels.
+        #[arg(long, default_value_t = 1920)]
+        width: u32,
+        #[arg(long, default_value_t = 1080)]
+        height: u32,
+        /// Pan steps per zoom level.
+        #[arg(long, default_value_t = 60)]
+        steps: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Tiles {
+            file,
+            tile_size,
+            threads,
+            json,
+        } => tiles(&file, tile_size, &threads, json),
+        BenchCommand::Pan {
+            file,
+            cache_mb,
+            width,
+            height,
+            steps,
+            json,
+        } => pan(
+            &file,
+            cache_mb,
+            [f64::from(width), f64::from(height)],
+            steps,
+            json,
+        ),
+    }
+}
+
+#[derive(Serialize)]
+struct TilesResult {
+    threads: usize,
+    tiles: usize,
+    megapixels: f64,
+    cold_seconds: f64,
+    warm_seconds: f64,
+    cold_tiles_per_second: f64,
+    warm_tiles_per_second: f64,
+}
+
+fn all_tiles(slide: &Slide, tile_size: u32) -> Vec<TileKey> {
+    let grid = histolens::tiles::TileGrid::new(slide.info().levels.clone(), tile_size);
+    (0..grid.level_count())
+        .flat_map(|l| grid.level_tiles(l).collect::<Vec<_>>())
+        .collect()
+}
+
+fn tiles(file: &Path, tile_size: u32, threads: &[usize], json: bool) -> anyhow::Result<()> {
+    let mut results = Vec::new();
+    for &n in threads {
+        // A fresh handle per run: OpenSlide's own decoded-tile cache starts empty too.
+        let slide = Arc::new(Slide::open(file)?);
+        let keys = all_tiles(&slide, tile_size);
+        let grid = histolens::tiles::TileGrid::new(slide.info().levels.clone(), tile_size);
+        let bytes: usize = keys.iter().map(|k| grid.tile_bytes(*k)).sum();
+        let streamer = TileStreamer::new(slide, tile_size, n, bytes + (64 << 20), || {});
+        streamer.wait_idle(); // the pinned coarsest level is part of opening, not of the measurement
+        let t0 = Instant::now();
+        streamer.request(&keys);
+        streamer.wait_idle();
+        let cold = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut found = 0usize;
+        for k in &keys {
+            found += usize::from(streamer.get(*k).is_some());
+        }
+        let warm = t1.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            found == keys.len(),
+            "{} of {} tiles failed to load",
+            keys.len() - found,
+            keys.len()
+        );
+        results.push(TilesResult {
+            threads: n,
+            tiles: keys.len(),
+            megapixels: bytes as f64 / 4e6,
+            cold_seconds: cold,
+            warm_seconds: warm,
+            cold_tiles_per_second: keys.len() as f64 / cold,
+            warm_tiles_per_second: keys.len() as f64 / warm.max(1e-9),
+        });
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        println!("tile throughput, {tile_size} px tiles, {}", file.display());
+        for r in &results {
+            println!(
+                "threads {}: {} tiles ({:.1} Mpx); cold {:.3} s = {:.0} tiles/s; warm {:.4} s = {:.0} tiles/s",
+                r.threads,
+                r.tiles,
+                r.megapixels,
+                r.cold_seconds,
+                r.cold_tiles_per_second,
+                r.warm_seconds,
+                r.warm_tiles_per_second
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct PanResult {
+    cache_budget_mb: u64,
+    rss_before_mb: f64,
+    peak_rss_mb: f64,
+    peak_over_budget_mb: f64,
+    views: usize,
+    tiles_loaded: u64,
+    seconds: f64,
+}
+
+fn pan(file: &Path, cache_mb: u64, size: [f64; 2], steps: usize, json: bool) -> anyhow::Result<()> {
+    let rss_before = memory::current_rss_bytes().unwrap_or(0);
+    let slide = Arc::new(Slide::open(file)?);
+    let dims = slide.info().dimensions();
+    let streamer = TileStreamer::new(
+        slide,
+        histolens::tiles::DEFAULT_TILE_SIZE,
+        2,
+        (cache_mb as usize) << 20,
+        || {},
+    );
+    let t0 = Instant::now();
+    let mut views = 0;
+    let fit = Viewport::fit(dims, size);
+    // Zoom levels from the whole slide down to full resolution, a serpentine pan at each.
+    let mut scales = vec![fit.scale];
+    while *scales.last().unwrap_or(&1.0) < 1.0 {
+        let s = scales.last().copied().unwrap_or(1.0) * 4.0;
+        scales.push(s.min(1.0));
+    }
+    for &scale in &scales {
+        let mut vp = Viewport {
+            center: [0.0, 0.0],
+            scale,
+            size,
+        };
+        let span = [dims.0 as f64, dims.1 as f64];
+        let rows = (steps as f64).sqrt().ceil() as usize;
+        for i in 0..steps {
+            let row = i / rows;
+            let col = if row % 2 == 0 {
+                i % rows
+            } else {
+                rows - 1 - i % rows
+            };
+            vp.center = [
+                span[0] * (col as f64 + 0.5) / rows as f64,
+                span[1] * (row as f64 + 0.5) / rows as f64,
+            ];
+            let plan = plan_tiles(streamer.grid(), &vp, 1.0, 1);
+            streamer.request(&plan.wanted);
+            streamer.wait_idle();
+            for k in &plan.visible {
+                let _ = streamer.get(*k);
+            }
+            views += 1;
+        }
+    }
+    let peak = memory::peak_rss_bytes().unwrap_or(0);
+    let mb = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let r = PanResult {
+        cache_budget_mb: cache_mb,
+        rss_before_mb: mb(rss_before),
+        peak_rss_mb: mb(peak),
+        peak_over_budget_mb: mb(peak) - cache_mb as f64,
+        views,
+        tiles_loaded: streamer.stats().loaded,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "pan over {}: {} views, {} tiles loaded in {:.1} s; cache budget {} MiB; peak RSS {:.0} MiB (budget + {:.0} MiB)",
+            file.display(),
+            r.views,
+            r.tiles_loaded,
+            r.seconds,
+            r.cache_budget_mb,
+            r.peak_rss_mb,
+            r.peak_over_budget_mb
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! Headless commands of the binary.
+
+pub mod bench;
+pub mod info;

@@ -1,0 +1,495 @@
+//! The application shell: opening files (dialog, drop, command line, recent list) in the background,
+//! menus and toolbar, error reporting, persisted settings and frame statistics.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::Receiver;
+use serde::{Deserialize, Serialize};
+
+use super::frame_stats::FrameStats;
+use super::side_panel::{self, SidePanelAction};
+use super::status_bar;
+use super::viewer::{OVERVIEW_SIDE, OpenedSlide, SlideView};
+use crate::slide::{CalibrationStore, Slide, SlideError};
+
+const SETTINGS_KEY: &str = "histolens.settings";
+const MAX_RECENT: usize = 10;
+/// Associated images are shown at most this large in the side panel.
+const ASSOCIATED_SIDE: u32 = 512;
+
+/// How the window is started.
+#[derive(Debug, Clone, Default)]
+pub struct LaunchOptions {
+    /// A file to open at start.
+    pub path: Option<PathBuf>,
+    /// Tile cache budget in MiB (decoded tiles plus textures); the persisted setting or a share of RAM
+    /// when `None`.
+    pub cache_mb: Option<u64>,
+    /// Folder for per-user state; the platform's data folder when `None`.
+    pub data_dir: Option<PathBuf>,
+    /// Write frame-time percentiles to this JSON file on exit (for the end-to-end script).
+    pub frame_stats_path: Option<PathBuf>,
+}
+
+/// Persisted across sessions through eframe's storage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+struct Settings {
+    recent: Vec<PathBuf>,
+    cache_mb: u64,
+    loader_threads: usize,
+    show_side_panel: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            recent: Vec::new(),
+            cache_mb: crate::util::memory::default_cache_budget_bytes() >> 20,
+            loader_threads: std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .clamp(2, 8),
+            show_side_panel: true,
+        }
+    }
+}
+
+struct OpenJob {
+    path: PathBuf,
+    rx: Receiver<Result<OpenedSlide, SlideError>>,
+    started: Instant,
+}
+
+pub struct HistolensApp {
+    settings: Settings,
+    calibrations: Option<CalibrationStore>,
+    view: Option<SlideView>,
+    opening: Option<OpenJob>,
+    /// Errors waiting to be acknowledged by the user, oldest first.
+    errors: Vec<String>,
+    frame_stats: FrameStats,
+    frame_stats_path: Option<PathBuf>,
+    property_filter: String,
+}
+
+/// Opens the slide and prepares what the window shows first, off the UI thread.
+fn open_in_background(path: &Path) -> Result<OpenedSlide, SlideError> {
+    let slide = Arc::new(Slide::open(path)?);
+    let overview = slide.thumbnail(OVERVIEW_SIDE)?;
+    let associated = slide
+        .info()
+        .associated
+        .iter()
+        .filter_map(|a| {
+            let img = slide.associated_image(&a.name).ok()?;
+            Some((
+                a.name.clone(),
+                crate::slide::pixels::fit_within(&img, ASSOCIATED_SIDE),
+            ))
+        })
+        .collect();
+    Ok(OpenedSlide {
+        slide,
+        overview,
+        associated,
+    })
+}
+
+impl HistolensApp {
+    pub fn new(cc: &eframe::CreationContext<'_>, options: LaunchOptions) -> Self {
+        let mut settings: Settings = cc
+            .storage
+            .and_then(|s| eframe::get_value(s, SETTINGS_KEY))
+            .unwrap_or_default();
+        if let Some(mb) = options.cache_mb {
+            settings.cache_mb = mb;
+        }
+        let mut errors = Vec::new();
+        let store_path = options
+            .data_dir
+            .map(|d| d.join("calibrations.json"))
+            .unwrap_or_else(CalibrationStore::default_path);
+        let calibrations = match CalibrationStore::load(store_path) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                errors.push(e.to_string());
+                None
+            }
+        };
+        let mut app = HistolensApp {
+            settings,
+            calibrations,
+            view: None,
+            opening: None,
+            errors,
+            frame_stats: FrameStats::default(),
+            frame_stats_path: options.frame_stats_path,
+            property_filter: String::new(),
+        };
+        if let Some(p) = options.path {
+            app.open(&cc.egui_ctx, p);
+        }
+        app
+    }
+
+    /// Starts opening `path` in a worker thread; the current slide stays until it succeeds.
+    pub fn open(&mut self, ctx: &egui::Context, path: PathBuf) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let repaint = ctx.clone();
+        let p = path.clone();
+        std::thread::Builder::new()
+            .name("open-slide".into())
+            .spawn(move || {
+                let _ = tx.send(open_in_background(&p));
+                repaint.request_repaint();
+            })
+            .map_err(|e| {
+                self.errors
+                    .push(format!("cannot start a thread to open the file: {e}"))
+            })
+            .ok();
+        self.opening = Some(OpenJob {
+            path,
+            rx,
+            started: Instant::now(),
+        });
+    }
+
+    /// The open slide's view, if any.
+    pub fn view(&self) -> Option<&SlideView> {
+        self.view.as_ref()
+    }
+
+    pub fn view_mut(&mut self) -> Option<&mut SlideView> {
+        self.view.as_mut()
+    }
+
+    /// Messages the user has not dismissed yet.
+    pub fn errors(&self) -> &[String] {
+        &self.errors
+    }
+
+    /// True while a file is opening or tiles are loading (tests wait for this to end).
+    pub fn is_busy(&self) -> bool {
+        self.opening.is_some() || self.view.as_ref().is_some_and(SlideView::is_loading)
+    }
+
+    pub fn frame_stats(&self) -> &FrameStats {
+        &self.frame_stats
+    }
+
+    fn poll_open_job(&mut self, ctx: &egui::Context) {
+        let Some(job) = &self.opening else { return };
+        let Ok(result) = job.rx.try_recv() else {
+            return;
+        };
+        let path = job.path.clone();
+        log::info!(
+            "opened {} in {:.0} ms",
+            path.display(),
+            job.started.elapsed().as_secs_f64() * 1e3
+        );
+        self.opening = None;
+        match result {
+            Ok(opened) => {
+                let calibration = self
+                    .calibrations
+                    .as_ref()
+                    .map(|s| s.get(&path))
+                    .unwrap_or_default();
+                self.view = Some(SlideView::new(
+                    ctx,
+                    opened,
+                    (self.settings.cache_mb as usize) << 20,
+                    self.settings.loader_threads,
+                    calibration,
+                ));
+                self.settings.recent.retain(|p| p != &path);
+                self.settings.recent.insert(0, path);
+                self.settings.recent.truncate(MAX_RECENT);
+            }
+            Err(e) => self.errors.push(e.to_string()),
+        }
+    }
+
+    fn open_dialog(&mut self, ctx: &egui::Context) {
+        let start = self
+            .view
+            .as_ref()
+            .and_then(|v| v.slide.path().parent().map(Path::to_path_buf));
+        let mut dialog = rfd::FileDialog::new()
+            .set_title("Open a slide or image")
+            .add_filter(
+                "Slides and images",
+                &[
+                    "svs", "tif", "tiff", "ndpi", "vms", "vmu", "scn", "mrxs", "bif", "svslide",
+                    "png", "jpg", "jpeg", "bmp", "webp",
+                ],
+            )
+            .add_filter("All files", &["*"]);
+        if let Some(dir) = start {
+            dialog = dialog.set_directory(dir);
+        }
+        if let Some(path) = dialog.pick_file() {
+            self.open(ctx, path);
+        }
+    }
+
+    fn handle_dropped_files(&mut self, ctx: &egui::Context) {
+        let dropped: Vec<PathBuf> = ctx.input(|i| {
+            i.raw
+                .dropped_files
+                .iter()
+                .map(|f| f.path().to_path_buf())
+                .collect()
+        });
+        if let Some(first) = dropped.into_iter().next() {
+            self.open(ctx, first);
+        }
+    }
+
+    fn menu_bar(&mut self, ui: &mut egui::Ui) {
+        let ctx = ui.ctx().clone();
+        egui::MenuBar::new().ui(ui, |ui| {
+            ui.menu_button("File", |ui| {
+                if ui.button("Open…").clicked() {
+                    ui.close();
+                    self.open_dialog(&ctx);
+                }
+                ui.menu_button("Open recent", |ui| {
+                    if self.settings.recent.is_empty() {
+                        ui.label("(none)");
+                    }
+                    let mut chosen = None;
+                    for p in &self.settings.recent {
+                        if ui.button(p.display().to_string()).clicked() {
+                            chosen = Some(p.clone());
+                        }
+                    }
+                    if let Some(p) = chosen {
+                        ui.close();
+                        self.open(&ctx, p);
+                    }
+                });
+                if ui
+                    .add_enabled(self.view.is_some(), egui::Button::new("Close"))
+                    .clicked()
+                {
+                    self.view = None;
+                    ui.close();
+                }
+                ui.separator();
+                if ui.button("Quit (Ctrl+Q)").clicked() {
+                    ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+                }
+            });
+            ui.menu_button("View", |ui| {
+                ui.checkbox(&mut self.settings.show_side_panel, "Side panel");
+                ui.separator();
+                ui.label("Tile cache (MiB)");
+                ui.add(egui::DragValue::new(&mut self.settings.cache_mb).range(64..=65536));
+                ui.label("Applies to the next slide opened.");
+            });
+        });
+    }
+
+    fn toolbar(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal(|ui| {
+            let has_view = self.view.is_some();
+            if ui
+                .button("Open…")
+                .on_hover_text("Open a slide or image (Ctrl+O)")
+                .clicked()
+            {
+                let ctx = ui.ctx().clone();
+                self.open_dialog(&ctx);
+            }
+            ui.separator();
+            let mut act =
+                |ui: &mut egui::Ui, label: &str, hint: &str, f: &dyn Fn(&mut SlideView)| {
+                    if ui
+                        .add_enabled(has_view, egui::Button::new(label))
+                        .on_hover_text(hint)
+                        .clicked()
+                        && let Some(v) = self.view.as_mut()
+                    {
+                        f(v);
+                    }
+                };
+            act(ui, "Fit", "Show the whole slide (F)", &|v| v.fit());
+            act(ui, "1:1", "One slide pixel per screen pixel", &|v| {
+                v.one_to_one()
+            });
+            act(ui, "Zoom in", "Zoom in (+ or mouse wheel)", &|v| {
+                v.zoom_by(2.0)
+            });
+            act(ui, "Zoom out", "Zoom out (- or mouse wheel)", &|v| {
+                v.zoom_by(0.5)
+            });
+            if let Some(job) = &self.opening {
+                ui.separator();
+                ui.spinner();
+                ui.label(format!("Opening {}…", job.path.display()));
+            }
+        });
+    }
+
+    fn shortcuts(&mut self, ctx: &egui::Context) {
+        if ctx.egui_wants_keyboard_input() {
+            return;
+        }
+        let (open, fit, quit) = ctx.input_mut(|i| {
+            (
+                i.consume_key(egui::Modifiers::COMMAND, egui::Key::O),
+                i.consume_key(egui::Modifiers::NONE, egui::Key::F),
+                i.consume_key(egui::Modifiers::COMMAND, egui::Key::Q),
+            )
+        });
+        if quit {
+            ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+        }
+        if open {
+            self.open_dialog(ctx);
+        }
+        if fit && let Some(v) = self.view.as_mut() {
+            v.fit();
+        }
+    }
+
+    fn error_window(&mut self, ctx: &egui::Context) {
+        let Some(message) = self.errors.first().cloned() else {
+            return;
+        };
+        let mut dismissed = false;
+        egui::Window::new("Something went wrong")
+            .collapsible(false)
+            .resizable(false)
+            .anchor(egui::Align2::CENTER_CENTER, [0.0, 0.0])
+            .show(ctx, |ui| {
+                ui.label(&message);
+                if self.view.is_some() {
+                    ui.label("The slide that was open is still open.");
+                }
+                if ui.button("OK").clicked() {
+                    dismissed = true;
+                }
+            });
+        if dismissed {
+            self.errors.remove(0);
+        }
+    }
+
+    fn welcome(&mut self, ui: &mut egui::Ui) {
+        ui.vertical_centered(|ui| {
+            ui.add_space(ui.available_height() * 0.3);
+            ui.heading("histolens");
+            ui.label("Open a whole-slide image (SVS, NDPI, MRXS, SCN, TIFF…) or a snapshot (PNG, JPEG, TIFF…).");
+            if ui.button("Open…").clicked() {
+                let ctx = ui.ctx().clone();
+                self.open_dialog(&ctx);
+            }
+            ui.label("…or drop a file on the window.");
+        });
+    }
+
+    fn drop_hint(&self, ctx: &egui::Context) {
+        let hovering = ctx.input(|i| !i.raw.hovered_files.is_empty());
+        if !hovering {
+            return;
+        }
+        let painter = ctx.layer_painter(egui::LayerId::new(
+            egui::Order::Foreground,
+            egui::Id::unique("histolens-drop-hint"),
+        ));
+        let rect = ctx.content_rect();
+        painter.rect_filled(rect, 0.0, egui::Color32::from_black_alpha(160));
+        painter.text(
+            rect.center(),
+            egui::Align2::CENTER_CENTER,
+            "Drop to open",
+            egui::FontId::proportional(28.0),
+            egui::Color32::WHITE,
+        );
+    }
+
+    fn write_frame_stats(&self) {
+        let Some(path) = &self.frame_stats_path else {
+            return;
+        };
+        let summary = self.frame_stats.summary();
+        match serde_json::to_vec_pretty(&summary) {
+            Ok(json) => {
+                if let Err(e) = crate::util::fs::write_atomic(path, &json) {
+                    log::warn!("cannot write frame statistics to {}: {e}", path.display());
+                }
+            }
+            Err(e) => log::warn!("cannot serialise frame statistics: {e}"),
+        }
+    }
+}
+
+impl eframe::App for HistolensApp {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
+        let ctx = ui.ctx().clone();
+        let moving = ctx.input(|i| {
+            i.pointer.is_decidedly_dragging()
+                || i.smooth_scroll_delta != egui::Vec2::ZERO
+                || !i.keys_down.is_empty()
+        });
+        self.frame_stats
+            .record(frame.info().cpu_usage, moving || self.is_busy());
+        self.poll_open_job(&ctx);
+        self.handle_dropped_files(&ctx);
+        self.shortcuts(&ctx);
+
+        egui::Panel::top("menu").show(ui, |ui| {
+            self.menu_bar(ui);
+            self.toolbar(ui);
+        });
+        let frame_ms = self.frame_stats.last_cpu_ms();
+        egui::Panel::bottom("status")
+            .show(ui, |ui| status_bar::show(ui, self.view.as_ref(), frame_ms));
+        if self.settings.show_side_panel
+            && let Some(view) = self.view.as_mut()
+        {
+            let store_ok = self.calibrations.is_some();
+            let mut action = SidePanelAction::None;
+            egui::Panel::right("side")
+                .resizable(true)
+                .default_size(320.0)
+                .show(ui, |ui| {
+                    action = side_panel::show(ui, view, store_ok, &mut self.property_filter)
+                });
+            if let SidePanelAction::SaveCalibration(c) = action
+                && let Some(msg) = side_panel::save_calibration(self.calibrations.as_mut(), view, c)
+            {
+                self.errors.push(msg);
+            }
+        }
+        egui::CentralPanel::no_frame().show(ui, |ui| match self.view.as_mut() {
+            Some(view) => view.show(ui),
+            None => self.welcome(ui),
+        });
+        if let Some(e) = self.view.as_ref().and_then(|v| v.streamer.take_error()) {
+            // A tile that cannot be decoded is drawn from coarser levels; say so once.
+            self.errors
+                .push(format!("Part of the slide could not be read: {e}"));
+        }
+        self.error_window(&ctx);
+        self.drop_hint(&ctx);
+        if self.opening.is_some() {
+            ctx.request_repaint_after(std::time::Duration::from_millis(100));
+        }
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        eframe::set_value(storage, SETTINGS_KEY, &self.settings);
+        self.write_frame_stats();
+    }
+
+    fn on_exit(&mut self) {
+        self.write_frame_stats();
+    }
+}

@@ -1,0 +1,142 @@
+//! The side panel: slide facts, pyramid levels, calibration by hand, associated images, all properties.
+
+use egui::RichText;
+
+use super::viewer::{SlideView, fit_size};
+use crate::slide::{Calibration, CalibrationStore};
+
+/// What the panel asks the app to do.
+pub enum SidePanelAction {
+    None,
+    SaveCalibration(Calibration),
+}
+
+pub fn show(
+    ui: &mut egui::Ui,
+    view: &mut SlideView,
+    store_ok: bool,
+    filter: &mut String,
+) -> SidePanelAction {
+    let mut action = SidePanelAction::None;
+    egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
+        let info = view.slide.info().clone();
+        ui.heading("Slide");
+        egui::Grid::new("facts").num_columns(2).striped(true).show(ui, |ui| {
+            ui.label("Format");
+            ui.label(info.format_label());
+            ui.end_row();
+            let (w, h) = info.dimensions();
+            ui.label("Dimensions");
+            ui.label(format!("{w} × {h} px"));
+            ui.end_row();
+            ui.label("Pixel size");
+            match view.mpp() {
+                Some(m) => ui.label(format!("{:.4} µm/px ({})", m.mean(), m.source.label())),
+                None => ui.label(RichText::new("unknown").italics()),
+            };
+            ui.end_row();
+            ui.label("Magnification");
+            match view.mpp() {
+                Some(m) => ui.label(format!("{:.1}x equivalent", m.magnification())),
+                None => ui.label(RichText::new("unknown").italics()),
+            };
+            ui.end_row();
+            ui.label("Objective power");
+            match info.objective_power {
+                Some(p) => ui.label(format!("{p}x (scanner metadata)")),
+                None => ui.label(RichText::new("not in metadata").italics()),
+            };
+            ui.end_row();
+        });
+
+        ui.add_space(6.0);
+        egui::CollapsingHeader::new("Pyramid levels").default_open(true).show(ui, |ui| {
+            egui::Grid::new("levels").num_columns(3).striped(true).show(ui, |ui| {
+                ui.strong("Level");
+                ui.strong("Size");
+                ui.strong("Downsample");
+                ui.end_row();
+                for (i, l) in info.levels.iter().enumerate() {
+                    ui.label(i.to_string());
+                    ui.label(format!("{} × {}", l.width, l.height));
+                    ui.label(format!("{:.4}", l.downsample));
+                    ui.end_row();
+                }
+            });
+        });
+
+        egui::CollapsingHeader::new("Calibration").default_open(info.mpp.is_none()).show(ui, |ui| {
+            ui.label("Set the pixel size or the objective power by hand; it is remembered for this file.");
+            let edit = &mut view.calibration_edit;
+            let mut has_mpp = edit.mpp.is_some();
+            ui.horizontal(|ui| {
+                let label = ui.checkbox(&mut has_mpp, "µm/px").id;
+                let mut v = edit.mpp.unwrap_or(0.5);
+                ui.add_enabled(has_mpp, egui::DragValue::new(&mut v).speed(0.001).range(0.02..=100.0).max_decimals(4))
+                    .labelled_by(label);
+                edit.mpp = has_mpp.then_some(v);
+            });
+            let mut has_power = edit.objective_power.is_some();
+            ui.horizontal(|ui| {
+                let label = ui.checkbox(&mut has_power, "objective").id;
+                let mut v = edit.objective_power.unwrap_or(20.0);
+                ui.add_enabled(has_power, egui::DragValue::new(&mut v).speed(0.1).range(0.5..=200.0).suffix("x"))
+                    .labelled_by(label);
+                edit.objective_power = has_power.then_some(v);
+            });
+            ui.horizontal(|ui| {
+                if ui.button("Apply calibration").clicked() {
+                    action = SidePanelAction::SaveCalibration(view.calibration_edit);
+                }
+                if ui.button("Clear calibration").clicked() {
+                    view.calibration_edit = Calibration::default();
+                    action = SidePanelAction::SaveCalibration(Calibration::default());
+                }
+            });
+            if !store_ok {
+                ui.colored_label(ui.visuals().warn_fg_color, "The calibration store could not be read: changes last for this session only.");
+            }
+        });
+
+        if !view.associated.is_empty() {
+            egui::CollapsingHeader::new("Associated images").default_open(true).show(ui, |ui| {
+                for (name, tex, size) in &view.associated {
+                    ui.label(format!("{name} ({} × {})", size[0], size[1]));
+                    ui.image((tex.id(), fit_size(*size, 260.0)));
+                }
+            });
+        }
+
+        egui::CollapsingHeader::new(format!("Properties ({})", info.properties.len())).show(ui, |ui| {
+            ui.horizontal(|ui| {
+                ui.label("Filter");
+                ui.text_edit_singleline(filter);
+            });
+            let needle = filter.to_lowercase();
+            egui::Grid::new("props").num_columns(2).striped(true).show(ui, |ui| {
+                for (k, v) in &info.properties {
+                    if !needle.is_empty() && !k.to_lowercase().contains(&needle) && !v.to_lowercase().contains(&needle) {
+                        continue;
+                    }
+                    ui.label(RichText::new(k).monospace());
+                    let short: String = v.chars().take(80).collect();
+                    ui.label(short).on_hover_text(v);
+                    ui.end_row();
+                }
+            });
+        });
+    });
+    action
+}
+
+/// Saves a calibration, returning a message for the user on failure.
+pub fn save_calibration(
+    store: Option<&mut CalibrationStore>,
+    view: &mut SlideView,
+    c: Calibration,
+) -> Option<String> {
+    view.calibration = c;
+    view.calibration_edit = c;
+    let store = store?;
+    store.set(view.slide.path(), c).err().map(|e| e.to_string())
+}

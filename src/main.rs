@@ -1,0 +1,84 @@
+//! histolens: with no subcommand, opens the viewer window; subcommands run headless.
+
+mod cli;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "histolens",
+    version,
+    about = "Whole-slide image viewer for computational pathology"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Slide or image to open in the window (default: the bundled sample slide).
+    file: Option<PathBuf>,
+    /// Tile cache budget in MiB (default: an eighth of RAM, 256 MiB to 4 GiB).
+    #[arg(long)]
+    cache_mb: Option<u64>,
+    /// Write frame-time percentiles (JSON) to this file when the window closes.
+    #[arg(long)]
+    frame_stats: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print levels, dimensions, µm/px, objective power, vendor and associated images.
+    Info {
+        file: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure performance.
+    #[command(subcommand)]
+    Bench(cli::bench::BenchCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Info { file, json }) => cli::info::run(&file, json),
+        Some(Command::Bench(b)) => cli::bench::run(b),
+        None => run_window(cli.file, cli.cache_mb, cli.frame_stats),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_window(
+    file: Option<PathBuf>,
+    cache_mb: Option<u64>,
+    frame_stats: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let path = match file {
+        Some(f) => Some(f),
+        None => {
+            let sample = histolens::bundled_sample();
+            if sample.is_none() {
+                log::warn!("the bundled sample slide was not found; starting with no slide");
+            }
+            sample
+        }
+    };
+    histolens::gui::run(histolens::gui::LaunchOptions {
+        path,
+        cache_mb,
+        data_dir: None,
+        frame_stats_path: frame_stats,
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))
+    .context("the window could not be started (is a display and a Vulkan or GL driver available?)")
+}

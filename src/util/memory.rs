@@ -1,0 +1,62 @@
+//! Facts about the machine's memory, used to size caches and to refuse decompression bombs.
+
+/// Total physical memory in bytes, or `None` where it cannot be read.
+pub fn total_ram_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo_field(&text, "MemTotal:")
+}
+
+/// Memory the kernel says is available for new allocations, in bytes.
+pub fn available_ram_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo_field(&text, "MemAvailable:")
+}
+
+/// Peak resident set size of this process in bytes (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    meminfo_field(&text, "VmHWM:")
+}
+
+/// Current resident set size of this process in bytes (Linux `VmRSS`).
+pub fn current_rss_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    meminfo_field(&text, "VmRSS:")
+}
+
+fn meminfo_field(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let kib: u64 = line[key.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// The default tile-cache budget: an eighth of physical memory, between 256 MiB and 4 GiB
+/// (QuPath uses a quarter of its heap; a viewer shares the machine with other programs).
+pub fn default_cache_budget_bytes() -> u64 {
+    const MIB: u64 = 1 << 20;
+    let ram = total_ram_bytes().unwrap_or(8 * 1024 * MIB);
+    (ram / 8).clamp(256 * MIB, 4096 * MIB)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_meminfo_lines() {
+        let text = "MemTotal:       24576000 kB\nMemFree:  100 kB\n";
+        assert_eq!(meminfo_field(text, "MemTotal:"), Some(24_576_000 * 1024));
+        assert_eq!(meminfo_field(text, "Missing:"), None);
+    }
+
+    #[test]
+    fn default_budget_is_bounded() {
+        let b = default_cache_budget_bytes();
+        assert!((256 << 20..=4096 << 20).contains(&b));
+    }
+}
