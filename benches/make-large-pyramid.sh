@@ -13,5 +13,5 @@ vips flatten "$tmp/base.v" "$tmp/rgb.v" --background 255
 vips replicate "$tmp/rgb.v" "$tmp/big.v" 28 21
 vips crop "$tmp/big.v" "$tmp/crop.v" 0 0 60000 60000
 vips tiffsave "$tmp/crop.v" "$out" --tile --tile-width 256 --tile-height 256 --pyramid \
-  --compression jpeg --Q 85 --bigtiff --xres 20040.08 --yres 20040.08 --resunit cm
+  --compression jpeg --Q 85 --bigtiff --xres 2004.008 --yres 2004.008 --resunit cm
 ls -l "$out"

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Tile throughput of `histolens bench tiles` against openslide-python's DeepZoomGenerator on the same
-# slide, measured in one run; prints the ratios. Usage: benches/tiles.sh [SLIDE...]
+# slide and the same tiles, measured in one run; prints the ratios. Usage: [LIMIT=N] benches/tiles.sh [SLIDE...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -q
 slides=("$@")
 [ ${#slides[@]} -gt 0 ] || slides=(assets/samples/CMU-1-Small-Region.svs)
 for s in "${slides[@]}"; do
-  ours=$(./target/release/histolens bench tiles --threads 1,2 --json "$s")
-  base=$(python3 benches/deepzoom_baseline.py "$s")
+  list=$(mktemp)
+  ours=$(./target/release/histolens bench tiles --threads 1,2 --json ${LIMIT:+--limit $LIMIT} --tiles-out "$list" "$s")
+  base=$(/usr/bin/python3 benches/deepzoom_baseline.py "$s" "$list")
+  rm -f "$list"
   python3 - "$s" "$ours" "$base" <<'PY'
 import json, sys
 name, ours, base = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])

@@ -22,7 +22,7 @@ xvfb-run -a -s "-screen 0 1280x800x24" bash -euo pipefail -c '
     sleep 0.5
   done
   [ -n "$wid" ] || { echo "no window appeared"; cat "$OUT/app.log"; exit 1; }
-  xdotool windowsize "$wid" 1280 800 windowmove "$wid" 0 0 || true
+  xdotool windowsize "$wid" 1280 800 windowmove "$wid" 0 0 windowfocus "$wid" 2>/dev/null || true
   sleep 4
   import -window root "$OUT/01-open.png"
   # Zoom in with the wheel around a point on the tissue, then pan by dragging, at three zoom levels.
@@ -33,23 +33,25 @@ xvfb-run -a -s "-screen 0 1280x800x24" bash -euo pipefail -c '
     for _ in $(seq 6); do xdotool click 4; sleep 0.05; done
     sleep 1.5
     import -window root "$OUT/0${shot}-zoom${zoom}.png"; shot=$((shot+1))
+    # Drag the content up and to the left: the view moves down and right across the tissue.
     xdotool mousemove $cx $cy mousedown 1
-    for _ in $(seq 40); do xdotool mousemove_relative -- -6 -3; sleep 0.016; done
-    for _ in $(seq 40); do xdotool mousemove_relative -- 6 3; sleep 0.016; done
+    for _ in $(seq 50); do xdotool mousemove_relative -- -5 -3; sleep 0.016; done
     xdotool mouseup 1
     sleep 1.5
   done
   import -window root "$OUT/0${shot}-panned.png"; shot=$((shot+1))
   # Keyboard: zoom out twice, pan right, fit.
-  xdotool key --window "$wid" minus minus Right Right
+  xdotool key minus minus Right Right
   sleep 1
   import -window root "$OUT/0${shot}-keys.png"; shot=$((shot+1))
-  xdotool key --window "$wid" f
+  xdotool key f
   sleep 1
   import -window root "$OUT/0${shot}-fit.png"
-  xdotool key --window "$wid" ctrl+q
+  grep -E "VmHWM|VmRSS" /proc/$app/status > "$OUT/rss.txt" || true
+  xdotool key ctrl+q
   for _ in $(seq 40); do kill -0 $app 2>/dev/null || break; sleep 0.25; done
   kill $app 2>/dev/null || true
 '
 echo "screenshots and frames.json in $out"
 cat "$out/frames.json" 2>/dev/null || echo "(no frame statistics written)"
+cat "$out/rss.txt" 2>/dev/null || true

@@ -63,7 +63,7 @@ fn opens_sample_zooms_and_shows_magnification() {
     let mut h = harness(Some(common::sample_slide()), data.path());
     settle(&mut h);
     let view = h.state().view().expect("the sample opened");
-    assert!(view.textures.len() > 0, "tiles were uploaded");
+    assert!(!view.textures.is_empty(), "tiles were uploaded");
     let fit_scale = view.viewport.unwrap().scale;
     let fit_mag = view.screen_magnification().expect("CMU-1 has a pixel size");
     // At fit, the 2967 px tall slide shows at a few percent of 20x.

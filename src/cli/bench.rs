@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::Subcommand;
 use histolens::slide::Slide;
-use histolens::tiles::{TileKey, TileStreamer, Viewport, plan_tiles};
+use histolens::tiles::{TileGrid, TileKey, TileStreamer, Viewport, plan_tiles};
 use histolens::util::memory;
 use serde::Serialize;
 
@@ -20,6 +20,12 @@ pub enum BenchCommand {
         /// Loader thread counts to measure, e.g. 1,2.
         #[arg(long, value_delimiter = ',', default_value = "1,2")]
         threads: Vec<usize>,
+        /// At most this many tiles: whole coarse levels, then a central block of the next finer level.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Write the measured tiles as JSON [[level, col, row], …] (for the baseline to serve the same).
+        #[arg(long)]
+        tiles_out: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -48,8 +54,10 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             file,
             tile_size,
             threads,
+            limit,
+            tiles_out,
             json,
-        } => tiles(&file, tile_size, &threads, json),
+        } => tiles(&file, tile_size, &threads, limit, tiles_out.as_deref(), json),
         BenchCommand::Pan {
             file,
             cache_mb,
@@ -78,20 +86,54 @@ struct TilesResult {
     warm_tiles_per_second: f64,
 }
 
-fn all_tiles(slide: &Slide, tile_size: u32) -> Vec<TileKey> {
-    let grid = histolens::tiles::TileGrid::new(slide.info().levels.clone(), tile_size);
-    (0..grid.level_count())
-        .flat_map(|l| grid.level_tiles(l).collect::<Vec<_>>())
-        .collect()
+/// Tiles to measure: whole levels from the coarsest down while they fit in `limit`, then a central
+/// block of the next finer level (what a viewer zooming into the middle would read).
+fn select_tiles(grid: &TileGrid, limit: Option<usize>) -> Vec<TileKey> {
+    let mut left = limit.unwrap_or(usize::MAX);
+    let mut out = Vec::new();
+    for level in (0..grid.level_count()).rev() {
+        let n = grid.tile_count(level) as usize;
+        if n <= left {
+            out.extend(grid.level_tiles(level));
+            left -= n;
+            continue;
+        }
+        let (cols, rows) = grid.tiles_across(level);
+        let side = (left as f64).sqrt().floor() as u32;
+        let (w, h) = (side.min(cols), (left as u32 / side.max(1)).min(rows));
+        let (c0, r0) = ((cols - w) / 2, (rows - h) / 2);
+        for row in r0..r0 + h {
+            for col in c0..c0 + w {
+                out.push(TileKey {
+                    level: level as u32,
+                    col,
+                    row,
+                });
+            }
+        }
+        break;
+    }
+    out
 }
 
-fn tiles(file: &Path, tile_size: u32, threads: &[usize], json: bool) -> anyhow::Result<()> {
+fn tiles(
+    file: &Path,
+    tile_size: u32,
+    threads: &[usize],
+    limit: Option<usize>,
+    tiles_out: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for &n in threads {
         // A fresh handle per run: OpenSlide's own decoded-tile cache starts empty too.
         let slide = Arc::new(Slide::open(file)?);
-        let keys = all_tiles(&slide, tile_size);
-        let grid = histolens::tiles::TileGrid::new(slide.info().levels.clone(), tile_size);
+        let grid = TileGrid::new(slide.info().levels.clone(), tile_size);
+        let keys = select_tiles(&grid, limit);
+        if let Some(out) = tiles_out {
+            let list: Vec<[u32; 3]> = keys.iter().map(|k| [k.level, k.col, k.row]).collect();
+            std::fs::write(out, serde_json::to_vec(&list)?)?;
+        }
         let bytes: usize = keys.iter().map(|k| grid.tile_bytes(*k)).sum();
         let streamer = TileStreamer::new(slide, tile_size, n, bytes + (64 << 20), || {});
         streamer.wait_idle(); // the pinned coarsest level is part of opening, not of the measurement
@@ -182,7 +224,7 @@ fn pan(file: &Path, cache_mb: u64, size: [f64; 2], steps: usize, json: bool) -> 
         let rows = (steps as f64).sqrt().ceil() as usize;
         for i in 0..steps {
             let row = i / rows;
-            let col = if row % 2 == 0 {
+            let col = if row.is_multiple_of(2) {
                 i % rows
             } else {
                 rows - 1 - i % rows

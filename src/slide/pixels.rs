@@ -96,9 +96,8 @@ pub fn flatten_onto(img: &mut RgbaImage, background: [u8; 3]) {
         if a == 255 {
             continue;
         }
-        for c in 0..3 {
-            px.0[c] =
-                ((u32::from(px.0[c]) * a + u32::from(background[c]) * (255 - a) + 127) / 255) as u8;
+        for (c, &bg) in px.0.iter_mut().zip(&background) {
+            *c = ((u32::from(*c) * a + u32::from(bg) * (255 - a) + 127) / 255) as u8;
         }
         px.0[3] = 255;
     }
