@@ -13,7 +13,7 @@ export XDG_RUNTIME_DIR; XDG_RUNTIME_DIR=$(mktemp -d); chmod 700 "$XDG_RUNTIME_DI
 export HISTOLENS_DATA_DIR="$out/data"
 export SLIDE="$slide" OUT="$out"
 xvfb-run -a -s "-screen 0 1280x800x24" bash -euo pipefail -c '
-  ./target/release/histolens --cache-mb 512 --frame-stats "$OUT/frames.json" "$SLIDE" >"$OUT/app.log" 2>&1 &
+  ./target/release/histolens --cache-mb 512 --continuous-repaint --frame-stats "$OUT/frames.json" "$SLIDE" >"$OUT/app.log" 2>&1 &
   app=$!
   wid=""
   for _ in $(seq 120); do

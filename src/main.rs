@@ -25,6 +25,9 @@ struct Cli {
     /// Write frame-time percentiles (JSON) to this file when the window closes.
     #[arg(long)]
     frame_stats: Option<PathBuf>,
+    /// Repaint continuously so that frame statistics measure whole frames (benchmarks).
+    #[arg(long)]
+    continuous_repaint: bool,
 }
 
 #[derive(Subcommand)]
@@ -47,7 +50,13 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Some(Command::Info { file, json }) => cli::info::run(&file, json),
         Some(Command::Bench(b)) => cli::bench::run(b),
-        None => run_window(cli.file, cli.cache_mb, cli.frame_stats),
+        None => run_window(histolens::gui::LaunchOptions {
+            path: cli.file,
+            cache_mb: cli.cache_mb,
+            data_dir: None,
+            frame_stats_path: cli.frame_stats,
+            continuous_repaint: cli.continuous_repaint,
+        }),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -58,27 +67,16 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run_window(
-    file: Option<PathBuf>,
-    cache_mb: Option<u64>,
-    frame_stats: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    let path = match file {
-        Some(f) => Some(f),
-        None => {
-            let sample = histolens::bundled_sample();
-            if sample.is_none() {
-                log::warn!("the bundled sample slide was not found; starting with no slide");
-            }
-            sample
+fn run_window(mut options: histolens::gui::LaunchOptions) -> anyhow::Result<()> {
+    if options.path.is_none() {
+        options.path = histolens::bundled_sample();
+        if options.path.is_none() {
+            log::warn!("the bundled sample slide was not found; starting with no slide");
         }
-    };
-    histolens::gui::run(histolens::gui::LaunchOptions {
-        path,
-        cache_mb,
-        data_dir: None,
-        frame_stats_path: frame_stats,
-    })
-    .map_err(|e| anyhow::anyhow!("{e}"))
-    .context("the window could not be started (is a display and a Vulkan or GL driver available?)")
+    }
+    histolens::gui::run(options)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context(
+            "the window could not be started (is a display and a Vulkan or GL driver available?)",
+        )
 }

@@ -25,6 +25,7 @@ fn harness(path: Option<PathBuf>, data_dir: &Path) -> Harness<'static, Histolens
                     cache_mb: Some(256),
                     data_dir: Some(data_dir),
                     frame_stats_path: None,
+                    continuous_repaint: false,
                 },
             )
         })

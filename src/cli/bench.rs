@@ -57,7 +57,14 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             limit,
             tiles_out,
             json,
-        } => tiles(&file, tile_size, &threads, limit, tiles_out.as_deref(), json),
+        } => tiles(
+            &file,
+            tile_size,
+            &threads,
+            limit,
+            tiles_out.as_deref(),
+            json,
+        ),
         BenchCommand::Pan {
             file,
             cache_mb,
