@@ -119,3 +119,49 @@ fn plan_and_streamer_cover_the_view() {
         .sum();
     assert!((covered - r.width() * r.height()).abs() < 1.0);
 }
+
+#[test]
+fn corrupt_tiles_fail_alone_and_the_handle_recovers() {
+    // The sample with a stretch of its level-0 JPEG tile data overwritten: the headers are intact, so it
+    // opens; OpenSlide's error on a bad tile is sticky, so the loader must reopen to read the others.
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(
+        env!("CARGO_MANIFEST_DIR").to_string() + "/assets/samples/CMU-1-Small-Region.svs",
+    )
+    .unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 20_000] {
+        *b = 0xFF;
+    }
+    let p = dir.path().join("damaged.svs");
+    std::fs::write(&p, &bytes).unwrap();
+    let slide = Arc::new(Slide::open(&p).expect("headers are intact"));
+    let s = TileStreamer::new(slide.clone(), 256, 2, 1 << 30, || {});
+    let grid = TileGrid::new(slide.info().levels.clone(), 256);
+    let all: Vec<TileKey> = grid.level_tiles(0).collect();
+    s.request(&all);
+    s.wait_idle();
+    let failed: Vec<TileKey> = all
+        .iter()
+        .copied()
+        .filter(|k| s.tile_error(*k).is_some())
+        .collect();
+    let loaded = all.iter().filter(|k| s.is_cached(**k)).count();
+    assert!(!failed.is_empty(), "some tiles cover the damaged bytes");
+    assert_eq!(
+        loaded + failed.len(),
+        all.len(),
+        "every tile either loads or reports an error"
+    );
+    assert!(
+        loaded > all.len() / 2,
+        "tiles after a failure still load ({loaded} of {})",
+        all.len()
+    );
+    assert!(s.take_error().is_some_and(|e| e.contains("damaged.svs")));
+    // Failed tiles are not retried on every frame.
+    let before = s.stats().failed;
+    s.request(&failed);
+    s.wait_idle();
+    assert_eq!(s.stats().failed, before);
+}

@@ -143,22 +143,25 @@ impl HistolensApp {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let repaint = ctx.clone();
         let p = path.clone();
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("open-slide".into())
             .spawn(move || {
                 let _ = tx.send(open_in_background(&p));
                 repaint.request_repaint();
-            })
-            .map_err(|e| {
-                self.errors
-                    .push(format!("cannot start a thread to open the file: {e}"))
-            })
-            .ok();
-        self.opening = Some(OpenJob {
-            path,
-            rx,
-            started: Instant::now(),
-        });
+            });
+        match spawned {
+            Ok(_) => {
+                self.opening = Some(OpenJob {
+                    path,
+                    rx,
+                    started: Instant::now(),
+                })
+            }
+            Err(e) => self.errors.push(format!(
+                "cannot start a thread to open {}: {e}",
+                path.display()
+            )),
+        }
     }
 
     /// The open slide's view, if any.
@@ -482,9 +485,11 @@ impl eframe::App for HistolensApp {
             None => self.welcome(ui),
         });
         if let Some(e) = self.view.as_ref().and_then(|v| v.streamer.take_error()) {
-            // A tile that cannot be decoded is drawn from coarser levels; say so once.
-            self.errors
-                .push(format!("Part of the slide could not be read: {e}"));
+            // A tile that cannot be decoded is drawn from coarser levels; say so once, not per tile.
+            const PREFIX: &str = "Part of the slide could not be read";
+            if !self.errors.iter().any(|m| m.starts_with(PREFIX)) {
+                self.errors.push(format!("{PREFIX}: {e}"));
+            }
         }
         self.error_window(&ctx);
         self.drop_hint(&ctx);
