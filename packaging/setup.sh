@@ -26,3 +26,5 @@ if ! command -v cargo >/dev/null; then
   echo "cargo not found: install Rust 1.95 or newer from https://rustup.rs" >&2
   exit 1
 fi
+# Photographs for the ImageNet sanity test of the model zoo (skipped when PyPI is unreachable).
+bash "$(dirname "$0")/fetch-test-images.sh"

@@ -4,9 +4,11 @@
 //! - [`util`]: atomic writes, memory facts.
 //! - [`slide`]: pixels in (OpenSlide pyramids and loose snapshots), µm/px and magnification.
 //! - [`tiles`]: tile grid, byte-bounded cache, view planning, loader pool.
+//! - [`nn`]: candle model code (backbones, pooling with gradients, checkpoints); no I/O.
 //! - [`gui`]: the eframe application (knows the layers above; nothing above knows it).
 
 pub mod gui;
+pub mod nn;
 pub mod slide;
 pub mod tiles;
 pub mod util;

@@ -1,0 +1,123 @@
+//! EfficientNet-Lite0 with the tensor names of the ImageNet weights in ../shared/data/weights
+//! (efficientnet-pytorch style: `_conv_stem`, `_bn0`, `_blocks.N._expand_conv|_depthwise_conv|_project_conv`,
+//! `_bn0..2`, `_conv_head`, `_bn1`). TF "SAME" padding, BatchNorm eps 1e-3, ReLU6, no squeeze-excitation,
+//! fixed 32-channel stem and 1280-channel head.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::backbone::{Arch, Backbone};
+use super::layers::{ConvBn, ConvSpec, Padding, relu6};
+
+/// (expansion, kernel, stride of the first block, output channels, repeats) per stage, as EfficientNet-B0.
+const STAGES: [(usize, usize, usize, usize, usize); 7] = [
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+];
+const BN_EPS: f64 = 1e-3;
+/// efficientnet-pytorch's batch_norm_momentum 0.99 in TF convention = 0.01 in PyTorch's.
+const BN_MOMENTUM: f64 = 0.01;
+
+fn spec(cin: usize, cout: usize, kernel: usize, stride: usize, groups: usize) -> ConvSpec {
+    ConvSpec {
+        cin,
+        cout,
+        kernel: (kernel, kernel),
+        stride,
+        padding: Padding::TfSame,
+        groups,
+        bn_eps: BN_EPS,
+        bn_momentum: BN_MOMENTUM,
+    }
+}
+
+struct MbConv {
+    expand: Option<ConvBn>,
+    depthwise: ConvBn,
+    project: ConvBn,
+    residual: bool,
+}
+
+impl MbConv {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = x.clone();
+        if let Some(e) = &self.expand {
+            y = relu6(&e.forward_t(&y, train)?)?;
+        }
+        y = relu6(&self.depthwise.forward_t(&y, train)?)?;
+        y = self.project.forward_t(&y, train)?;
+        if self.residual { y + x } else { Ok(y) }
+    }
+}
+
+pub struct EfficientNetLite0 {
+    stem: ConvBn,
+    blocks: Vec<MbConv>,
+    head: ConvBn,
+}
+
+impl EfficientNetLite0 {
+    pub fn new(vb: VarBuilder) -> Result<Self> {
+        let stem = ConvBn::new(spec(3, 32, 3, 2, 1), vb.pp("_conv_stem"), vb.pp("_bn0"))?;
+        let mut blocks = Vec::new();
+        let mut cin = 32;
+        for (expansion, kernel, first_stride, cout, repeats) in STAGES {
+            for r in 0..repeats {
+                let b = vb.pp("_blocks").pp(blocks.len().to_string());
+                let stride = if r == 0 { first_stride } else { 1 };
+                let mid = cin * expansion;
+                let expand = if expansion != 1 {
+                    Some(ConvBn::new(
+                        spec(cin, mid, 1, 1, 1),
+                        b.pp("_expand_conv"),
+                        b.pp("_bn0"),
+                    )?)
+                } else {
+                    None
+                };
+                let depthwise = ConvBn::new(
+                    spec(mid, mid, kernel, stride, mid),
+                    b.pp("_depthwise_conv"),
+                    b.pp("_bn1"),
+                )?;
+                let project = ConvBn::new(
+                    spec(mid, cout, 1, 1, 1),
+                    b.pp("_project_conv"),
+                    b.pp("_bn2"),
+                )?;
+                blocks.push(MbConv {
+                    expand,
+                    depthwise,
+                    project,
+                    residual: stride == 1 && cin == cout,
+                });
+                cin = cout;
+            }
+        }
+        let head = ConvBn::new(spec(cin, 1280, 1, 1, 1), vb.pp("_conv_head"), vb.pp("_bn1"))?;
+        Ok(EfficientNetLite0 { stem, blocks, head })
+    }
+}
+
+impl Backbone for EfficientNetLite0 {
+    fn arch(&self) -> Arch {
+        Arch::EfficientnetLite0
+    }
+
+    fn forward_low(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        relu6(&self.stem.forward_t(x, train)?)
+    }
+
+    fn forward_high(&self, low: &Tensor, train: bool) -> Result<Tensor> {
+        let mut x = low.clone();
+        for b in &self.blocks {
+            x = b.forward_t(&x, train)?;
+        }
+        relu6(&self.head.forward_t(&x, train)?)
+    }
+}

@@ -1,0 +1,131 @@
+//! Building blocks shared by the backbones: convolution + BatchNorm, TF "SAME" padding, activations.
+
+use candle_core::{Result, Tensor};
+use candle_nn::{BatchNorm, BatchNormConfig, ModuleT, VarBuilder};
+
+/// How a convolution pads its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// Zeros above/below (first) and left/right (second), as PyTorch's `padding=(ph, pw)`.
+    Symmetric(usize, usize),
+    /// TensorFlow's "SAME": output = ceil(input / stride), extra padding on the bottom/right.
+    TfSame,
+}
+
+/// Settings of one ConvBn.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvSpec {
+    pub cin: usize,
+    pub cout: usize,
+    /// Kernel height and width.
+    pub kernel: (usize, usize),
+    pub stride: usize,
+    pub padding: Padding,
+    pub groups: usize,
+    pub bn_eps: f64,
+    /// PyTorch convention: running = (1 - momentum) · running + momentum · batch.
+    pub bn_momentum: f64,
+}
+
+impl ConvSpec {
+    /// A square `kernel` with the same `padding` on every side.
+    pub fn new(cin: usize, cout: usize, kernel: usize, stride: usize, padding: usize) -> Self {
+        ConvSpec {
+            cin,
+            cout,
+            kernel: (kernel, kernel),
+            stride,
+            padding: Padding::Symmetric(padding, padding),
+            groups: 1,
+            bn_eps: 1e-5,
+            bn_momentum: 0.1,
+        }
+    }
+
+    /// A rectangular kernel (kh, kw) with padding (ph, pw), stride 1.
+    pub fn rect(cin: usize, cout: usize, kernel: (usize, usize), padding: (usize, usize)) -> Self {
+        ConvSpec {
+            kernel,
+            padding: Padding::Symmetric(padding.0, padding.1),
+            ..ConvSpec::new(cin, cout, 1, 1, 0)
+        }
+    }
+
+    pub fn eps(mut self, eps: f64) -> Self {
+        self.bn_eps = eps;
+        self
+    }
+}
+
+/// A bias-free convolution followed by BatchNorm, with separate weight prefixes as in torchvision
+/// (`conv1` + `bn1`, `Conv2d_1a_3x3.conv` + `.bn`) and efficientnet-pytorch (`_conv_stem` + `_bn0`).
+#[derive(Debug, Clone)]
+pub struct ConvBn {
+    weight: Tensor,
+    bn: BatchNorm,
+    spec: ConvSpec,
+}
+
+impl ConvBn {
+    pub fn new(spec: ConvSpec, conv_vb: VarBuilder, bn_vb: VarBuilder) -> Result<Self> {
+        let (kh, kw) = spec.kernel;
+        let weight = conv_vb.get_with_hints(
+            (spec.cout, spec.cin / spec.groups, kh, kw),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        let bn_cfg = BatchNormConfig {
+            eps: spec.bn_eps,
+            remove_mean: true,
+            affine: true,
+            momentum: spec.bn_momentum,
+        };
+        let bn = candle_nn::batch_norm(spec.cout, bn_cfg, bn_vb)?;
+        Ok(ConvBn { weight, bn, spec })
+    }
+
+    /// Convolution and BatchNorm (batch statistics and running-statistics updates when `train`).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let s = &self.spec;
+        let (x, pad) = match s.padding {
+            Padding::TfSame => (tf_same_pad(x, s.kernel.0, s.stride)?, 0),
+            Padding::Symmetric(ph, pw) if ph == pw => (x.clone(), ph),
+            Padding::Symmetric(ph, pw) => {
+                (x.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?, 0)
+            }
+        };
+        let y = x.conv2d(&self.weight, pad, s.stride, 1, s.groups)?;
+        self.bn.forward_t(&y, train)
+    }
+}
+
+/// Pads (N, C, H, W) as TensorFlow's "SAME" does for a `kernel` with `stride`.
+pub fn tf_same_pad(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let total =
+        |len: usize| (len.div_ceil(stride).saturating_sub(1) * stride + kernel).saturating_sub(len);
+    let (ph, pw) = (total(h), total(w));
+    x.pad_with_zeros(2, ph / 2, ph - ph / 2)?
+        .pad_with_zeros(3, pw / 2, pw - pw / 2)
+}
+
+pub fn relu6(x: &Tensor) -> Result<Tensor> {
+    x.clamp(0f32, 6f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn tf_same_padding_matches_tensorflow() {
+        let x = Tensor::zeros((1, 1, 224, 224), candle_core::DType::F32, &Device::Cpu).unwrap();
+        // 3x3 stride 2 on 224: output 112, total padding 1, all of it bottom/right.
+        assert_eq!(tf_same_pad(&x, 3, 2).unwrap().dims(), &[1, 1, 225, 225]);
+        // 5x5 stride 1: 2 each side.
+        assert_eq!(tf_same_pad(&x, 5, 1).unwrap().dims(), &[1, 1, 228, 228]);
+        let x = Tensor::zeros((1, 1, 7, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(tf_same_pad(&x, 3, 2).unwrap().dims(), &[1, 1, 9, 9]);
+    }
+}

@@ -1,0 +1,13 @@
+//! Model code only (no files, no GUI): backbones with feature taps for Grad-CAM, pooling with a
+//! backward pass, checkpoints as bytes, device choice.
+
+pub mod backbone;
+pub mod checkpoint;
+pub mod device;
+pub mod efficientnet;
+pub mod inception;
+pub mod layers;
+pub mod pool;
+pub mod resnet;
+
+pub use backbone::{Arch, Backbone, Features, build};

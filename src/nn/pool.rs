@@ -1,0 +1,232 @@
+//! Pooling with a backward pass. candle 0.11 cannot backpropagate through max or average pooling whose
+//! kernel differs from its stride (ResNet's 3x3/2 stem pool, Inception's pools), which training and
+//! first-convolution Grad-CAM need. When gradients are tracked, pooling is composed here from
+//! differentiable primitives (strided views and `maximum`/`add`), so it runs on every device; without
+//! gradients (inference), candle's native kernels are used.
+
+use candle_core::{D, DType, Result, Tensor};
+
+/// Output side of a pooling window sweep (PyTorch's floor mode).
+pub fn pooled_len(len: usize, kernel: usize, stride: usize, padding: usize) -> usize {
+    (len + 2 * padding).saturating_sub(kernel) / stride + 1
+}
+
+/// Max pooling over `kernel`x`kernel` windows with `stride` and symmetric `padding` (padded cells never win).
+pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    let xp = pad_constant(x, padding, f32::NEG_INFINITY)?;
+    if !x.track_op() {
+        return xp.max_pool2d_with_stride(kernel, stride);
+    }
+    let mut acc: Option<Tensor> = None;
+    for w in windows(&xp, kernel, stride)? {
+        acc = Some(match acc {
+            None => w,
+            Some(a) => a.maximum(&w)?,
+        });
+    }
+    acc.ok_or_else(|| candle_core::Error::Msg("empty pooling window".into()))
+}
+
+/// Average pooling counting padded cells as zeros (PyTorch's default `count_include_pad=True`).
+pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    let xp = pad_constant(x, padding, 0.0)?;
+    if !x.track_op() {
+        return xp.avg_pool2d_with_stride(kernel, stride);
+    }
+    let mut acc: Option<Tensor> = None;
+    for w in windows(&xp, kernel, stride)? {
+        acc = Some(match acc {
+            None => w,
+            Some(a) => (a + w)?,
+        });
+    }
+    let sum = acc.ok_or_else(|| candle_core::Error::Msg("empty pooling window".into()))?;
+    sum / (kernel * kernel) as f64
+}
+
+/// Mean over the spatial dimensions: (N, C, H, W) → (N, C).
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    x.mean(D::Minus1)?.mean(D::Minus1)
+}
+
+/// Adaptive average pooling to `out`x`out` (PyTorch's bin edges), differentiable.
+pub fn adaptive_avg_pool2d(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let mut rows = Vec::with_capacity(out_h);
+    for i in 0..out_h {
+        let (y0, y1) = (i * h / out_h, ((i + 1) * h).div_ceil(out_h));
+        let mut cols = Vec::with_capacity(out_w);
+        for j in 0..out_w {
+            let (x0, x1) = (j * w / out_w, ((j + 1) * w).div_ceil(out_w));
+            let cell = x.narrow(2, y0, y1 - y0)?.narrow(3, x0, x1 - x0)?;
+            cols.push(cell.mean_keepdim(2)?.mean_keepdim(3)?);
+        }
+        rows.push(Tensor::cat(&cols, 3)?);
+    }
+    Tensor::cat(&rows, 2)
+}
+
+/// Pads the two spatial dimensions of (N, C, H, W) by `p` cells of `value` on every side.
+fn pad_constant(x: &Tensor, p: usize, value: f32) -> Result<Tensor> {
+    if p == 0 {
+        return Ok(x.clone());
+    }
+    let (n, c, h, w) = x.dims4()?;
+    let fill = |shape: (usize, usize, usize, usize)| -> Result<Tensor> {
+        Tensor::full(value, shape, x.device())?.to_dtype(x.dtype())
+    };
+    let rows = fill((n, c, p, w))?;
+    let x = Tensor::cat(&[&rows, x, &rows], 2)?;
+    let cols = fill((n, c, h + 2 * p, p))?;
+    Tensor::cat(&[&cols, &x, &cols], 3)
+}
+
+/// The `kernel`² strided views whose element-wise combination is the pooled output.
+fn windows(xp: &Tensor, kernel: usize, stride: usize) -> Result<Vec<Tensor>> {
+    let (n, c, h, w) = xp.dims4()?;
+    if h < kernel || w < kernel {
+        candle_core::bail!("pooling window {kernel} is larger than the padded input {h}x{w}");
+    }
+    let (oh, ow) = ((h - kernel) / stride + 1, (w - kernel) / stride + 1);
+    let mut out = Vec::with_capacity(kernel * kernel);
+    for dy in 0..kernel {
+        for dx in 0..kernel {
+            let t =
+                xp.narrow(2, dy, (oh - 1) * stride + 1)?
+                    .narrow(3, dx, (ow - 1) * stride + 1)?;
+            let t = if stride == 1 {
+                t
+            } else {
+                // Pad to a multiple of the stride, fold it into its own axis and keep index 0.
+                t.pad_with_zeros(2, 0, stride - 1)?
+                    .pad_with_zeros(3, 0, stride - 1)?
+                    .reshape((n, c, oh, stride, ow, stride))?
+                    .narrow(3, 0, 1)?
+                    .narrow(5, 0, 1)?
+                    .reshape((n, c, oh, ow))?
+            };
+            out.push(t);
+        }
+    }
+    Ok(out)
+}
+
+/// True for floating dtypes (the only ones pooling and training accept).
+pub fn is_float(dtype: DType) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn input(seed: u64, shape: (usize, usize, usize, usize)) -> Tensor {
+        // Distinct values (no ties), deterministic.
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let mut s = seed;
+        let v: Vec<f32> = (0..n)
+            .map(|i| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 4.0 - 2.0 + i as f32 * 1e-4
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Checks d(sum(pool(x) * r))/dx against central finite differences in f64.
+    fn check_grad(pool: &dyn Fn(&Tensor) -> Result<Tensor>, shape: (usize, usize, usize, usize)) {
+        let x = input(7, shape).to_dtype(DType::F64).unwrap();
+        let var = Var::from_tensor(&x).unwrap();
+        let y = pool(var.as_tensor()).unwrap();
+        let r = input(11, y.dims4().unwrap()).to_dtype(DType::F64).unwrap();
+        let loss = (&y * &r).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let g = grads
+            .get(&var)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let base = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let eps = 1e-6;
+        let f = |v: &[f64]| -> f64 {
+            let t = Tensor::from_slice(v, shape, &Device::Cpu).unwrap();
+            (pool(&t).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        for i in 0..base.len() {
+            let mut p = base.clone();
+            p[i] += eps;
+            let mut m = base.clone();
+            m[i] -= eps;
+            let fd = (f(&p) - f(&m)) / (2.0 * eps);
+            assert!(
+                (fd - g[i]).abs() < 1e-6,
+                "element {i}: analytic {} vs finite difference {fd}",
+                g[i]
+            );
+        }
+    }
+
+    #[test]
+    fn max_pool_gradient_matches_finite_differences() {
+        check_grad(&|t| max_pool2d(t, 3, 2, 1), (1, 2, 7, 6));
+        check_grad(&|t| max_pool2d(t, 3, 2, 0), (2, 1, 9, 9));
+        check_grad(&|t| max_pool2d(t, 3, 1, 1), (1, 1, 5, 5));
+    }
+
+    #[test]
+    fn avg_pool_gradient_matches_finite_differences() {
+        check_grad(&|t| avg_pool2d(t, 3, 1, 1), (1, 2, 6, 5));
+        check_grad(&|t| avg_pool2d(t, 3, 2, 0), (1, 1, 8, 7));
+        check_grad(&|t| adaptive_avg_pool2d(t, 3, 2), (1, 2, 7, 5));
+    }
+
+    #[test]
+    fn candle_native_pooling_cannot_do_this() {
+        // The reason this module exists: candle's own backward refuses kernel != stride.
+        let x = Var::from_tensor(&input(1, (1, 1, 8, 8))).unwrap();
+        let y = x.as_tensor().max_pool2d_with_stride(3, 2).unwrap();
+        assert!(y.sum_all().unwrap().backward().is_err());
+    }
+
+    #[test]
+    fn tracked_and_untracked_paths_agree() {
+        let x = input(3, (2, 3, 11, 10));
+        let v = Var::from_tensor(&x).unwrap();
+        for (k, s, p) in [(3, 2, 1), (3, 1, 1), (2, 2, 0), (3, 2, 0)] {
+            let a = max_pool2d(&x, k, s, p).unwrap();
+            let b = max_pool2d(v.as_tensor(), k, s, p).unwrap();
+            assert_eq!(a.dims(), b.dims());
+            assert_eq!(a.dims4().unwrap().2, pooled_len(11, k, s, p));
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-6, "max {k}/{s}/{p}: {d}");
+            let a = avg_pool2d(&x, k, s, p).unwrap();
+            let b = avg_pool2d(v.as_tensor(), k, s, p).unwrap();
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "avg {k}/{s}/{p}: {d}");
+        }
+    }
+}

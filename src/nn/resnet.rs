@@ -1,0 +1,138 @@
+//! ResNet-18 and ResNet-50 with torchvision's tensor names (`conv1`, `bn1`, `layerX.Y.convZ`,
+//! `downsample.0/1`), so a torchvision `state_dict` saved as safetensors loads as it is.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::backbone::{Arch, Backbone};
+use super::layers::{ConvBn, ConvSpec};
+use super::pool::max_pool2d;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    D18,
+    D50,
+}
+
+struct Block {
+    convs: Vec<ConvBn>,
+    downsample: Option<ConvBn>,
+}
+
+impl Block {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = x.clone();
+        let last = self.convs.len() - 1;
+        for (i, c) in self.convs.iter().enumerate() {
+            y = c.forward_t(&y, train)?;
+            if i < last {
+                y = y.relu()?;
+            }
+        }
+        let skip = match &self.downsample {
+            Some(d) => d.forward_t(x, train)?,
+            None => x.clone(),
+        };
+        (y + skip)?.relu()
+    }
+}
+
+pub struct ResNet {
+    depth: Depth,
+    stem: ConvBn,
+    layers: Vec<Vec<Block>>,
+}
+
+impl ResNet {
+    pub fn new(depth: Depth, vb: VarBuilder) -> Result<Self> {
+        let stem = ConvBn::new(ConvSpec::new(3, 64, 7, 2, 3), vb.pp("conv1"), vb.pp("bn1"))?;
+        let (repeats, expansion) = match depth {
+            Depth::D18 => ([2, 2, 2, 2], 1),
+            Depth::D50 => ([3, 4, 6, 3], 4),
+        };
+        let mut cin = 64;
+        let mut layers = Vec::new();
+        for (li, (&n, width)) in repeats.iter().zip([64, 128, 256, 512]).enumerate() {
+            let lvb = vb.pp(format!("layer{}", li + 1));
+            let mut blocks = Vec::new();
+            for bi in 0..n {
+                let bvb = lvb.pp(bi.to_string());
+                let stride = if bi == 0 && li > 0 { 2 } else { 1 };
+                let cout = width * expansion;
+                let convs = match depth {
+                    Depth::D18 => vec![
+                        ConvBn::new(
+                            ConvSpec::new(cin, width, 3, stride, 1),
+                            bvb.pp("conv1"),
+                            bvb.pp("bn1"),
+                        )?,
+                        ConvBn::new(
+                            ConvSpec::new(width, width, 3, 1, 1),
+                            bvb.pp("conv2"),
+                            bvb.pp("bn2"),
+                        )?,
+                    ],
+                    // torchvision's v1.5 bottleneck: the stride sits on the 3x3 convolution.
+                    Depth::D50 => vec![
+                        ConvBn::new(
+                            ConvSpec::new(cin, width, 1, 1, 0),
+                            bvb.pp("conv1"),
+                            bvb.pp("bn1"),
+                        )?,
+                        ConvBn::new(
+                            ConvSpec::new(width, width, 3, stride, 1),
+                            bvb.pp("conv2"),
+                            bvb.pp("bn2"),
+                        )?,
+                        ConvBn::new(
+                            ConvSpec::new(width, cout, 1, 1, 0),
+                            bvb.pp("conv3"),
+                            bvb.pp("bn3"),
+                        )?,
+                    ],
+                };
+                let downsample = if stride != 1 || cin != cout {
+                    let d = bvb.pp("downsample");
+                    Some(ConvBn::new(
+                        ConvSpec::new(cin, cout, 1, stride, 0),
+                        d.pp("0"),
+                        d.pp("1"),
+                    )?)
+                } else {
+                    None
+                };
+                blocks.push(Block { convs, downsample });
+                cin = cout;
+            }
+            layers.push(blocks);
+        }
+        Ok(ResNet {
+            depth,
+            stem,
+            layers,
+        })
+    }
+}
+
+impl Backbone for ResNet {
+    fn arch(&self) -> Arch {
+        match self.depth {
+            Depth::D18 => Arch::Resnet18,
+            Depth::D50 => Arch::Resnet50,
+        }
+    }
+
+    fn forward_low(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.stem.forward_t(x, train)?.relu()
+    }
+
+    fn forward_high(&self, low: &Tensor, train: bool) -> Result<Tensor> {
+        let mut x = max_pool2d(low, 3, 2, 1)?;
+        for layer in &self.layers {
+            for b in layer {
+                x = b.forward_t(&x, train)?;
+            }
+        }
+        Ok(x)
+    }
+}
