@@ -30,6 +30,32 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Model speed: forward images/s in evaluation (per batch size) and the time of one training step.
+    /// Threads follow RAYON_NUM_THREADS (candle's setting).
+    Model {
+        /// Architectures, e.g. resnet50,efficientnet-lite0.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "resnet50,efficientnet-lite0"
+        )]
+        arch: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        batch: Vec<usize>,
+        #[arg(long, default_value_t = 224)]
+        size: usize,
+        /// Timed iterations per measurement (after one warm-up).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Batch of the training step (0 skips it).
+        #[arg(long, default_value_t = 8)]
+        train_batch: usize,
+        /// Write each model's weights and a test input here (for the onnxruntime baseline).
+        #[arg(long)]
+        save_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Peak memory while panning across a slide at several zoom levels with a given cache budget.
     Pan {
         file: PathBuf,
@@ -77,6 +103,23 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             cache_mb,
             [f64::from(width), f64::from(height)],
             steps,
+            json,
+        ),
+        BenchCommand::Model {
+            arch,
+            batch,
+            size,
+            iters,
+            train_batch,
+            save_dir,
+            json,
+        } => super::bench_model::run(
+            &arch,
+            &batch,
+            size,
+            iters,
+            train_batch,
+            save_dir.as_deref(),
             json,
         ),
     }

@@ -94,8 +94,32 @@ impl ConvBn {
                 (x.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?, 0)
             }
         };
-        let y = x.conv2d(&self.weight, pad, s.stride, 1, s.groups)?;
-        self.bn.forward_t(&y, train)
+        if train {
+            let y = x.conv2d(&self.weight, pad, s.stride, 1, s.groups)?;
+            return self.bn.forward_t(&y, true);
+        }
+        // Evaluation: BatchNorm folded into the convolution (one pass over the activation instead of five).
+        let (w, b) = self.folded()?;
+        x.conv2d(&w, pad, s.stride, 1, s.groups)?.broadcast_add(&b)
+    }
+
+    /// Weight and bias of the convolution with the BatchNorm's running statistics folded in:
+    /// w' = w · γ/√(σ²+ε), b' = β − μ · γ/√(σ²+ε).
+    fn folded(&self) -> Result<(Tensor, Tensor)> {
+        let cout = self.spec.cout;
+        let inv_std = (self.bn.running_var() + self.bn.eps())?.sqrt()?.recip()?;
+        let (scale, shift) = match self.bn.weight_and_bias() {
+            Some((g, beta)) => {
+                let scale = (g * &inv_std)?;
+                let shift = (beta - (self.bn.running_mean() * &scale)?)?;
+                (scale, shift)
+            }
+            None => (inv_std.clone(), (self.bn.running_mean() * &inv_std)?.neg()?),
+        };
+        let w = self
+            .weight
+            .broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
+        Ok((w, shift.reshape((1, cout, 1, 1))?))
     }
 }
 
@@ -127,5 +151,45 @@ mod tests {
         assert_eq!(tf_same_pad(&x, 5, 1).unwrap().dims(), &[1, 1, 228, 228]);
         let x = Tensor::zeros((1, 1, 7, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert_eq!(tf_same_pad(&x, 3, 2).unwrap().dims(), &[1, 1, 9, 9]);
+    }
+}
+
+#[cfg(test)]
+mod fold_tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn folded_batchnorm_equals_conv_then_batchnorm() {
+        let vars = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+        let c = ConvBn::new(ConvSpec::rect(3, 4, (3, 1), (1, 0)), vb.pp("c"), vb.pp("b")).unwrap();
+        for (name, var) in vars.data().lock().unwrap().iter() {
+            if name.starts_with("b.") {
+                var.set(&Tensor::rand(0.5f32, 1.5, 4, &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+        }
+        let x = Tensor::rand(-1f32, 1., (2, 3, 6, 5), &Device::Cpu).unwrap();
+        let reference =
+            c.bn.forward_t(
+                &x.pad_with_zeros(2, 1, 1)
+                    .unwrap()
+                    .conv2d(&c.weight, 0, 1, 1, 1)
+                    .unwrap(),
+                false,
+            )
+            .unwrap();
+        let folded = c.forward_t(&x, false).unwrap();
+        let d = (reference - folded)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "{d}");
     }
 }
