@@ -41,6 +41,8 @@ struct Queue {
     queued: HashSet<TileKey>,
     in_flight: HashSet<TileKey>,
     failed: HashMap<TileKey, String>,
+    /// Loaders take no new tile while paused (e.g. while the window is hidden).
+    paused: bool,
     shutdown: bool,
 }
 
@@ -152,6 +154,14 @@ impl TileStreamer {
         }
     }
 
+    /// Stops (or restarts) the loaders taking queued tiles; tiles being read finish.
+    pub fn set_paused(&self, paused: bool) {
+        self.shared.queue.lock().paused = paused;
+        if !paused {
+            self.shared.wake.notify_all();
+        }
+    }
+
     /// A cached tile, marked as recently used.
     pub fn get(&self, key: TileKey) -> Option<Arc<Tile>> {
         self.shared.cache.lock().get(&key).cloned()
@@ -225,7 +235,9 @@ fn worker(s: &Shared) {
                 if q.shutdown {
                     return;
                 }
-                if let Some(k) = q.order.pop_front() {
+                if !q.paused
+                    && let Some(k) = q.order.pop_front()
+                {
                     q.queued.remove(&k);
                     q.in_flight.insert(k);
                     break k;
