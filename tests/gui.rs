@@ -33,7 +33,7 @@ fn harness(path: Option<PathBuf>, data_dir: &Path) -> Harness<'static, Histolens
 
 /// Steps frames until the slide is open and every wanted tile is loaded and uploaded.
 fn settle(h: &mut Harness<'_, HistolensApp>) {
-    for _ in 0..2000 {
+    for _ in 0..6000 {
         h.step();
         if !h.state().is_busy() {
             h.run_steps(3);

@@ -344,3 +344,117 @@ fn efficientnet_lite0_imagenet_weights_classify_photographs() {
         );
     }
 }
+
+/// Moves BatchNorm statistics and affine parameters away from their identity defaults.
+fn perturb_batchnorm(vars: &VarMap, seed: u64) {
+    for (i, (name, var)) in vars.data().lock().unwrap().iter().enumerate() {
+        let lo_hi = if name.ends_with("running_var")
+            || name.contains("bn") && name.ends_with("weight")
+        {
+            (0.5, 1.5)
+        } else if name.ends_with("running_mean") || name.contains("bn") && name.ends_with("bias") {
+            (-0.2, 0.2)
+        } else {
+            continue;
+        };
+        let n = var.elem_count();
+        let u = noise((1, 1, 1, n), seed + i as u64); // uniform in [-0.5, 0.5)
+        let t = u
+            .affine(lo_hi.1 - lo_hi.0, lo_hi.0 + 0.5 * (lo_hi.1 - lo_hi.0))
+            .unwrap()
+            .reshape(var.dims())
+            .unwrap();
+        var.set(&t).unwrap();
+    }
+}
+
+fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = a
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1e-6);
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    d / scale
+}
+
+/// A model loaded as constants for inference (fused convolutions on the fast CPU path) computes what
+/// the differentiable model (candle's operations) computes, at batch 1 (one image split across threads)
+/// and batch 3 (images across threads), on odd sizes.
+#[test]
+fn inference_path_matches_the_differentiable_path() {
+    let cases = [
+        (Arch::Resnet18, 67, 90),
+        (Arch::Resnet50, 64, 64),
+        (Arch::EfficientnetLite0, 75, 61),
+        (Arch::InceptionV3, 80, 91),
+    ];
+    for (arch, h, w) in cases {
+        let (vars, m) = model(arch);
+        perturb_batchnorm(&vars, 11);
+        let bytes = checkpoint::to_bytes(&vars, &meta(arch), false).unwrap();
+        let consts = checkpoint::Constants::from_bytes(&bytes, &LoadOptions::default()).unwrap();
+        let fast = build(arch, consts.var_builder(&Device::Cpu)).unwrap();
+        consts.check_all_used().unwrap();
+        for n in [1, 3] {
+            let x = noise((n, 3, h, w), 5);
+            let a = m.forward(&x, false).unwrap();
+            let b = fast.forward(&x, false).unwrap();
+            assert!(!b.pooled.track_op(), "constant weights track no gradient");
+            for (what, ta, tb) in [("low", &a.low, &b.low), ("high", &a.high, &b.high)] {
+                let d = max_rel_diff(ta, tb);
+                assert!(
+                    d < 1e-4,
+                    "{arch:?} batch {n} {what} tap: relative difference {d}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn constants_refuse_bad_checkpoints() {
+    let (vars, _) = model(Arch::Resnet18);
+    let bytes = checkpoint::to_bytes(&vars, &meta(Arch::Resnet18), false).unwrap();
+    // A tensor the model does not use.
+    let extra = Var::from_tensor(&Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()).unwrap();
+    vars.data()
+        .lock()
+        .unwrap()
+        .insert("head.extra".into(), extra);
+    let with_extra = checkpoint::to_bytes(&vars, &meta(Arch::Resnet18), false).unwrap();
+    let c = checkpoint::Constants::from_bytes(&with_extra, &LoadOptions::default()).unwrap();
+    build(Arch::Resnet18, c.var_builder(&Device::Cpu)).unwrap();
+    assert!(matches!(c.check_all_used(), Err(CheckpointError::Unexpected(n)) if n == "head.extra"));
+    // The wrong architecture: the first mismatch is named.
+    let c = checkpoint::Constants::from_bytes(&bytes, &LoadOptions::default()).unwrap();
+    let err = build(Arch::Resnet50, c.var_builder(&Device::Cpu))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("layer1.0.conv1.weight"), "{err}");
+    // NaN values and truncated files.
+    let (nan_vars, _) = model(Arch::Resnet18);
+    nan_vars.data().lock().unwrap()["conv1.weight"]
+        .set(&Tensor::full(f32::NAN, (64, 3, 7, 7), &Device::Cpu).unwrap())
+        .unwrap();
+    let nan = checkpoint::to_bytes(&nan_vars, &meta(Arch::Resnet18), false).unwrap();
+    assert!(matches!(
+        checkpoint::Constants::from_bytes(&nan, &LoadOptions::default()),
+        Err(CheckpointError::NonFinite(n)) if n == "conv1.weight"
+    ));
+    assert!(matches!(
+        checkpoint::Constants::from_bytes(&bytes[..bytes.len() / 2], &LoadOptions::default()),
+        Err(CheckpointError::NotSafetensors(_))
+    ));
+}

@@ -46,13 +46,15 @@ pub fn run(
         if let Some(dir) = save_dir {
             save_for_baseline(dir, arch, &vars, size)?;
         }
+        // Inference runs on constant weights, as a model loaded from a checkpoint does.
+        let model_eval = build(arch, constant_weights(&vars)?.pp("backbone"))?;
         let mut forward = Vec::new();
         for &b in batches {
             let x = input(b, size)?;
-            model.forward(&x, false)?; // warm-up
+            model_eval.forward(&x, false)?; // warm-up
             let t0 = Instant::now();
             for _ in 0..iters {
-                model
+                model_eval
                     .forward(&x, false)?
                     .pooled
                     .sum_all()?
@@ -116,6 +118,19 @@ pub fn run(
         }
     }
     Ok(())
+}
+
+/// The variables' current values as constants (no gradient tracking).
+fn constant_weights(vars: &VarMap) -> anyhow::Result<VarBuilder<'static>> {
+    let data = vars
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("variable map poisoned"))?;
+    let tensors = data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    Ok(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))
 }
 
 /// Writes the backbone's weights (under their reference names) for the baseline engine.

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarMap;
+use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use super::backbone::Arch;
@@ -213,25 +213,132 @@ pub fn load_into(bytes: &[u8], vars: &VarMap, opts: &LoadOptions) -> Result<(), 
                 found: view.shape().to_vec(),
             });
         }
-        if !is_float(view.dtype()) {
-            return Err(CheckpointError::Dtype {
-                name: name.clone(),
-                found: format!("{:?}", view.dtype()),
-            });
-        }
-        let t = view.load(&Device::Cpu)?.to_dtype(DType::F32)?;
-        let finite = t
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .all(|v| v.is_finite());
-        if !finite {
-            return Err(CheckpointError::NonFinite(name.clone()));
-        }
+        let t = checked_f32(name, &view)?;
         staged.push((var, t));
     }
     for (var, t) in staged {
         var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
     }
     Ok(())
+}
+
+/// A file tensor as f32 after checking its dtype and values.
+fn checked_f32(
+    name: &str,
+    view: &safetensors::tensor::TensorView<'_>,
+) -> Result<Tensor, CheckpointError> {
+    if !is_float(view.dtype()) {
+        return Err(CheckpointError::Dtype {
+            name: name.to_string(),
+            found: format!("{:?}", view.dtype()),
+        });
+    }
+    let t = view.load(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let finite = t
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|v| v.is_finite());
+    if !finite {
+        return Err(CheckpointError::NonFinite(name.to_string()));
+    }
+    Ok(t)
+}
+
+/// A checkpoint's tensors as constants, for inference: a model built on [`Constants::var_builder`]
+/// holds no variables, so it tracks no gradients and runs the fast CPU path. Every tensor's dtype and
+/// values are checked on reading; names and shapes are checked as the model asks for them, and
+/// [`Constants::check_all_used`] then reports a file tensor the model did not use.
+#[derive(Clone)]
+pub struct Constants {
+    tensors: std::sync::Arc<HashMap<String, Tensor>>,
+    used: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl Constants {
+    pub fn from_bytes(bytes: &[u8], opts: &LoadOptions) -> Result<Self, CheckpointError> {
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| CheckpointError::NotSafetensors(e.to_string()))?;
+        let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+        names.sort();
+        let mut tensors = HashMap::with_capacity(names.len());
+        for name in names {
+            if name.ends_with("num_batches_tracked")
+                || opts
+                    .ignore_prefixes
+                    .iter()
+                    .any(|p| name.starts_with(p.as_str()))
+            {
+                continue;
+            }
+            let view = st
+                .tensor(&name)
+                .map_err(|e| CheckpointError::NotSafetensors(e.to_string()))?;
+            let t = checked_f32(&name, &view)?;
+            tensors.insert(name, t);
+        }
+        Ok(Constants {
+            tensors: std::sync::Arc::new(tensors),
+            used: Default::default(),
+        })
+    }
+
+    /// A VarBuilder (f32, `device`) that serves these tensors and records which were used.
+    pub fn var_builder(&self, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), DType::F32, device.clone())
+    }
+
+    /// Errors on the first (by name) file tensor that no model built so far asked for.
+    pub fn check_all_used(&self) -> Result<(), CheckpointError> {
+        let used = self
+            .used
+            .lock()
+            .map_err(|_| CheckpointError::BadMetadata("checkpoint state poisoned".into()))?;
+        let mut unused: Vec<&String> = self.tensors.keys().filter(|n| !used.contains(*n)).collect();
+        unused.sort();
+        match unused.first() {
+            Some(n) => Err(CheckpointError::Unexpected((*n).clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn fetch(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| {
+            candle_core::Error::Msg(CheckpointError::Missing(name.into()).to_string())
+        })?;
+        if let Ok(mut used) = self.used.lock() {
+            used.insert(name.to_string());
+        }
+        t.to_device(dev)?.to_dtype(dtype)
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for Constants {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.fetch(name, dtype, dev)?;
+        if t.shape() != &s {
+            let e = CheckpointError::Shape {
+                name: name.to_string(),
+                expected: s.dims().to_vec(),
+                found: t.dims().to_vec(),
+            };
+            return Err(candle_core::Error::Msg(e.to_string()));
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.fetch(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
 }

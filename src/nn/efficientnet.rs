@@ -7,7 +7,8 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::backbone::{Arch, Backbone};
-use super::layers::{ConvBn, ConvSpec, Padding, relu6};
+use super::cpu_conv::add_act;
+use super::layers::{Activation, ConvBn, ConvSpec, Padding};
 
 /// (expansion, kernel, stride of the first block, output channels, repeats) per stage, as EfficientNet-B0.
 const STAGES: [(usize, usize, usize, usize, usize); 7] = [
@@ -47,11 +48,15 @@ impl MbConv {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut y = x.clone();
         if let Some(e) = &self.expand {
-            y = relu6(&e.forward_t(&y, train)?)?;
+            y = e.forward_act(&y, train, Activation::Relu6)?;
         }
-        y = relu6(&self.depthwise.forward_t(&y, train)?)?;
+        y = self.depthwise.forward_act(&y, train, Activation::Relu6)?;
         y = self.project.forward_t(&y, train)?;
-        if self.residual { y + x } else { Ok(y) }
+        if self.residual {
+            add_act(y, x, Activation::Identity)
+        } else {
+            Ok(y)
+        }
     }
 }
 
@@ -110,7 +115,7 @@ impl Backbone for EfficientNetLite0 {
     }
 
     fn forward_low(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        relu6(&self.stem.forward_t(x, train)?)
+        self.stem.forward_act(x, train, Activation::Relu6)
     }
 
     fn forward_high(&self, low: &Tensor, train: bool) -> Result<Tensor> {
@@ -118,6 +123,6 @@ impl Backbone for EfficientNetLite0 {
         for b in &self.blocks {
             x = b.forward_t(&x, train)?;
         }
-        relu6(&self.head.forward_t(&x, train)?)
+        self.head.forward_act(&x, train, Activation::Relu6)
     }
 }

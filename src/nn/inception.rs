@@ -5,7 +5,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::backbone::{Arch, Backbone};
-use super::layers::{ConvBn, ConvSpec};
+use super::layers::{Activation, ConvBn, ConvSpec};
 use super::pool::{avg_pool2d, max_pool2d};
 
 const EPS: f64 = 1e-3;
@@ -43,7 +43,7 @@ impl Basic {
     }
 
     fn f(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.0.forward_t(x, train)?.relu()
+        self.0.forward_act(x, train, Activation::Relu)
     }
 }
 

@@ -1,7 +1,12 @@
 //! Building blocks shared by the backbones: convolution + BatchNorm, TF "SAME" padding, activations.
 
+use std::sync::OnceLock;
+
 use candle_core::{Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, ModuleT, VarBuilder};
+
+pub use super::cpu_conv::Activation;
+use super::cpu_conv::{self, Geometry, Pad};
 
 /// How a convolution pads its input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +69,8 @@ pub struct ConvBn {
     weight: Tensor,
     bn: BatchNorm,
     spec: ConvSpec,
+    /// The folded evaluation weights, kept when they are constants (weights loaded for inference).
+    folded: OnceLock<(Tensor, Tensor)>,
 }
 
 impl ConvBn {
@@ -81,60 +88,103 @@ impl ConvBn {
             momentum: spec.bn_momentum,
         };
         let bn = candle_nn::batch_norm(spec.cout, bn_cfg, bn_vb)?;
-        Ok(ConvBn { weight, bn, spec })
+        Ok(ConvBn {
+            weight,
+            bn,
+            spec,
+            folded: OnceLock::new(),
+        })
     }
 
     /// Convolution and BatchNorm (batch statistics and running-statistics updates when `train`).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act(x, train, Activation::Identity)
+    }
+
+    /// `act(BatchNorm(conv(x)))`. In evaluation the BatchNorm is folded into the convolution and, with
+    /// constant weights and an input that tracks no gradient, runs on the fast CPU path.
+    pub fn forward_act(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
         let s = &self.spec;
-        let (x, pad) = match s.padding {
-            Padding::TfSame => (tf_same_pad(x, s.kernel.0, s.stride)?, 0),
-            Padding::Symmetric(ph, pw) if ph == pw => (x.clone(), ph),
-            Padding::Symmetric(ph, pw) => {
-                (x.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?, 0)
+        let pad = match s.padding {
+            Padding::TfSame => {
+                let (_, _, h, w) = x.dims4()?;
+                let (top, bottom) = tf_same_split(h, s.kernel.0, s.stride);
+                let (left, right) = tf_same_split(w, s.kernel.1, s.stride);
+                Pad {
+                    top,
+                    bottom,
+                    left,
+                    right,
+                }
             }
+            Padding::Symmetric(ph, pw) => Pad::symmetric(ph, pw),
+        };
+        let geo = Geometry {
+            stride: s.stride,
+            pad,
+            groups: s.groups,
         };
         if train {
-            let y = x.conv2d(&self.weight, pad, s.stride, 1, s.groups)?;
-            return self.bn.forward_t(&y, true);
+            let y = if pad == Pad::symmetric(pad.top, pad.top) {
+                x.conv2d(&self.weight, pad.top, s.stride, 1, s.groups)?
+            } else {
+                x.pad_with_zeros(2, pad.top, pad.bottom)?
+                    .pad_with_zeros(3, pad.left, pad.right)?
+                    .conv2d(&self.weight, 0, s.stride, 1, s.groups)?
+            };
+            return act.apply_tensor(&self.bn.forward_t(&y, true)?);
         }
-        // Evaluation: BatchNorm folded into the convolution (one pass over the activation instead of five).
-        let (w, b) = self.folded()?;
-        x.conv2d(&w, pad, s.stride, 1, s.groups)?.broadcast_add(&b)
+        let (w, b) = match self.folded.get() {
+            Some(f) => f.clone(),
+            None => {
+                let f = self.fold()?;
+                if !f.0.track_op() && !f.1.track_op() {
+                    let _ = self.folded.set(f.clone());
+                }
+                f
+            }
+        };
+        cpu_conv::conv2d(x, &w, &b, geo, act)
     }
 
     /// Weight and bias of the convolution with the BatchNorm's running statistics folded in:
     /// w' = w · γ/√(σ²+ε), b' = β − μ · γ/√(σ²+ε).
-    fn folded(&self) -> Result<(Tensor, Tensor)> {
+    fn fold(&self) -> Result<(Tensor, Tensor)> {
         let cout = self.spec.cout;
-        let inv_std = (self.bn.running_var() + self.bn.eps())?.sqrt()?.recip()?;
+        // The running statistics are buffers (candle keeps them in Vars to update them): no gradient.
+        let mean = self.bn.running_mean().detach();
+        let inv_std = (self.bn.running_var().detach() + self.bn.eps())?
+            .sqrt()?
+            .recip()?;
         let (scale, shift) = match self.bn.weight_and_bias() {
             Some((g, beta)) => {
                 let scale = (g * &inv_std)?;
-                let shift = (beta - (self.bn.running_mean() * &scale)?)?;
+                let shift = (beta - (mean * &scale)?)?;
                 (scale, shift)
             }
-            None => (inv_std.clone(), (self.bn.running_mean() * &inv_std)?.neg()?),
+            None => (inv_std.clone(), (mean * &inv_std)?.neg()?),
         };
         let w = self
             .weight
-            .broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
-        Ok((w, shift.reshape((1, cout, 1, 1))?))
+            .broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?
+            .contiguous()?;
+        Ok((w, shift.contiguous()?))
     }
+}
+
+/// TensorFlow's "SAME" padding (before, after) of one dimension of `len` for `kernel` with `stride`.
+fn tf_same_split(len: usize, kernel: usize, stride: usize) -> (usize, usize) {
+    let total = (len.div_ceil(stride).saturating_sub(1) * stride + kernel).saturating_sub(len);
+    (total / 2, total - total / 2)
 }
 
 /// Pads (N, C, H, W) as TensorFlow's "SAME" does for a `kernel` with `stride`.
 pub fn tf_same_pad(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
-    let total =
-        |len: usize| (len.div_ceil(stride).saturating_sub(1) * stride + kernel).saturating_sub(len);
-    let (ph, pw) = (total(h), total(w));
-    x.pad_with_zeros(2, ph / 2, ph - ph / 2)?
-        .pad_with_zeros(3, pw / 2, pw - pw / 2)
-}
-
-pub fn relu6(x: &Tensor) -> Result<Tensor> {
-    x.clamp(0f32, 6f32)
+    let (top, bottom) = tf_same_split(h, kernel, stride);
+    let (left, right) = tf_same_split(w, kernel, stride);
+    x.pad_with_zeros(2, top, bottom)?
+        .pad_with_zeros(3, left, right)
 }
 
 #[cfg(test)]

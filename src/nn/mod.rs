@@ -3,6 +3,7 @@
 
 pub mod backbone;
 pub mod checkpoint;
+pub mod cpu_conv;
 pub mod device;
 pub mod efficientnet;
 pub mod inception;

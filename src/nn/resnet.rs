@@ -5,7 +5,8 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::backbone::{Arch, Backbone};
-use super::layers::{ConvBn, ConvSpec};
+use super::cpu_conv::add_act;
+use super::layers::{Activation, ConvBn, ConvSpec};
 use super::pool::max_pool2d;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,16 +25,18 @@ impl Block {
         let mut y = x.clone();
         let last = self.convs.len() - 1;
         for (i, c) in self.convs.iter().enumerate() {
-            y = c.forward_t(&y, train)?;
-            if i < last {
-                y = y.relu()?;
-            }
+            let act = if i < last {
+                Activation::Relu
+            } else {
+                Activation::Identity
+            };
+            y = c.forward_act(&y, train, act)?;
         }
         let skip = match &self.downsample {
             Some(d) => d.forward_t(x, train)?,
             None => x.clone(),
         };
-        (y + skip)?.relu()
+        add_act(y, &skip, Activation::Relu)
     }
 }
 
@@ -123,7 +126,7 @@ impl Backbone for ResNet {
     }
 
     fn forward_low(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.stem.forward_t(x, train)?.relu()
+        self.stem.forward_act(x, train, Activation::Relu)
     }
 
     fn forward_high(&self, low: &Tensor, train: bool) -> Result<Tensor> {

@@ -43,6 +43,23 @@ pub fn default_cache_budget_bytes() -> u64 {
     (ram / 8).clamp(256 * MIB, 4096 * MIB)
 }
 
+/// Lets glibc's malloc keep and reuse the large blocks that inference allocates and frees on every
+/// layer (activations of up to tens of MiB). By default, blocks above a (dynamic, at most 32 MiB)
+/// threshold are mmap-ed and returned to the kernel when freed, so every layer paid page faults and
+/// page zeroing again. Freed memory above `TRIM` at the top of the heap is still given back.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const MMAP_THRESHOLD: libc::c_int = 256 << 20;
+        const TRIM: libc::c_int = 512 << 20;
+        // SAFETY: mallopt only changes allocator parameters; called before other threads start.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
