@@ -4,10 +4,14 @@
 //! - [`util`]: atomic writes, memory facts.
 //! - [`slide`]: pixels in (OpenSlide pyramids and loose snapshots), µm/px and magnification.
 //! - [`tiles`]: tile grid, byte-bounded cache, view planning, loader pool.
-//! - [`nn`]: candle model code (backbones, pooling with gradients, checkpoints); no I/O.
+//! - [`nn`]: candle model code (backbones, pooling with gradients, checkpoints, Hagnifinder); no I/O.
+//! - [`data`]: tissue detection, dataset manifests and builders, augmentation, images to tensors.
+//! - [`magnification`]: the magnification task: training, evaluation metrics, estimates.
 //! - [`gui`]: the eframe application (knows the layers above; nothing above knows it).
 
+pub mod data;
 pub mod gui;
+pub mod magnification;
 pub mod nn;
 pub mod slide;
 pub mod tiles;
@@ -26,21 +30,35 @@ pub fn data_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".histolens"))
 }
 
-/// The bundled CC0 sample slide (OpenSlide test data), looked for beside the sources, beside the
-/// executable, and where the Debian package installs it.
+/// The bundled CC0 sample slide (OpenSlide test data).
 pub fn bundled_sample() -> Option<PathBuf> {
-    const NAME: &str = "CMU-1-Small-Region.svs";
+    bundled_asset("samples", "CMU-1-Small-Region.svs")
+}
+
+/// The bundled default magnification model (Hagnifinder).
+pub fn default_magnification_model() -> Option<PathBuf> {
+    bundled_asset("models", "hagnifinder.safetensors")
+}
+
+/// A bundled file, looked for beside the sources, beside the executable, and where the Debian package
+/// installs it.
+fn bundled_asset(folder: &str, name: &str) -> Option<PathBuf> {
     let mut candidates = vec![
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("assets/samples")
-            .join(NAME),
+            .join("assets")
+            .join(folder)
+            .join(name),
     ];
     if let Ok(exe) = std::env::current_exe()
         && let Some(dir) = exe.parent()
     {
-        candidates.push(dir.join("assets/samples").join(NAME));
-        candidates.push(dir.join("../share/histolens/samples").join(NAME));
+        candidates.push(dir.join("assets").join(folder).join(name));
+        candidates.push(dir.join("../share/histolens").join(folder).join(name));
     }
-    candidates.push(PathBuf::from("/usr/share/histolens/samples").join(NAME));
+    candidates.push(
+        PathBuf::from("/usr/share/histolens")
+            .join(folder)
+            .join(name),
+    );
     candidates.into_iter().find(|p| p.is_file())
 }

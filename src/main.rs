@@ -39,9 +39,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Build a training dataset.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
+    /// Train a model (runs resume when their folder already holds one).
+    #[command(subcommand)]
+    Train(TrainCommand),
+    /// Evaluate a model on a split of a dataset.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+    /// Estimate the magnification and µm/px of images and slides (files or folders, recursively).
+    Predict(cli::magnification::PredictArgs),
     /// Measure performance.
     #[command(subcommand)]
     Bench(cli::bench::BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum DatasetCommand {
+    /// Patches at magnifications 1x up to each source's native one, with a manifest and a split
+    /// that never shares tissue.
+    Magnification(cli::magnification::DatasetArgs),
+}
+
+#[derive(Subcommand)]
+enum TrainCommand {
+    /// Hagnifinder: magnification regression.
+    Magnification(cli::magnification::TrainArgs),
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// ACC0.5/1/5, MAE, per-magnification accuracy, confusion, 4-level accuracy.
+    Magnification(cli::magnification::EvalArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,6 +80,10 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Info { file, json }) => cli::info::run(&file, json),
+        Some(Command::Dataset(DatasetCommand::Magnification(a))) => cli::magnification::dataset(a),
+        Some(Command::Train(TrainCommand::Magnification(a))) => cli::magnification::train_cmd(a),
+        Some(Command::Eval(EvalCommand::Magnification(a))) => cli::magnification::eval(a),
+        Some(Command::Predict(a)) => cli::magnification::predict(a),
         Some(Command::Bench(b)) => cli::bench::run(b),
         None => run_window(histolens::gui::LaunchOptions {
             path: cli.file,

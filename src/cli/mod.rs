@@ -3,3 +3,4 @@
 pub mod bench;
 pub mod bench_model;
 pub mod info;
+pub mod magnification;

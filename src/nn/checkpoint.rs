@@ -109,6 +109,10 @@ pub struct LoadOptions {
     pub ignore_prefixes: Vec<String>,
     /// Model tensors under these prefixes may be absent from the file (they keep their values).
     pub optional_prefixes: Vec<String>,
+    /// Where the file's tensors go in the model: file tensor `n` is model tensor `model_prefix + n`;
+    /// model tensors outside the prefix are left alone (e.g. `backbone.` for ImageNet weights loaded
+    /// under a task head).
+    pub model_prefix: String,
 }
 
 fn is_float(dtype: safetensors::Dtype) -> bool {
@@ -184,16 +188,18 @@ pub fn load_into(bytes: &[u8], vars: &VarMap, opts: &LoadOptions) -> Result<(), 
     };
     let mut file_names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     file_names.sort();
+    let prefix = opts.model_prefix.as_str();
     for n in &file_names {
-        if !ignored(n) && !data.contains_key(n) {
+        if !ignored(n) && !data.contains_key(&format!("{prefix}{n}")) {
             return Err(CheckpointError::Unexpected(n.clone()));
         }
     }
-    let mut names: Vec<&String> = data.keys().collect();
+    let mut names: Vec<&String> = data.keys().filter(|n| n.starts_with(prefix)).collect();
     names.sort();
     let mut staged = Vec::with_capacity(names.len());
-    for name in names {
-        let var = &data[name];
+    for model_name in names {
+        let var = &data[model_name];
+        let name = &model_name[prefix.len()..];
         let view = match st.tensor(name) {
             Ok(v) => v,
             Err(_)
@@ -204,11 +210,11 @@ pub fn load_into(bytes: &[u8], vars: &VarMap, opts: &LoadOptions) -> Result<(), 
             {
                 continue;
             }
-            Err(_) => return Err(CheckpointError::Missing(name.clone())),
+            Err(_) => return Err(CheckpointError::Missing(name.to_string())),
         };
         if view.shape() != var.dims() {
             return Err(CheckpointError::Shape {
-                name: name.clone(),
+                name: name.to_string(),
                 expected: var.dims().to_vec(),
                 found: view.shape().to_vec(),
             });

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod cpu_conv;
 pub mod device;
 pub mod efficientnet;
+pub mod hagnifinder;
 pub mod inception;
 pub mod layers;
 pub mod pool;

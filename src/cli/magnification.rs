@@ -1,0 +1,526 @@
+//! `histolens dataset magnification`, `train magnification`, `eval magnification` and `predict`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use histolens::data::augment::AugmentConfig;
+use histolens::data::magnification::{BuildConfig, Source, build};
+use histolens::data::{Manifest, Split};
+use histolens::magnification::estimate::{check_slide, estimate_image};
+use histolens::magnification::train::{Start, TrainConfig, TrainEvent, train};
+use histolens::magnification::{MagnificationMetrics, MagnificationModel};
+use histolens::nn::Arch;
+use histolens::nn::device::{DeviceChoice, select};
+use histolens::nn::hagnifinder::Target;
+use histolens::slide::Slide;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// A line above the progress bar, or on standard error when there is no terminal to draw it on.
+fn say(pb: &ProgressBar, line: String) {
+    if pb.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        pb.println(line);
+    }
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    let style = ProgressStyle::with_template(&format!(
+        "{what} [{{bar:30}}] {{pos}}/{{len}} {{msg}} (ETA {{eta}})"
+    ))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    pb.set_style(style);
+    pb
+}
+
+/// Files under `paths` (folders recursively, sorted), keeping only what histolens can open.
+pub fn expand_inputs(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    const EXT: &[&str] = &[
+        "svs", "ndpi", "mrxs", "scn", "tif", "tiff", "vms", "vmu", "bif", "svslide", "png", "jpg",
+        "jpeg", "bmp", "webp",
+    ];
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut stack = vec![p.clone()];
+            while let Some(d) = stack.pop() {
+                let mut entries: Vec<PathBuf> = std::fs::read_dir(&d)
+                    .with_context(|| format!("reading the folder {}", d.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .collect();
+                entries.sort();
+                for e in entries {
+                    if e.is_dir() {
+                        stack.push(e);
+                    } else if e
+                        .extension()
+                        .and_then(|x| x.to_str())
+                        .is_some_and(|x| EXT.contains(&x.to_ascii_lowercase().as_str()))
+                    {
+                        out.push(e);
+                    }
+                }
+            }
+        } else if p.exists() {
+            out.push(p.clone());
+        } else {
+            bail!("no such file or folder: {}", p.display());
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+#[derive(Args)]
+pub struct DatasetArgs {
+    /// Slides, images or folders of them, each with a known µm/px.
+    #[arg(required = true)]
+    pub sources: Vec<PathBuf>,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// µm/px of every source (overrides the metadata).
+    #[arg(long)]
+    pub mpp: Option<f64>,
+    /// A TSV whose first column is a file path (matched on its end) and which has a column
+    /// `um_per_px_or_magnification` or `mpp` starting with the µm/px (as ../shared/data's SOURCES.tsv).
+    #[arg(long)]
+    pub mpp_table: Option<PathBuf>,
+    /// Target magnifications (e.g. 1-40, or 2,5,10,20).
+    #[arg(long, default_value = "1-40")]
+    pub magnifications: String,
+    /// Patches per source block and magnification.
+    #[arg(long, default_value_t = 6)]
+    pub per_magnification: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+fn parse_magnifications(s: &str) -> anyhow::Result<Vec<f64>> {
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        if let Some((a, b)) = part.split_once('-') {
+            let (a, b): (u32, u32) = (a.trim().parse()?, b.trim().parse()?);
+            out.extend((a..=b).map(f64::from));
+        } else {
+            out.push(part.parse()?);
+        }
+    }
+    if out.iter().any(|m| !(m.is_finite() && *m > 0.0)) || out.is_empty() {
+        bail!("magnifications must be positive numbers: {s}");
+    }
+    Ok(out)
+}
+
+fn mpp_table(path: &Path) -> anyhow::Result<Vec<(String, f64)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split('\t').collect();
+    let col = header
+        .iter()
+        .position(|h| *h == "um_per_px_or_magnification" || *h == "mpp")
+        .with_context(|| format!("{}: no mpp column", path.display()))?;
+    Ok(lines
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('\t').collect();
+            Some((cells.first()?.to_string(), parse_mpp_cell(cells.get(col)?)?))
+        })
+        .collect())
+}
+
+/// "0.2480 um/px (40x)", "40x (0.25 um/px)" or "0.5" → the µm/px.
+fn parse_mpp_cell(cell: &str) -> Option<f64> {
+    let tokens: Vec<&str> = cell
+        .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
+        .filter(|t| !t.is_empty())
+        .collect();
+    let at = tokens
+        .iter()
+        .position(|t| t.starts_with("um/px") || t.starts_with("µm/px"));
+    let number = match at {
+        Some(i) if i > 0 => tokens[i - 1],
+        Some(_) => return None,
+        None => tokens.first()?,
+    };
+    number
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && *v > 0.0)
+}
+
+pub fn dataset(args: DatasetArgs) -> anyhow::Result<()> {
+    let files = expand_inputs(&args.sources)?;
+    let table = match &args.mpp_table {
+        Some(p) => mpp_table(p)?,
+        None => Vec::new(),
+    };
+    let mut sources = Vec::new();
+    for f in files {
+        let from_table = table
+            .iter()
+            .find(|(name, _)| f.to_string_lossy().ends_with(name.as_str()))
+            .map(|(_, m)| *m);
+        let mpp = match args.mpp.or(from_table) {
+            Some(m) => m,
+            None => {
+                let slide = Slide::open(&f)?;
+                slide.info().mpp.map(|m| m.mean()).with_context(|| {
+                    format!(
+                        "{}: the µm/px is not in the metadata; give it with --mpp or --mpp-table",
+                        f.display()
+                    )
+                })?
+            }
+        };
+        sources.push(Source { path: f, mpp });
+    }
+    let cfg = BuildConfig {
+        magnifications: parse_magnifications(&args.magnifications)?,
+        per_magnification: args.per_magnification,
+        seed: args.seed,
+        ..Default::default()
+    };
+    let pb = bar(sources.len() as u64, "sources");
+    let (manifest, reports) = build(&sources, &args.out, &cfg, |done, _| {
+        pb.set_position(done as u64)
+    })?;
+    pb.finish_and_clear();
+    for r in &reports {
+        println!(
+            "{}: native {:.1}x, {} block(s), {} patches, {} rejected as background",
+            r.path.display(),
+            r.native_magnification,
+            r.blocks,
+            r.patches,
+            r.rejected_background
+        );
+    }
+    for s in Split::ALL {
+        let n = manifest.split(s).len();
+        let range = manifest
+            .magnification_range(s)
+            .map_or("-".to_string(), |(a, b)| format!("{a}x-{b}x"));
+        println!("{:>5}: {n} patches, {range}", s.name());
+    }
+    println!("manifest: {}", args.out.join("manifest.csv").display());
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The dataset manifest (from `histolens dataset magnification`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The run folder (created; an existing run there is resumed).
+    #[arg(long)]
+    pub run: PathBuf,
+    #[arg(long, default_value = "resnet50")]
+    pub arch: String,
+    /// random, imagenet:FILE or checkpoint:FILE.
+    #[arg(long, default_value = "random")]
+    pub start: String,
+    /// Train the head only, on the backbone's features.
+    #[arg(long)]
+    pub freeze_backbone: bool,
+    #[arg(long, default_value_t = 20)]
+    pub epochs_asm: usize,
+    #[arg(long, default_value_t = 10)]
+    pub epochs_constant: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 224)]
+    pub size: usize,
+    /// linear (the paper) or log2.
+    #[arg(long, default_value = "linear")]
+    pub target: String,
+    #[arg(long)]
+    pub steps_per_epoch: Option<usize>,
+    /// No colour, blur or JPEG augmentation (flips and rotations stay).
+    #[arg(long)]
+    pub light_augment: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+pub fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
+    let arch =
+        Arch::parse(&args.arch).with_context(|| format!("unknown architecture {}", args.arch))?;
+    let start = match args.start.split_once(':') {
+        None if args.start == "random" => Start::Random,
+        Some(("imagenet", p)) => Start::Imagenet(p.into()),
+        Some(("checkpoint", p)) => Start::Checkpoint(p.into()),
+        _ => bail!("--start must be random, imagenet:FILE or checkpoint:FILE"),
+    };
+    let mut cfg = TrainConfig::new(arch);
+    cfg.start = start;
+    cfg.freeze_backbone = args.freeze_backbone;
+    cfg.epochs_asm = args.epochs_asm;
+    cfg.epochs_constant = args.epochs_constant;
+    cfg.batch = args.batch;
+    cfg.lr = args.lr;
+    cfg.input_size = args.size;
+    cfg.steps_per_epoch = args.steps_per_epoch;
+    cfg.seed = args.seed;
+    cfg.target = match args.target.as_str() {
+        "linear" => Target::Linear,
+        "log2" => Target::Log2,
+        t => bail!("unknown target {t}: use linear or log2"),
+    };
+    if args.light_augment {
+        cfg.augment = AugmentConfig {
+            flips: true,
+            max_rotation_deg: 90.0,
+            ..AugmentConfig::none()
+        };
+    }
+    let device = select(args.device)?;
+    let stop = AtomicBool::new(false);
+    let pb = bar(cfg.total_epochs() as u64, "epochs");
+    let outcome = train(&args.data, &cfg, &args.run, &device, &stop, |e| match e {
+        TrainEvent::Step {
+            epoch,
+            step,
+            steps,
+            loss,
+            images_per_second,
+        } => pb.set_message(format!(
+            "epoch {epoch} step {step}/{steps} loss {loss:.4} ({images_per_second:.1} img/s)"
+        )),
+        TrainEvent::Epoch(log) => {
+            pb.set_position(log.epoch as u64);
+            say(
+                &pb,
+                format!(
+                    "epoch {:>3} (round {}): train {:.4}  val {}  MAE {}  ACC1 {}  lr {:.1e}  {:.1} img/s",
+                    log.epoch,
+                    log.round,
+                    log.train_loss,
+                    log.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+                    log.val_mae.map_or("-".into(), |v| format!("{v:.2}x")),
+                    log.val_acc1
+                        .map_or("-".into(), |v| format!("{:.1}%", 100.0 * v)),
+                    log.lr,
+                    log.images_per_second
+                ),
+            );
+        }
+        TrainEvent::Info(s) => say(&pb, s),
+    })?;
+    pb.finish_and_clear();
+    println!(
+        "{} epochs; m = {}; model: {}",
+        outcome.epochs_done,
+        outcome.m.map_or("-".into(), |m| format!("{m:.6e}")),
+        outcome.best.as_ref().unwrap_or(&outcome.last).display()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub data: PathBuf,
+    /// A magnification model (default: the bundled one).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// train, val or test.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Write the metrics as JSON here ("-" for standard output).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+pub fn load_model(path: Option<&Path>, device: DeviceChoice) -> anyhow::Result<MagnificationModel> {
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None => histolens::default_magnification_model()
+            .context("no bundled magnification model was found; pass one with --model")?,
+    };
+    let device = select(device)?;
+    MagnificationModel::load(&path, &device)
+        .with_context(|| format!("loading the model {}", path.display()))
+}
+
+pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let split =
+        Split::parse(&args.split).with_context(|| format!("unknown split {}", args.split))?;
+    let model = load_model(args.model.as_deref(), args.device)?;
+    let manifest = Manifest::load(&args.data)?;
+    let records = manifest.split(split);
+    if records.is_empty() {
+        bail!(
+            "the {} split of {} is empty",
+            split.name(),
+            args.data.display()
+        );
+    }
+    let size = model.input_size();
+    let pb = bar(records.len() as u64, "images");
+    let mut pairs = Vec::with_capacity(records.len());
+    for chunk in records.chunks(32) {
+        let mut crops = Vec::with_capacity(chunk.len());
+        for r in chunk {
+            let path = manifest.resolve(r);
+            let img = image::open(&path).with_context(|| format!("reading {}", path.display()))?;
+            crops.push(histolens::data::augment::center_crop(&img.to_rgb8(), size));
+        }
+        for (r, p) in chunk.iter().zip(model.predict(&crops)?) {
+            pairs.push((r.magnification, p));
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    let metrics = MagnificationMetrics::compute(&pairs);
+    print!("{}", metrics.table());
+    if let Some(out) = args.json {
+        let json = serde_json::to_string_pretty(&metrics)?;
+        if out.as_os_str() == "-" {
+            println!("{json}");
+        } else {
+            histolens::util::fs::write_atomic(&out, json.as_bytes())
+                .with_context(|| format!("writing {}", out.display()))?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct PredictArgs {
+    /// Images, slides or folders (searched recursively).
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    #[arg(long, conflicts_with = "csv")]
+    pub json: bool,
+    #[arg(long)]
+    pub csv: bool,
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Crops scored per image or slide.
+    #[arg(long, default_value_t = 16)]
+    pub crops: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+/// One line of `predict`'s output.
+#[derive(serde::Serialize)]
+struct PredictRow {
+    path: String,
+    kind: &'static str,
+    magnification: Option<f64>,
+    mpp: Option<f64>,
+    spread: Option<f64>,
+    crops: Option<usize>,
+    metadata_mpp: Option<f64>,
+    mismatch: Option<bool>,
+    out_of_range: Option<bool>,
+    warnings: String,
+    error: Option<String>,
+}
+
+pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
+    let model = load_model(args.model.as_deref(), args.device)?;
+    let files = expand_inputs(&args.paths)?;
+    let pb = bar(files.len() as u64, "files");
+    let mut rows = Vec::with_capacity(files.len());
+    for f in &files {
+        rows.push(predict_one(&model, f, args.crops));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else if args.csv {
+        let mut w = csv::Writer::from_writer(std::io::stdout());
+        for r in &rows {
+            w.serialize(r)?;
+        }
+        w.flush()?;
+    } else {
+        for r in &rows {
+            match (&r.error, r.magnification) {
+                (Some(e), _) => println!("{}: error: {e}", r.path),
+                (None, Some(m)) => println!(
+                    "{}: {m:.1}x ({:.3} µm/px), spread {:.1}x over {} crops{}{}",
+                    r.path,
+                    r.mpp.unwrap_or(f64::NAN),
+                    r.spread.unwrap_or(f64::NAN),
+                    r.crops.unwrap_or(0),
+                    match (r.metadata_mpp, r.mismatch) {
+                        (Some(mm), Some(true)) =>
+                            format!("; metadata says {mm:.3} µm/px: MISMATCH"),
+                        (Some(mm), _) => format!("; metadata {mm:.3} µm/px agrees"),
+                        _ => String::new(),
+                    },
+                    if r.warnings.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" [{}]", r.warnings)
+                    }
+                ),
+                (None, None) => println!("{}: no estimate", r.path),
+            }
+        }
+    }
+    let failed = rows.iter().filter(|r| r.error.is_some()).count();
+    if failed > 0 {
+        eprintln!("{failed} of {} file(s) could not be read", rows.len());
+    }
+    Ok(())
+}
+
+fn predict_one(model: &MagnificationModel, path: &Path, crops: usize) -> PredictRow {
+    let mut row = PredictRow {
+        path: path.display().to_string(),
+        kind: "image",
+        magnification: None,
+        mpp: None,
+        spread: None,
+        crops: None,
+        metadata_mpp: None,
+        mismatch: None,
+        out_of_range: None,
+        warnings: String::new(),
+        error: None,
+    };
+    let result: anyhow::Result<()> = (|| {
+        let slide = Slide::open(path)?;
+        let (estimate, meta) = if slide.info().is_whole_slide() {
+            row.kind = "slide";
+            let c = check_slide(model, &slide, crops, 0)?;
+            row.mismatch = c.metadata_mpp.map(|_| c.mismatch);
+            (c.estimate, c.metadata_mpp)
+        } else {
+            let (w, h) = slide.info().dimensions();
+            let img = slide.read_region(0, 0, 0, w as u32, h as u32)?;
+            (
+                estimate_image(model, &img, crops)?,
+                slide.info().mpp.map(|m| m.mean()),
+            )
+        };
+        row.magnification = Some(estimate.magnification);
+        row.mpp = Some(estimate.mpp);
+        row.spread = Some(estimate.spread);
+        row.crops = Some(estimate.crops);
+        row.metadata_mpp = meta;
+        row.out_of_range = Some(estimate.out_of_range);
+        row.warnings = estimate.warnings.join("; ");
+        Ok(())
+    })();
+    if let Err(e) = result {
+        row.error = Some(format!("{e:#}"));
+    }
+    row
+}

@@ -1,0 +1,10 @@
+//! Training data: tissue detection, dataset manifests, the magnification dataset builder and
+//! augmentation. Reads slides and images through [`crate::slide`]; knows nothing of models or the GUI.
+
+pub mod augment;
+pub mod magnification;
+pub mod manifest;
+pub mod tensor;
+pub mod tissue;
+
+pub use manifest::{MagnificationRecord, Manifest, ManifestError, Split};

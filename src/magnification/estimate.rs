@@ -1,0 +1,224 @@
+//! Estimates for whole images and slides: several crops on tissue are scored and summarised by their
+//! median (the estimate) and interquartile range (the uncertainty).
+
+use image::RgbaImage;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::Serialize;
+
+use super::model::{MagnificationModel, ModelError};
+use crate::data::augment::{pad_to, to_rgb};
+use crate::data::tissue::{background_fraction, background_fraction_rgb};
+use crate::slide::{Slide, SlideError};
+
+/// Crops with more background than this are skipped.
+const MAX_BACKGROUND: f64 = 0.4;
+/// A slide's claimed µm/px is flagged when the estimate differs from it by more than this.
+pub const MISMATCH: f64 = 0.25;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Estimate {
+    /// Median over the crops.
+    pub magnification: f64,
+    /// 10 / magnification.
+    pub mpp: f64,
+    /// Interquartile range of the crops' predictions, in magnification units.
+    pub spread: f64,
+    pub crops: usize,
+    pub predictions: Vec<f64>,
+    /// The estimate lies outside the magnifications the model was trained on.
+    pub out_of_range: bool,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EstimateError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Slide(#[from] SlideError),
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let pos = q * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}
+
+fn summarise(
+    model: &MagnificationModel,
+    predictions: Vec<f64>,
+    mut warnings: Vec<String>,
+) -> Estimate {
+    let mut sorted: Vec<f64> = predictions
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .collect();
+    sorted.sort_by(f64::total_cmp);
+    let magnification = quantile(&sorted, 0.5);
+    let spread = quantile(&sorted, 0.75) - quantile(&sorted, 0.25);
+    let out_of_range = model
+        .range()
+        .is_some_and(|(a, b)| magnification < a * 0.9 || magnification > b * 1.1);
+    if out_of_range && let Some((a, b)) = model.range() {
+        warnings.push(format!(
+            "{magnification:.1}x is outside the range the model was trained on ({a:.0}x-{b:.0}x)"
+        ));
+    }
+    Estimate {
+        magnification,
+        mpp: 10.0 / magnification,
+        spread,
+        crops: predictions.len(),
+        predictions,
+        out_of_range,
+        warnings,
+    }
+}
+
+/// Scores up to `max_crops` non-overlapping crops with the most tissue.
+pub fn estimate_image(
+    model: &MagnificationModel,
+    img: &RgbaImage,
+    max_crops: usize,
+) -> Result<Estimate, EstimateError> {
+    let size = model.input_size();
+    let mut warnings = Vec::new();
+    let rgb = to_rgb(img);
+    let rgb = if rgb.width() < size || rgb.height() < size {
+        warnings.push(format!(
+            "the image ({}x{} px) is smaller than the model's {size} px input: padded with white, \
+             the estimate is less reliable",
+            img.width(),
+            img.height()
+        ));
+        pad_to(&rgb, size)
+    } else {
+        rgb
+    };
+    let (w, h) = rgb.dimensions();
+    let (nx, ny) = (w / size, h / size);
+    // Centre the grid of crops on the image.
+    let (ox, oy) = ((w - nx * size) / 2, (h - ny * size) / 2);
+    let mut cells: Vec<(f64, u32, u32)> = (0..ny)
+        .flat_map(|j| (0..nx).map(move |i| (ox + i * size, oy + j * size)))
+        .map(|(x, y)| {
+            let crop = image::imageops::crop_imm(&rgb, x, y, size, size).to_image();
+            (background_fraction_rgb(&crop), x, y)
+        })
+        .collect();
+    cells.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let on_tissue = cells.iter().filter(|c| c.0 <= MAX_BACKGROUND).count();
+    let take = if on_tissue == 0 {
+        warnings.push("little tissue in the image: the estimate is unreliable".into());
+        cells.len().min(3)
+    } else {
+        on_tissue.min(max_crops.max(1))
+    };
+    let crops: Vec<_> = cells[..take]
+        .iter()
+        .map(|&(_, x, y)| image::imageops::crop_imm(&rgb, x, y, size, size).to_image())
+        .collect();
+    let predictions = model.predict(&crops)?;
+    Ok(summarise(model, predictions, warnings))
+}
+
+/// A slide's estimate against its metadata.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlideCheck {
+    pub estimate: Estimate,
+    /// µm/px from the scanner's metadata, if any.
+    pub metadata_mpp: Option<f64>,
+    /// (estimate − metadata) / metadata, on µm/px.
+    pub relative_difference: Option<f64>,
+    /// The difference exceeds 25%.
+    pub mismatch: bool,
+}
+
+/// Reads up to `max_crops` level-0 crops on tissue (found on a thumbnail), estimates the
+/// magnification and compares it with the metadata.
+pub fn check_slide(
+    model: &MagnificationModel,
+    slide: &Slide,
+    max_crops: usize,
+    seed: u64,
+) -> Result<SlideCheck, EstimateError> {
+    let size = model.input_size();
+    let info = slide.info();
+    let (w, h) = info.dimensions();
+    let mut warnings = Vec::new();
+    let mut crops = Vec::new();
+    if w < u64::from(size) || h < u64::from(size) {
+        let img = slide.read_region(0, 0, 0, w as u32, h as u32)?;
+        let e = estimate_image(model, &img, max_crops)?;
+        return Ok(compare(e, info.mpp.map(|m| m.mean())));
+    }
+    let thumb = slide.thumbnail(1024)?;
+    let sx = w as f64 / f64::from(thumb.width());
+    let sy = h as f64 / f64::from(thumb.height());
+    // Candidate crops on a grid of the level 0, kept where the thumbnail shows tissue.
+    let mut candidates = Vec::new();
+    let mut y = 0u64;
+    while y + u64::from(size) <= h {
+        let mut x = 0u64;
+        while x + u64::from(size) <= w {
+            let (tx, ty) = ((x as f64 / sx) as u32, (y as f64 / sy) as u32);
+            let tw = ((f64::from(size) / sx).ceil() as u32).max(1);
+            let th = ((f64::from(size) / sy).ceil() as u32).max(1);
+            let cell = image::imageops::crop_imm(&thumb, tx, ty, tw, th).to_image();
+            if background_fraction(&cell) <= MAX_BACKGROUND {
+                candidates.push((x, y));
+            }
+            x += u64::from(size);
+        }
+        y += u64::from(size);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    candidates.shuffle(&mut rng);
+    for &(x, y) in &candidates {
+        if crops.len() >= max_crops {
+            break;
+        }
+        let region = slide.read_region(0, x as i64, y as i64, size, size)?;
+        if background_fraction(&region) <= MAX_BACKGROUND {
+            crops.push(to_rgb(&region));
+        }
+    }
+    if crops.is_empty() {
+        warnings.push("no tissue found at level 0: estimated on the slide's centre".into());
+        let (cx, cy) = ((w - u64::from(size)) / 2, (h - u64::from(size)) / 2);
+        crops.push(to_rgb(
+            &slide.read_region(0, cx as i64, cy as i64, size, size)?,
+        ));
+    }
+    let predictions = model.predict(&crops)?;
+    let e = summarise(model, predictions, warnings);
+    Ok(compare(e, info.mpp.map(|m| m.mean())))
+}
+
+fn compare(estimate: Estimate, metadata_mpp: Option<f64>) -> SlideCheck {
+    let relative_difference = metadata_mpp.map(|m| (estimate.mpp - m) / m);
+    SlideCheck {
+        mismatch: relative_difference.is_some_and(|d| d.abs() > MISMATCH),
+        estimate,
+        metadata_mpp,
+        relative_difference,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles() {
+        let v = [1.0, 2.0, 3.0, 4.0, 5.0];
+        assert_eq!(quantile(&v, 0.5), 3.0);
+        assert_eq!(quantile(&v, 0.25), 2.0);
+        assert!(quantile(&[], 0.5).is_nan());
+    }
+}

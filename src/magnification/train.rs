@@ -1,0 +1,702 @@
+//! Hagnifinder training: round 1 with the Adaptive Scaling Module, then the constant m (the mean ASM
+//! factor over the training batches, from one evaluation pass) and round 2 with it. Huber loss (δ = 1),
+//! AdamW, learning rate halved when the monitored loss has not improved for `patience` epochs.
+//!
+//! A run lives in its own folder: `config.json`, `log.jsonl` (one line per epoch), `last.safetensors`
+//! (every epoch, atomically) with `state.json` beside it (so an interrupted run resumes), and
+//! `best.safetensors` (best validation loss of round 2, the model to use).
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use image::RgbImage;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::metrics::MagnificationMetrics;
+use super::model::{CONST_M, CONST_TARGET_LOG2, TASK};
+use crate::data::augment::{AugmentConfig, augment, center_crop};
+use crate::data::manifest::{MagnificationRecord, Manifest, ManifestError, Split};
+use crate::data::tensor::to_tensor;
+use crate::nn::backbone::{Arch, Backbone, build};
+use crate::nn::checkpoint::{
+    CheckpointError, CheckpointMeta, FORMAT_VERSION, LoadOptions, Normalization, Provenance,
+    load_into, read_meta, to_bytes,
+};
+use crate::nn::hagnifinder::{Hagnifinder, Scaling, Target, asm_factor};
+use crate::util::fs::write_atomic;
+
+/// Where the weights start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Start {
+    /// Kaiming initialisation (as Hagnifinder's code).
+    Random,
+    /// ImageNet weights of the backbone (an EfficientNet-Lite0 safetensors file with the
+    /// efficientnet-pytorch names); the head starts random.
+    Imagenet(PathBuf),
+    /// A histolens magnification checkpoint of the same architecture.
+    Checkpoint(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub arch: Arch,
+    pub start: Start,
+    /// Train only the head on the backbone's (evaluation-mode) features.
+    pub freeze_backbone: bool,
+    pub input_size: usize,
+    pub batch: usize,
+    /// Epochs of round 1 (ASM) and round 2 (constant m).
+    pub epochs_asm: usize,
+    pub epochs_constant: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub patience: usize,
+    pub min_lr: f64,
+    pub target: Target,
+    pub augment: AugmentConfig,
+    /// Cap on training steps per epoch (None: the whole training split).
+    pub steps_per_epoch: Option<usize>,
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    /// The paper's settings (Huber δ 1, AdamW with weight decay 0.01, halving after 5 epochs without
+    /// improvement, batch 32, 224 px crops) with a learning rate suited to AdamW from scratch.
+    pub fn new(arch: Arch) -> Self {
+        TrainConfig {
+            arch,
+            start: Start::Random,
+            freeze_backbone: false,
+            input_size: 224,
+            batch: 32,
+            epochs_asm: 20,
+            epochs_constant: 10,
+            lr: 1e-3,
+            weight_decay: 0.01,
+            patience: 5,
+            min_lr: 5e-6,
+            target: Target::Linear,
+            augment: AugmentConfig::default(),
+            steps_per_epoch: None,
+            seed: 0,
+        }
+    }
+
+    pub fn total_epochs(&self) -> usize {
+        self.epochs_asm + self.epochs_constant
+    }
+
+    fn normalization(&self) -> Normalization {
+        match (&self.start, self.arch) {
+            (Start::Imagenet(_), Arch::EfficientnetLite0) => Normalization::TFLITE,
+            _ => Normalization::IMAGENET,
+        }
+    }
+}
+
+/// One epoch's line in `log.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub round: u8,
+    pub train_loss: f64,
+    pub val_loss: Option<f64>,
+    pub val_mae: Option<f64>,
+    pub val_acc1: Option<f64>,
+    pub lr: f64,
+    pub m: Option<f64>,
+    pub images_per_second: f64,
+    pub seconds: f64,
+}
+
+/// What the training loop reports as it goes.
+#[derive(Debug, Clone)]
+pub enum TrainEvent {
+    Step {
+        epoch: usize,
+        step: usize,
+        steps: usize,
+        loss: f64,
+        images_per_second: f64,
+    },
+    Epoch(EpochLog),
+    Info(String),
+}
+
+/// Kept beside `last.safetensors` so that a run can resume.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct State {
+    /// Epochs completed.
+    epoch: usize,
+    lr: f64,
+    m: Option<f64>,
+    best_monitor: Option<f64>,
+    bad_epochs: usize,
+    best_val: Option<f64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("the training split of the manifest is empty")]
+    NoTrainingData,
+    #[error("cannot read the image {}: {message}", path.display())]
+    Image { path: PathBuf, message: String },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the loss became {loss} at epoch {epoch}, step {step}: training stopped; the last good \
+         checkpoint is kept"
+    )]
+    NonFinite {
+        epoch: usize,
+        step: usize,
+        loss: f64,
+    },
+    #[error("the run in {} was made with another configuration: {what}", dir.display())]
+    ConfigMismatch { dir: PathBuf, what: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("model error: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainOutcome {
+    pub epochs_done: usize,
+    pub stopped: bool,
+    pub m: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    pub last: PathBuf,
+    pub best: Option<PathBuf>,
+}
+
+pub fn run_paths(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf, PathBuf) {
+    (
+        dir.join("config.json"),
+        dir.join("log.jsonl"),
+        dir.join("last.safetensors"),
+        dir.join("state.json"),
+        dir.join("best.safetensors"),
+    )
+}
+
+/// Trains (or resumes) the run in `dir` on `manifest`. `stop` is checked after every step.
+pub fn train(
+    manifest_path: &Path,
+    cfg: &TrainConfig,
+    dir: &Path,
+    device: &Device,
+    stop: &AtomicBool,
+    mut on_event: impl FnMut(TrainEvent),
+) -> Result<TrainOutcome, TrainError> {
+    if cfg.batch == 0 || cfg.input_size < cfg.arch.min_input() {
+        return Err(TrainError::Config(format!(
+            "batch must be positive and the input at least {} px",
+            cfg.arch.min_input()
+        )));
+    }
+    let manifest = Manifest::load(manifest_path)?;
+    manifest.check_disjoint()?;
+    let train_set = manifest.split(Split::Train);
+    let val_set = manifest.split(Split::Val);
+    if train_set.is_empty() {
+        return Err(TrainError::NoTrainingData);
+    }
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TrainError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let (config_path, log_path, last_path, state_path, best_path) = run_paths(dir);
+
+    // A run folder belongs to one configuration; resuming checks it is the same.
+    let mut state = State {
+        lr: cfg.lr,
+        ..State::default()
+    };
+    if state_path.exists() {
+        let old: TrainConfig = read_json(&config_path)?;
+        if old != *cfg {
+            return Err(TrainError::ConfigMismatch {
+                dir: dir.to_path_buf(),
+                what: "start a new run folder, or resume with the same options".into(),
+            });
+        }
+        state = read_json(&state_path)?;
+        on_event(TrainEvent::Info(format!(
+            "resuming after epoch {} (learning rate {:.2e})",
+            state.epoch, state.lr
+        )));
+    } else {
+        let json = serde_json::to_vec_pretty(cfg).map_err(|e| TrainError::Config(e.to_string()))?;
+        write_atomic(&config_path, &json).map_err(io(&config_path))?;
+    }
+
+    let vars = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, DType::F32, device);
+    let model = Hagnifinder::new(cfg.arch, vb)?;
+    if state.epoch > 0 {
+        let bytes = std::fs::read(&last_path).map_err(io(&last_path))?;
+        load_into(&bytes, &vars, &LoadOptions::default())?;
+    } else {
+        match &cfg.start {
+            Start::Random => {}
+            Start::Imagenet(p) => {
+                let bytes = std::fs::read(p).map_err(io(p))?;
+                let opts = LoadOptions {
+                    ignore_prefixes: vec!["_fc.".into(), "fc.".into()],
+                    model_prefix: "backbone.".into(),
+                    ..Default::default()
+                };
+                load_into(&bytes, &vars, &opts)?;
+            }
+            Start::Checkpoint(p) => {
+                let bytes = std::fs::read(p).map_err(io(p))?;
+                let meta = read_meta(&bytes)?;
+                if meta.arch != cfg.arch {
+                    return Err(TrainError::Config(format!(
+                        "{} holds a {} model, not {}",
+                        p.display(),
+                        meta.arch.name(),
+                        cfg.arch.name()
+                    )));
+                }
+                load_into(&bytes, &vars, &LoadOptions::default())?;
+            }
+        }
+    }
+
+    // The output starts at the mean target, so that the first steps do not spend themselves on the
+    // bias (a linear target of 1-40 is far from a fresh layer's output of about 0).
+    if state.epoch == 0 && !matches!(cfg.start, Start::Checkpoint(_)) {
+        let mean = train_set
+            .iter()
+            .map(|r| cfg.target.encode(r.magnification))
+            .sum::<f64>()
+            / train_set.len() as f64;
+        let data = vars
+            .data()
+            .lock()
+            .map_err(|_| TrainError::Config("poisoned".into()))?;
+        if let Some(bias) = data.get("head.fc3.bias") {
+            bias.set(&Tensor::full(mean as f32, 1, device)?)?;
+        }
+    }
+    // A frozen backbone runs on detached copies of its weights (no gradient, the fast CPU path).
+    let frozen: Option<Box<dyn Backbone>> = if cfg.freeze_backbone {
+        Some(build(cfg.arch, detached(&vars, "backbone.", device)?)?)
+    } else {
+        None
+    };
+    let trainable: Vec<Var> = {
+        let data = vars
+            .data()
+            .lock()
+            .map_err(|_| TrainError::Config("poisoned".into()))?;
+        let mut named: Vec<(&String, &Var)> = data
+            .iter()
+            .filter(|(n, _)| !cfg.freeze_backbone || n.starts_with("head."))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        named.into_iter().map(|(_, v)| v.clone()).collect()
+    };
+    let mut opt = AdamW::new(
+        trainable,
+        ParamsAdamW {
+            lr: state.lr,
+            weight_decay: cfg.weight_decay,
+            ..Default::default()
+        },
+    )?;
+
+    let ctx = Ctx {
+        manifest: &manifest,
+        cfg,
+        device,
+        norm: cfg.normalization(),
+        model: &model,
+        frozen: frozen.as_deref(),
+    };
+    let range = manifest.magnification_range(Split::Train);
+    let save =
+        |path: &Path, m: Option<f64>, epoch: usize, metrics: &EpochLog| -> Result<(), TrainError> {
+            let meta = checkpoint_meta(cfg, manifest_path, range, m, epoch, metrics);
+            let bytes = to_bytes(&vars, &meta, false)?;
+            write_atomic(path, &bytes).map_err(io(path))
+        };
+
+    let total = cfg.total_epochs();
+    let mut stopped = false;
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(cfg.seed ^ (state.epoch as u64).wrapping_mul(0x9e37));
+    for epoch in state.epoch + 1..=total {
+        let round: u8 = if epoch <= cfg.epochs_asm { 1 } else { 2 };
+        if round == 2 && state.m.is_none() {
+            let m = ctx.mean_factor(&train_set)?;
+            on_event(TrainEvent::Info(format!(
+                "round 2: constant scale factor m = {m:.6e}"
+            )));
+            state.m = Some(m);
+            state.best_monitor = None;
+            state.bad_epochs = 0;
+        }
+        let scaling = state.m.map_or(Scaling::Adaptive, Scaling::Constant);
+        let started = Instant::now();
+        let mut order: Vec<usize> = (0..train_set.len()).collect();
+        order.shuffle(&mut rng);
+        let mut batches: Vec<&[usize]> = order.chunks(cfg.batch).collect();
+        if let Some(cap) = cfg.steps_per_epoch {
+            batches.truncate(cap.max(1));
+        }
+        let steps = batches.len();
+        let (mut loss_sum, mut seen) = (0.0, 0usize);
+        for (step, idx) in batches.into_iter().enumerate() {
+            let records: Vec<&MagnificationRecord> = idx.iter().map(|&i| train_set[i]).collect();
+            let seeds: Vec<u64> = records.iter().map(|_| rng.random()).collect();
+            let images = ctx.load(&records, Some(&seeds))?;
+            let x = to_tensor(&images, ctx.norm, device)?;
+            let y = ctx.targets(&records)?;
+            let pooled = match ctx.frozen {
+                Some(b) => b.forward(&x, false)?.pooled,
+                None => model.backbone.forward(&x, true)?.pooled,
+            };
+            let (out, _) = model.head.forward(&pooled, scaling)?;
+            let loss = candle_nn::loss::huber(&out, &y, 1.0)?;
+            let l = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+            if !l.is_finite() {
+                return Err(TrainError::NonFinite {
+                    epoch,
+                    step,
+                    loss: l,
+                });
+            }
+            opt.backward_step(&loss)?;
+            loss_sum += l * records.len() as f64;
+            seen += records.len();
+            on_event(TrainEvent::Step {
+                epoch,
+                step: step + 1,
+                steps,
+                loss: l,
+                images_per_second: seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            });
+            if stop.load(Ordering::Relaxed) {
+                stopped = true;
+                break;
+            }
+        }
+        if stopped {
+            on_event(TrainEvent::Info(format!(
+                "stopped during epoch {epoch}; the checkpoint of epoch {} is kept",
+                state.epoch
+            )));
+            break;
+        }
+        let train_loss = loss_sum / seen.max(1) as f64;
+        let images_per_second = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let val = if val_set.is_empty() {
+            None
+        } else {
+            Some(ctx.evaluate(&val_set, scaling)?)
+        };
+        let monitored = val.as_ref().map_or(train_loss, |v| v.0);
+        // Diverged weights are never saved over the last good checkpoint.
+        if !monitored.is_finite() || !all_finite(&vars)? {
+            return Err(TrainError::NonFinite {
+                epoch,
+                step: steps,
+                loss: monitored,
+            });
+        }
+        if state.best_monitor.is_none_or(|b| monitored < b - 1e-6) {
+            state.best_monitor = Some(monitored);
+            state.bad_epochs = 0;
+        } else {
+            state.bad_epochs += 1;
+            if state.bad_epochs >= cfg.patience {
+                state.lr = (state.lr / 2.0).max(cfg.min_lr);
+                opt.set_learning_rate(state.lr);
+                state.bad_epochs = 0;
+                on_event(TrainEvent::Info(format!(
+                    "learning rate halved to {:.2e}",
+                    state.lr
+                )));
+            }
+        }
+        let log = EpochLog {
+            epoch,
+            round,
+            train_loss,
+            val_loss: val.as_ref().map(|v| v.0),
+            val_mae: val.as_ref().map(|v| v.1.mae),
+            val_acc1: val.as_ref().map(|v| v.1.acc1),
+            lr: state.lr,
+            m: state.m,
+            images_per_second,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        // The state is written after the checkpoint: a crash between them resumes one epoch early.
+        save(&last_path, state.m, epoch, &log)?;
+        if round == 2 && val.is_some() && state.best_val.is_none_or(|b| monitored < b) {
+            state.best_val = Some(monitored);
+            save(&best_path, state.m, epoch, &log)?;
+        }
+        state.epoch = epoch;
+        let json =
+            serde_json::to_vec_pretty(&state).map_err(|e| TrainError::Config(e.to_string()))?;
+        write_atomic(&state_path, &json).map_err(io(&state_path))?;
+        append_line(&log_path, &log).map_err(io(&log_path))?;
+        on_event(TrainEvent::Epoch(log));
+    }
+    // A run without a second round still gets m, so that its checkpoint can be used.
+    if !stopped && state.m.is_none() && state.epoch == total {
+        let m = ctx.mean_factor(&train_set)?;
+        state.m = Some(m);
+        let log = EpochLog {
+            epoch: state.epoch,
+            round: 1,
+            train_loss: f64::NAN,
+            val_loss: None,
+            val_mae: None,
+            val_acc1: None,
+            lr: state.lr,
+            m: Some(m),
+            images_per_second: 0.0,
+            seconds: 0.0,
+        };
+        save(&last_path, state.m, state.epoch, &log)?;
+        let json =
+            serde_json::to_vec_pretty(&state).map_err(|e| TrainError::Config(e.to_string()))?;
+        write_atomic(&state_path, &json).map_err(io(&state_path))?;
+    }
+    Ok(TrainOutcome {
+        epochs_done: state.epoch,
+        stopped,
+        m: state.m,
+        best_val_loss: state.best_val,
+        best: best_path.exists().then_some(best_path),
+        last: last_path,
+    })
+}
+
+/// The checkpoint metadata of a magnification model.
+fn checkpoint_meta(
+    cfg: &TrainConfig,
+    manifest: &Path,
+    range: Option<(f64, f64)>,
+    m: Option<f64>,
+    epoch: usize,
+    log: &EpochLog,
+) -> CheckpointMeta {
+    let mut constants = std::collections::BTreeMap::new();
+    if let Some(m) = m {
+        constants.insert(CONST_M.to_string(), m);
+    }
+    constants.insert(
+        CONST_TARGET_LOG2.to_string(),
+        f64::from(u8::from(cfg.target == Target::Log2)),
+    );
+    let mut metrics = std::collections::BTreeMap::new();
+    for (k, v) in [
+        ("train_loss", Some(log.train_loss)),
+        ("val_loss", log.val_loss),
+        ("val_mae", log.val_mae),
+        ("val_acc1", log.val_acc1),
+    ] {
+        if let Some(v) = v.filter(|v| v.is_finite()) {
+            metrics.insert(k.to_string(), v);
+        }
+    }
+    CheckpointMeta {
+        format_version: FORMAT_VERSION,
+        arch: cfg.arch,
+        task: TASK.into(),
+        input_size: [cfg.input_size, cfg.input_size],
+        normalization: cfg.normalization(),
+        classes: Vec::new(),
+        magnification_range: range.map(|(a, b)| [a, b]),
+        constants,
+        provenance: Provenance {
+            data: manifest.display().to_string(),
+            epochs: epoch,
+            metrics,
+            software: format!("histolens {}", env!("CARGO_PKG_VERSION")),
+            notes: format!(
+                "start {:?}, frozen backbone {}, target {}",
+                cfg.start,
+                cfg.freeze_backbone,
+                cfg.target.name()
+            ),
+        },
+    }
+}
+
+/// Whether every variable holds only finite values.
+fn all_finite(vars: &VarMap) -> Result<bool, TrainError> {
+    let data = vars
+        .data()
+        .lock()
+        .map_err(|_| TrainError::Config("poisoned".into()))?;
+    for v in data.values() {
+        let s = v
+            .as_tensor()
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        if !s.is_finite() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Detached copies of the variables under `prefix`, as a VarBuilder rooted at that prefix.
+fn detached(
+    vars: &VarMap,
+    prefix: &str,
+    device: &Device,
+) -> Result<VarBuilder<'static>, TrainError> {
+    let data = vars
+        .data()
+        .lock()
+        .map_err(|_| TrainError::Config("poisoned".into()))?;
+    let map: HashMap<String, Tensor> = data
+        .iter()
+        .filter_map(|(n, v)| {
+            n.strip_prefix(prefix)
+                .map(|rest| (rest.to_string(), v.as_tensor().detach()))
+        })
+        .collect();
+    Ok(VarBuilder::from_tensors(map, DType::F32, device))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, TrainError> {
+    let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
+}
+
+fn append_line(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    f.write_all(&line)?;
+    f.sync_data()
+}
+
+/// What the loops share.
+struct Ctx<'a> {
+    manifest: &'a Manifest,
+    cfg: &'a TrainConfig,
+    device: &'a Device,
+    norm: Normalization,
+    model: &'a Hagnifinder,
+    frozen: Option<&'a dyn Backbone>,
+}
+
+impl Ctx<'_> {
+    /// Decodes the records' images in parallel: augmented crops when `seeds` are given (one per
+    /// image), centre crops otherwise.
+    fn load(
+        &self,
+        records: &[&MagnificationRecord],
+        seeds: Option<&[u64]>,
+    ) -> Result<Vec<RgbImage>, TrainError> {
+        let size = self.cfg.input_size as u32;
+        records
+            .par_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let path = self.manifest.resolve(r);
+                let img = image::open(&path)
+                    .map_err(|e| TrainError::Image {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?
+                    .to_rgb8();
+                Ok(match seeds {
+                    Some(s) => {
+                        let mut rng = rand::rngs::StdRng::seed_from_u64(s[i]);
+                        augment(&img, size, &self.cfg.augment, &mut rng)
+                    }
+                    None => center_crop(&img, size),
+                })
+            })
+            .collect()
+    }
+
+    fn targets(&self, records: &[&MagnificationRecord]) -> Result<Tensor, TrainError> {
+        let t: Vec<f32> = records
+            .iter()
+            .map(|r| self.cfg.target.encode(r.magnification) as f32)
+            .collect();
+        Ok(Tensor::from_vec(t, records.len(), self.device)?)
+    }
+
+    fn pooled_eval(&self, x: &Tensor) -> Result<Tensor, TrainError> {
+        let b = self.frozen.unwrap_or(self.model.backbone.as_ref());
+        Ok(b.forward(x, false)?.pooled.detach())
+    }
+
+    /// m: the mean over training batches (centre crops, evaluation mode) of the ASM factor z / X.
+    fn mean_factor(&self, set: &[&MagnificationRecord]) -> Result<f64, TrainError> {
+        let mut factors = Vec::new();
+        for chunk in set.chunks(self.cfg.batch) {
+            let images = self.load(chunk, None)?;
+            let x = to_tensor(&images, self.norm, self.device)?;
+            let z = self.model.head.bottleneck(&self.pooled_eval(&x)?)?;
+            factors.push(asm_factor(&z)?);
+        }
+        Ok(factors.iter().sum::<f64>() / factors.len().max(1) as f64)
+    }
+
+    /// Mean Huber loss and metrics over `set` (centre crops, evaluation mode).
+    fn evaluate(
+        &self,
+        set: &[&MagnificationRecord],
+        scaling: Scaling,
+    ) -> Result<(f64, MagnificationMetrics), TrainError> {
+        let mut pairs = Vec::with_capacity(set.len());
+        let mut loss_sum = 0.0;
+        for chunk in set.chunks(self.cfg.batch) {
+            let images = self.load(chunk, None)?;
+            let x = to_tensor(&images, self.norm, self.device)?;
+            let (out, _) = self.model.head.forward(&self.pooled_eval(&x)?, scaling)?;
+            let y = self.targets(chunk)?;
+            let out = out.detach();
+            let l = candle_nn::loss::huber(&out, &y, 1.0)?.to_scalar::<f32>()?;
+            loss_sum += f64::from(l) * chunk.len() as f64;
+            let out: Vec<f32> = out.to_vec1()?;
+            for (r, o) in chunk.iter().zip(out) {
+                pairs.push((r.magnification, self.cfg.target.decode(f64::from(o))));
+            }
+        }
+        Ok((
+            loss_sum / set.len().max(1) as f64,
+            MagnificationMetrics::compute(&pairs),
+        ))
+    }
+}

@@ -1,0 +1,309 @@
+//! The magnification task end to end on the bundled CC0 slide: dataset builder, a short real training
+//! run with resume, evaluation, and `histolens predict` over a folder with a corrupt file.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::Device;
+use histolens::data::augment::AugmentConfig;
+use histolens::data::magnification::{BuildConfig, Source, build};
+use histolens::data::tissue::background_fraction;
+use histolens::data::{Manifest, Split};
+use histolens::magnification::MagnificationModel;
+use histolens::magnification::train::{EpochLog, Start, TrainConfig, TrainEvent, train};
+use histolens::nn::Arch;
+use histolens::nn::hagnifinder::Target;
+
+fn rect(region: &str) -> (u64, u64, u64, u64) {
+    let v: Vec<u64> = region.split(',').map(|s| s.parse().unwrap()).collect();
+    (v[0], v[1], v[2], v[3])
+}
+
+/// A small dataset of the sample slide (20x native), built once for the tests of this file.
+fn dataset() -> &'static (tempfile::TempDir, Manifest) {
+    static DS: OnceLock<(tempfile::TempDir, Manifest)> = OnceLock::new();
+    DS.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = BuildConfig {
+            magnifications: vec![5.0, 10.0, 20.0, 40.0],
+            per_magnification: 4,
+            seed: 7,
+            ..Default::default()
+        };
+        let sources = [Source {
+            path: common::sample_slide(),
+            mpp: 0.499,
+        }];
+        let (manifest, reports) = build(&sources, dir.path(), &cfg, |_, _| {}).unwrap();
+        assert_eq!(
+            reports[0].blocks, 4,
+            "the 2220x2967 slide is cut into 2x2 blocks"
+        );
+        (dir, manifest)
+    })
+}
+
+#[test]
+fn dataset_builder_on_the_sample_slide() {
+    let (dir, manifest) = dataset();
+    let on_disk = Manifest::load(&dir.path().join("manifest.csv")).unwrap();
+    assert_eq!(on_disk.records, manifest.records);
+    let mut mags: Vec<f64> = manifest.records.iter().map(|r| r.magnification).collect();
+    mags.dedup();
+    // Never above the native 20x (no upsampling), and every requested lower one is present.
+    assert!(manifest.records.iter().all(|r| r.magnification <= 20.0));
+    for m in [10.0, 20.0] {
+        assert!(
+            manifest.records.iter().any(|r| r.magnification == m),
+            "{m}x missing"
+        );
+    }
+    for r in &manifest.records {
+        assert!((r.mpp - 10.0 / r.magnification).abs() < 1e-9);
+        let img = image::open(manifest.resolve(r)).unwrap().to_rgba8();
+        let (w, h) = img.dimensions();
+        assert_eq!(w, h);
+        assert!((224..=496).contains(&w), "patch of {w} px");
+        // The patch covers its level-0 region resampled to the magnification: side · 20 / mag.
+        let (_, _, side, _) = rect(&r.region);
+        let expected = side as f64 * r.magnification / (10.0 / 0.499);
+        assert!(
+            (f64::from(w) - expected).abs() <= 1.0,
+            "{w} px for a {side} px region at {}x",
+            r.magnification
+        );
+        assert!(background_fraction(&img) <= 0.4);
+    }
+    // No tissue on both sides: regions of different splits never overlap.
+    manifest.check_disjoint().unwrap();
+    for a in &manifest.records {
+        for b in manifest.records.iter().filter(|b| b.split != a.split) {
+            let (ax, ay, aw, ah) = rect(&a.region);
+            let (bx, by, bw, bh) = rect(&b.region);
+            let apart = ax + aw <= bx || bx + bw <= ax || ay + ah <= by || by + bh <= ay;
+            assert!(
+                apart,
+                "{} ({:?}) overlaps {} ({:?})",
+                a.region, a.split, b.region, b.split
+            );
+        }
+    }
+    for s in Split::ALL {
+        assert!(!manifest.split(s).is_empty(), "{} split is empty", s.name());
+    }
+}
+
+fn small_config() -> TrainConfig {
+    let mut cfg = TrainConfig::new(Arch::Resnet18);
+    cfg.input_size = 64;
+    cfg.batch = 8;
+    cfg.epochs_asm = 3;
+    cfg.epochs_constant = 3;
+    cfg.lr = 2e-3;
+    cfg.target = Target::Log2;
+    cfg.augment = AugmentConfig::none();
+    cfg.start = Start::Random;
+    cfg
+}
+
+fn read_log(dir: &Path) -> Vec<EpochLog> {
+    std::fs::read_to_string(dir.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A real training run, interrupted after its second epoch and resumed: built once, shared.
+fn trained_run() -> &'static (tempfile::TempDir, PathBuf) {
+    static RUN: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let (ds_dir, _) = dataset();
+        let manifest = ds_dir.path().join("manifest.csv");
+        let run = tempfile::tempdir().unwrap();
+        let cfg = small_config();
+        let stop = AtomicBool::new(false);
+        let first = train(&manifest, &cfg, run.path(), &Device::Cpu, &stop, |e| {
+            if let TrainEvent::Epoch(log) = e
+                && log.epoch == 2
+            {
+                stop.store(true, Ordering::Relaxed);
+            }
+        })
+        .unwrap();
+        assert!(first.stopped);
+        assert_eq!(first.epochs_done, 2);
+        assert!(first.last.exists() && first.m.is_none());
+
+        let stop = AtomicBool::new(false);
+        let mut resumed = false;
+        let second = train(&manifest, &cfg, run.path(), &Device::Cpu, &stop, |e| {
+            if let TrainEvent::Info(s) = e {
+                resumed |= s.contains("resuming after epoch 2");
+            }
+        })
+        .unwrap();
+        assert!(resumed, "the second call did not resume");
+        assert!(!second.stopped);
+        assert_eq!(second.epochs_done, 6);
+        assert!(second.m.is_some_and(|m| m.is_finite() && m > 0.0));
+        let best = second.best.clone().expect("a best checkpoint of round 2");
+        (run, best)
+    })
+}
+
+#[test]
+fn training_lowers_the_loss_and_resumes() {
+    let (run, best) = trained_run();
+    let log = read_log(run.path());
+    let epochs: Vec<usize> = log.iter().map(|l| l.epoch).collect();
+    assert_eq!(
+        epochs,
+        vec![1, 2, 3, 4, 5, 6],
+        "each epoch logged once, none repeated"
+    );
+    assert_eq!(
+        log.iter().map(|l| l.round).collect::<Vec<_>>(),
+        vec![1, 1, 1, 2, 2, 2]
+    );
+    let first = log[0].train_loss;
+    let last = log[5].train_loss;
+    assert!(last < first, "Huber loss {first} -> {last}");
+    assert!(log[3..].iter().all(|l| l.m == log[3].m && l.m.is_some()));
+    // A run folder refuses another configuration.
+    let mut other = small_config();
+    other.lr = 0.1;
+    let err = train(
+        &dataset().0.path().join("manifest.csv"),
+        &other,
+        run.path(),
+        &Device::Cpu,
+        &AtomicBool::new(false),
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("another configuration"), "{err}");
+
+    // The checkpoint loads for inference, with m, and predicts finite magnifications.
+    let model = MagnificationModel::load(best, &Device::Cpu).unwrap();
+    assert_eq!(model.input_size(), 64);
+    let (lo, hi) = model.range().unwrap();
+    assert!(5.0 <= lo && lo <= hi && hi <= 20.0, "{lo}-{hi}");
+    let crop = image::RgbImage::from_pixel(64, 64, image::Rgb([180, 90, 170]));
+    let p = model.predict(&[crop.clone(), crop]).unwrap();
+    assert!(p.iter().all(|v| v.is_finite() && *v > 0.0), "{p:?}");
+    assert!((p[0] - p[1]).abs() < 1e-4);
+}
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_error_and_saves_nothing() {
+    let (ds_dir, _) = dataset();
+    let run = tempfile::tempdir().unwrap();
+    let mut cfg = small_config();
+    cfg.epochs_asm = 2;
+    cfg.epochs_constant = 0;
+    cfg.steps_per_epoch = Some(1);
+    // A NaN learning rate turns the weights to NaN at the first step.
+    cfg.lr = f64::NAN;
+    let stop = AtomicBool::new(false);
+    let err = train(
+        &ds_dir.path().join("manifest.csv"),
+        &cfg,
+        run.path(),
+        &Device::Cpu,
+        &stop,
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("the loss became"), "{err}");
+    assert!(
+        !run.path().join("last.safetensors").exists(),
+        "diverged weights were saved"
+    );
+}
+
+fn histolens() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_histolens"));
+    c.env(
+        "HISTOLENS_DATA_DIR",
+        std::env::temp_dir().join("histolens-mag-test"),
+    );
+    c
+}
+
+#[test]
+fn predict_and_eval_from_the_command_line() {
+    let (_, best) = trained_run();
+    let (ds_dir, manifest) = dataset();
+    let folder = tempfile::tempdir().unwrap();
+    let good = manifest.resolve(&manifest.records[0]);
+    std::fs::copy(&good, folder.path().join("a-good.png")).unwrap();
+    std::fs::write(
+        folder.path().join("b-corrupt.png"),
+        b"\x89PNG\r\n\x1a\nnot really",
+    )
+    .unwrap();
+    let out = histolens()
+        .args(["predict", "--json", "--model"])
+        .arg(best)
+        .arg(folder.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(
+        rows[0]["magnification"].as_f64().is_some_and(|m| m > 0.0),
+        "{rows:?}"
+    );
+    assert!(rows[0]["error"].is_null());
+    assert!(
+        rows[1]["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{rows:?}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 of 2 file(s) could not be read"));
+
+    let out = histolens()
+        .args(["predict", "--csv", "--model"])
+        .arg(best)
+        .arg(folder.path().join("a-good.png"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let headers = reader.headers().unwrap().clone();
+    assert!(headers.iter().any(|h| h == "magnification"));
+    assert_eq!(reader.records().count(), 1);
+
+    let json = folder.path().join("metrics.json");
+    let out = histolens()
+        .args(["eval", "magnification", "--split", "test", "--model"])
+        .arg(best)
+        .arg("--data")
+        .arg(ds_dir.path().join("manifest.csv"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ACC1"));
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(
+        metrics["n"].as_u64().unwrap() as usize,
+        manifest.split(Split::Test).len()
+    );
+}
