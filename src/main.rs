@@ -28,6 +28,9 @@ struct Cli {
     /// Repaint continuously so that frame statistics measure whole frames (benchmarks).
     #[arg(long)]
     continuous_repaint: bool,
+    /// Magnification model (default: the bundled one).
+    #[arg(long)]
+    model: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -91,6 +94,7 @@ fn main() -> std::process::ExitCode {
             data_dir: None,
             frame_stats_path: cli.frame_stats,
             continuous_repaint: cli.continuous_repaint,
+            magnification_model: cli.model,
         }),
     };
     match result {

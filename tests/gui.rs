@@ -12,6 +12,14 @@ use egui_kittest::kittest::Queryable;
 use histolens::gui::{HistolensApp, LaunchOptions};
 
 fn harness(path: Option<PathBuf>, data_dir: &Path) -> Harness<'static, HistolensApp> {
+    harness_with_model(path, data_dir, None)
+}
+
+fn harness_with_model(
+    path: Option<PathBuf>,
+    data_dir: &Path,
+    model: Option<PathBuf>,
+) -> Harness<'static, HistolensApp> {
     let data_dir = data_dir.to_path_buf();
     Harness::builder()
         .with_size([1100.0, 700.0])
@@ -26,6 +34,7 @@ fn harness(path: Option<PathBuf>, data_dir: &Path) -> Harness<'static, Histolens
                     data_dir: Some(data_dir),
                     frame_stats_path: None,
                     continuous_repaint: false,
+                    magnification_model: model.clone(),
                 },
             )
         })
@@ -199,4 +208,71 @@ fn calibration_by_hand_is_remembered() {
     let mut h = harness(Some(img), data.path());
     settle(&mut h);
     assert!((h.state().view().unwrap().mpp().unwrap().x - 0.5).abs() < 1e-9);
+}
+
+/// A magnification model with random weights (the GUI test checks the plumbing, not the accuracy):
+/// ResNet-18 on 64 px crops, with the constant m and a trained range in its metadata.
+fn random_magnification_model(dir: &Path) -> PathBuf {
+    use candle_core::{DType, Device};
+    use candle_nn::{VarBuilder, VarMap};
+    use histolens::nn::checkpoint::{CheckpointMeta, FORMAT_VERSION, Normalization, to_bytes};
+    let vars = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+    histolens::nn::hagnifinder::Hagnifinder::new(histolens::nn::Arch::Resnet18, vb).unwrap();
+    let meta = CheckpointMeta {
+        format_version: FORMAT_VERSION,
+        arch: histolens::nn::Arch::Resnet18,
+        task: "magnification".into(),
+        input_size: [64, 64],
+        normalization: Normalization::IMAGENET,
+        classes: Vec::new(),
+        magnification_range: Some([5.0, 40.0]),
+        constants: [("asm_m".to_string(), 0.5)].into_iter().collect(),
+        provenance: Default::default(),
+    };
+    let path = dir.join("random-magnification.safetensors");
+    std::fs::write(&path, to_bytes(&vars, &meta, true).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn a_snapshot_gets_a_magnification_badge() {
+    let data = tempfile::tempdir().unwrap();
+    let model = random_magnification_model(data.path());
+    // A 300x300 snapshot cut from the sample slide.
+    let slide = histolens::slide::Slide::open(common::sample_slide()).unwrap();
+    let snapshot = data.path().join("snapshot.png");
+    slide
+        .read_region(0, 900, 1400, 300, 300)
+        .unwrap()
+        .save(&snapshot)
+        .unwrap();
+    let mut h = harness_with_model(Some(snapshot.clone()), data.path(), Some(model));
+    settle(&mut h);
+    let result = h
+        .state()
+        .magnification()
+        .result_for(&snapshot)
+        .expect("an estimate ran");
+    let estimate = result
+        .as_ref()
+        .expect("the estimate succeeded")
+        .estimate()
+        .clone();
+    assert!(estimate.magnification.is_finite() && estimate.crops >= 1);
+    assert!((estimate.mpp * estimate.magnification - 10.0).abs() < 1e-9);
+    h.get_by_label_contains("Estimated"); // the badge over the view
+    let shown = format!("{:.3} µm/px", estimate.mpp);
+    assert_eq!(
+        h.query_all_by_label_contains(&shown).count(),
+        2,
+        "badge and side panel show {shown}"
+    );
+    h.get_by_label("Estimate magnification");
+    h.get_by_label("Use the estimate as this file's µm/px")
+        .click();
+    h.step();
+    settle(&mut h);
+    let calibrated = h.state().view().unwrap().mpp().unwrap().mean();
+    assert!((calibrated - estimate.mpp).abs() < 1e-9, "{calibrated}");
 }

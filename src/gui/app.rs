@@ -9,6 +9,7 @@ use crossbeam_channel::Receiver;
 use serde::{Deserialize, Serialize};
 
 use super::frame_stats::FrameStats;
+use super::magnification::{self, MagnificationAction, MagnificationState};
 use super::side_panel::{self, SidePanelAction};
 use super::status_bar;
 use super::viewer::{OVERVIEW_SIDE, OpenedSlide, SlideView};
@@ -33,6 +34,8 @@ pub struct LaunchOptions {
     pub frame_stats_path: Option<PathBuf>,
     /// Repaint continuously, so that frame intervals measure whole frames (benchmarks only).
     pub continuous_repaint: bool,
+    /// The magnification model; the bundled one when `None`.
+    pub magnification_model: Option<PathBuf>,
 }
 
 /// Persisted across sessions through eframe's storage.
@@ -75,6 +78,7 @@ pub struct HistolensApp {
     frame_stats_path: Option<PathBuf>,
     continuous_repaint: bool,
     property_filter: String,
+    magnification: MagnificationState,
 }
 
 /// Opens the slide and prepares what the window shows first, off the UI thread.
@@ -131,7 +135,11 @@ impl HistolensApp {
             frame_stats_path: options.frame_stats_path,
             continuous_repaint: options.continuous_repaint,
             property_filter: String::new(),
+            magnification: MagnificationState::default(),
         };
+        if let Some(m) = options.magnification_model {
+            app.magnification.model_path = Some(m);
+        }
         if let Some(p) = options.path {
             app.open(&cc.egui_ctx, p);
         }
@@ -178,9 +186,15 @@ impl HistolensApp {
         &self.errors
     }
 
-    /// True while a file is opening or tiles are loading (tests wait for this to end).
+    /// True while a file is opening, tiles are loading or an estimate runs (tests wait for this).
     pub fn is_busy(&self) -> bool {
-        self.opening.is_some() || self.view.as_ref().is_some_and(SlideView::is_loading)
+        self.opening.is_some()
+            || self.view.as_ref().is_some_and(SlideView::is_loading)
+            || self.magnification.is_busy()
+    }
+
+    pub fn magnification(&self) -> &MagnificationState {
+        &self.magnification
     }
 
     pub fn frame_stats(&self) -> &FrameStats {
@@ -201,6 +215,11 @@ impl HistolensApp {
         self.opening = None;
         match result {
             Ok(opened) => {
+                // Snapshots, and slides whose metadata has no µm/px, are estimated right away.
+                let info = opened.slide.info();
+                if !info.is_whole_slide() || info.mpp.is_none() {
+                    self.magnification.start(ctx, opened.slide.clone());
+                }
                 let calibration = self
                     .calibrations
                     .as_ref()
@@ -453,6 +472,7 @@ impl eframe::App for HistolensApp {
             ctx.request_repaint();
         }
         self.poll_open_job(&ctx);
+        self.magnification.poll();
         self.handle_dropped_files(&ctx);
         self.shortcuts(&ctx);
 
@@ -468,12 +488,21 @@ impl eframe::App for HistolensApp {
         {
             let store_ok = self.calibrations.is_some();
             let mut action = SidePanelAction::None;
+            let mut mag_action = MagnificationAction::None;
             egui::Panel::right("side")
                 .resizable(true)
                 .default_size(320.0)
                 .show(ui, |ui| {
+                    mag_action = magnification::section(ui, &mut self.magnification, &view.slide);
                     action = side_panel::show(ui, view, store_ok, &mut self.property_filter)
                 });
+            match mag_action {
+                MagnificationAction::Estimate => self.magnification.start(&ctx, view.slide.clone()),
+                MagnificationAction::UseAsCalibration(c) => {
+                    action = SidePanelAction::SaveCalibration(c)
+                }
+                MagnificationAction::None => {}
+            }
             if let SidePanelAction::SaveCalibration(c) = action
                 && let Some(msg) = side_panel::save_calibration(self.calibrations.as_mut(), view, c)
             {
@@ -490,6 +519,13 @@ impl eframe::App for HistolensApp {
             if !self.errors.iter().any(|m| m.starts_with(PREFIX)) {
                 self.errors.push(format!("{PREFIX}: {e}"));
             }
+        }
+        if let Some(text) = self
+            .view
+            .as_ref()
+            .and_then(|v| self.magnification.badge_text(v.slide.path()))
+        {
+            magnification::badge(&ctx, &text);
         }
         self.error_window(&ctx);
         self.drop_hint(&ctx);

@@ -3,6 +3,7 @@
 
 mod app;
 mod frame_stats;
+pub mod magnification;
 mod side_panel;
 mod status_bar;
 mod textures;

@@ -61,10 +61,18 @@ fn summarise(
     sorted.sort_by(f64::total_cmp);
     let magnification = quantile(&sorted, 0.5);
     let spread = quantile(&sorted, 0.75) - quantile(&sorted, 0.25);
-    let out_of_range = model
-        .range()
-        .is_some_and(|(a, b)| magnification < a * 0.9 || magnification > b * 1.1);
-    if out_of_range && let Some((a, b)) = model.range() {
+    let invalid = !(magnification.is_finite() && magnification > 0.0);
+    if invalid {
+        warnings.push("the model's output is not a valid magnification".into());
+    }
+    let out_of_range = invalid
+        || model
+            .range()
+            .is_some_and(|(a, b)| magnification < a * 0.9 || magnification > b * 1.1);
+    if out_of_range
+        && !invalid
+        && let Some((a, b)) = model.range()
+    {
         warnings.push(format!(
             "{magnification:.1}x is outside the range the model was trained on ({a:.0}x-{b:.0}x)"
         ));
