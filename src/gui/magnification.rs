@@ -268,8 +268,12 @@ pub fn section(
                     for w in &e.warnings {
                         ui.colored_label(ui.visuals().warn_fg_color, w);
                     }
+                    let valid = e.mpp.is_finite() && e.mpp > 0.0;
                     if ui
-                        .button("Use the estimate as this file's µm/px")
+                        .add_enabled(
+                            valid,
+                            egui::Button::new("Use the estimate as this file's µm/px"),
+                        )
                         .on_hover_text("Saved as the file's calibration; the scale bar follows it")
                         .clicked()
                     {
