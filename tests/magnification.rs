@@ -307,3 +307,57 @@ fn predict_and_eval_from_the_command_line() {
         manifest.split(Split::Test).len()
     );
 }
+
+/// The bundled model on images from other sources (held out: never used in its training), at the
+/// magnifications it was trained on; the floors are a little under the values in its model card.
+#[test]
+fn bundled_model_reaches_its_reported_accuracy() {
+    let Some(data) = common::shared_data("bundled_model_reaches_its_reported_accuracy") else {
+        return;
+    };
+    let model_path =
+        histolens::default_magnification_model().expect("assets/models/hagnifinder.safetensors");
+    let model = MagnificationModel::load(&model_path, &Device::Cpu).unwrap();
+    assert_eq!(model.range(), Some((5.0, 20.0)));
+    let table = std::fs::read_to_string(data.join("known-mpp/SOURCES.tsv")).unwrap();
+    let sources: Vec<Source> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('\t').collect();
+            let cell = cells.get(2)?;
+            let mpp = cell
+                .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
+                .zip(
+                    cell.split(|c: char| c.is_whitespace() || c == '(' || c == ')')
+                        .skip(1),
+                )
+                .find(|(_, unit)| unit.starts_with("um/px"))
+                .and_then(|(v, _)| v.parse().ok())?;
+            Some(Source {
+                path: data.join("known-mpp").join(cells[0]),
+                mpp,
+            })
+        })
+        .collect();
+    assert_eq!(sources.len(), 16);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = BuildConfig {
+        magnifications: (5..=20).map(f64::from).collect(),
+        per_magnification: 2,
+        only: Some(Split::Test),
+        ..Default::default()
+    };
+    let (manifest, _) = build(&sources, dir.path(), &cfg, |_, _| {}).unwrap();
+    let mut pairs = Vec::new();
+    for r in &manifest.records {
+        let img = image::open(manifest.resolve(r)).unwrap().to_rgb8();
+        let crop = histolens::data::augment::center_crop(&img, model.input_size());
+        pairs.push((r.magnification, model.predict(&[crop]).unwrap()[0]));
+    }
+    let m = histolens::magnification::MagnificationMetrics::compute(&pairs);
+    eprintln!("{}", m.table());
+    assert_eq!(m.n, 11);
+    assert!(m.acc5 >= 0.7, "ACC5 {}", m.acc5);
+    assert!(m.mae <= 4.0, "MAE {}", m.mae);
+}

@@ -8,7 +8,7 @@ use clap::Args;
 use histolens::data::augment::AugmentConfig;
 use histolens::data::magnification::{BuildConfig, Source, build};
 use histolens::data::{Manifest, Split};
-use histolens::magnification::estimate::{check_slide, estimate_image};
+use histolens::magnification::estimate::{check_slide, estimate_snapshot};
 use histolens::magnification::train::{Start, TrainConfig, TrainEvent, train};
 use histolens::magnification::{MagnificationMetrics, MagnificationModel};
 use histolens::nn::Arch;
@@ -97,6 +97,12 @@ pub struct DatasetArgs {
     pub per_magnification: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Put every source, whole, in this split (train, val or test), e.g. an external test set.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Add to the manifest already in --out (a source may not land in two splits).
+    #[arg(long)]
+    pub append: bool,
 }
 
 fn parse_magnifications(s: &str) -> anyhow::Result<Vec<f64>> {
@@ -183,6 +189,11 @@ pub fn dataset(args: DatasetArgs) -> anyhow::Result<()> {
         magnifications: parse_magnifications(&args.magnifications)?,
         per_magnification: args.per_magnification,
         seed: args.seed,
+        only: match &args.split {
+            Some(s) => Some(Split::parse(s).with_context(|| format!("unknown split {s}"))?),
+            None => None,
+        },
+        append: args.append,
         ..Default::default()
     };
     let pb = bar(sources.len() as u64, "sources");
@@ -503,10 +514,8 @@ fn predict_one(model: &MagnificationModel, path: &Path, crops: usize) -> Predict
             row.mismatch = c.metadata_mpp.map(|_| c.mismatch);
             (c.estimate, c.metadata_mpp)
         } else {
-            let (w, h) = slide.info().dimensions();
-            let img = slide.read_region(0, 0, 0, w as u32, h as u32)?;
             (
-                estimate_image(model, &img, crops)?,
+                estimate_snapshot(model, &slide, crops)?,
                 slide.info().mpp.map(|m| m.mean()),
             )
         };

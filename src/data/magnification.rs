@@ -34,6 +34,10 @@ pub struct BuildConfig {
     pub fractions: [f64; 3],
     /// Side of the level-0 blocks a large source is cut into (0: choose from the source's size).
     pub block_px: u64,
+    /// Put every source, whole, in this split (e.g. an external test set from other sources).
+    pub only: Option<Split>,
+    /// Add to the manifest already in the output folder instead of replacing it.
+    pub append: bool,
     pub seed: u64,
 }
 
@@ -47,6 +51,8 @@ impl Default for BuildConfig {
             max_background: 0.4,
             fractions: [0.7, 0.15, 0.15],
             block_px: 0,
+            only: None,
+            append: false,
             seed: 0,
         }
     }
@@ -118,6 +124,9 @@ pub fn build(
         .collect();
     for (rank, &i) in small.iter().enumerate() {
         whole_splits.insert(i, split_for_rank(rank, small.len(), cfg.fractions));
+    }
+    if let Some(split) = cfg.only {
+        whole_splits = (0..sources.len()).map(|i| (i, split)).collect();
     }
     for (i, src) in sources.iter().enumerate() {
         if !(src.mpp.is_finite() && src.mpp > 0.0) {
@@ -205,12 +214,18 @@ pub fn build(
     if records.is_empty() {
         return Err(BuildError::NothingCut);
     }
+    let manifest_path = out.join("manifest.csv");
+    if cfg.append && manifest_path.exists() {
+        let mut old = Manifest::load(&manifest_path)?.records;
+        old.append(&mut records);
+        records = old;
+    }
     let manifest = Manifest {
         root: out.to_path_buf(),
         records,
     };
     manifest.check_disjoint()?;
-    manifest.save(&out.join("manifest.csv"))?;
+    manifest.save(&manifest_path)?;
     Ok((manifest, reports))
 }
 

@@ -215,9 +215,14 @@ impl HistolensApp {
         self.opening = None;
         match result {
             Ok(opened) => {
-                // Snapshots, and slides whose metadata has no µm/px, are estimated right away.
+                // Every file is estimated on opening when there is a model (a slide is checked
+                // against its metadata); without one, only where the estimate was the way to a µm/px
+                // do we say so.
                 let info = opened.slide.info();
-                if !info.is_whole_slide() || info.mpp.is_none() {
+                if self.magnification.model_path.is_some()
+                    || !info.is_whole_slide()
+                    || info.mpp.is_none()
+                {
                     self.magnification.start(ctx, opened.slide.clone());
                 }
                 let calibration = self

@@ -9,12 +9,10 @@ use std::sync::{Arc, Mutex};
 use crossbeam_channel::Receiver;
 use egui::RichText;
 
-use crate::magnification::estimate::{SlideCheck, check_slide, estimate_image};
+use crate::magnification::estimate::{SlideCheck, check_slide, estimate_snapshot};
 use crate::magnification::{Estimate, MagnificationModel};
 use crate::slide::{Calibration, Slide};
 
-/// Snapshots larger than this are scored on their central region of this side.
-const MAX_SNAPSHOT_SIDE: u32 = 4096;
 const CROPS: usize = 16;
 
 /// What the estimate is of.
@@ -39,9 +37,14 @@ pub struct MagnificationState {
     /// The model file in use (the bundled one unless the user picked another).
     pub model_path: Option<PathBuf>,
     cached: Cached,
-    job: Option<(PathBuf, Receiver<Result<Outcome, String>>)>,
+    job: Option<(
+        PathBuf,
+        Receiver<Result<(Outcome, Option<(f64, f64)>), String>>,
+    )>,
     /// The last result and the file it is for.
     pub result: Option<(PathBuf, Result<Outcome, String>)>,
+    /// The magnifications the model that made the last result was trained on.
+    trained_range: Option<(f64, f64)>,
 }
 
 impl Default for MagnificationState {
@@ -51,6 +54,7 @@ impl Default for MagnificationState {
             cached: Default::default(),
             job: None,
             result: None,
+            trained_range: None,
         }
     }
 }
@@ -83,16 +87,7 @@ fn run(model: &MagnificationModel, slide: &Slide) -> Result<Outcome, String> {
             .map(Outcome::Slide)
             .map_err(|e| e.to_string());
     }
-    let (w, h) = info.dimensions();
-    let (rw, rh) = (
-        (w as u32).min(MAX_SNAPSHOT_SIDE),
-        (h as u32).min(MAX_SNAPSHOT_SIDE),
-    );
-    let (x0, y0) = ((w - u64::from(rw)) / 2, (h - u64::from(rh)) / 2);
-    let img = slide
-        .read_region(0, x0 as i64, y0 as i64, rw, rh)
-        .map_err(|e| e.to_string())?;
-    estimate_image(model, &img, CROPS)
+    estimate_snapshot(model, slide, CROPS)
         .map(Outcome::Image)
         .map_err(|e| e.to_string())
 }
@@ -126,7 +121,8 @@ impl MagnificationState {
         let spawned = std::thread::Builder::new()
             .name("magnification".into())
             .spawn(move || {
-                let result = load_cached(&cached, &model_path).and_then(|m| run(&m, &slide));
+                let result = load_cached(&cached, &model_path)
+                    .and_then(|m| run(&m, &slide).map(|o| (o, m.range())));
                 let _ = tx.send(result);
                 repaint.request_repaint();
             });
@@ -141,6 +137,10 @@ impl MagnificationState {
         let Some((path, rx)) = &self.job else { return };
         match rx.try_recv() {
             Ok(r) => {
+                let r = r.map(|(outcome, range)| {
+                    self.trained_range = range;
+                    outcome
+                });
                 self.result = Some((path.clone(), r));
                 self.job = None;
             }
@@ -171,6 +171,9 @@ impl MagnificationState {
                 );
                 if e.out_of_range {
                     s += " · outside the trained range";
+                }
+                if let Some((a, b)) = self.trained_range {
+                    s += &format!(" (model trained on {a:.0}x–{b:.0}x)");
                 }
                 if let Outcome::Slide(c) = o
                     && c.mismatch
@@ -295,7 +298,10 @@ pub fn badge(ctx: &egui::Context, text: &str) {
         .interactable(false)
         .show(ctx, |ui| {
             egui::Frame::popup(ui.style()).show(ui, |ui| {
-                ui.label(RichText::new(text).strong());
+                ui.add(
+                    egui::Label::new(RichText::new(text).strong())
+                        .wrap_mode(egui::TextWrapMode::Extend),
+                );
             });
         });
 }

@@ -135,6 +135,26 @@ pub fn estimate_image(
     Ok(summarise(model, predictions, warnings))
 }
 
+/// Snapshots larger than this are scored on their central region of this side.
+pub const MAX_SNAPSHOT_SIDE: u32 = 4096;
+
+/// A loose snapshot (opened as a [`Slide`]): its central region of at most
+/// [`MAX_SNAPSHOT_SIDE`] pixels is scored, so that a huge image costs no more than a large one.
+pub fn estimate_snapshot(
+    model: &MagnificationModel,
+    snapshot: &Slide,
+    max_crops: usize,
+) -> Result<Estimate, EstimateError> {
+    let (w, h) = snapshot.info().dimensions();
+    let (rw, rh) = (
+        w.min(u64::from(MAX_SNAPSHOT_SIDE)) as u32,
+        h.min(u64::from(MAX_SNAPSHOT_SIDE)) as u32,
+    );
+    let (x0, y0) = ((w - u64::from(rw)) / 2, (h - u64::from(rh)) / 2);
+    let img = snapshot.read_region(0, x0 as i64, y0 as i64, rw, rh)?;
+    estimate_image(model, &img, max_crops)
+}
+
 /// A slide's estimate against its metadata.
 #[derive(Debug, Clone, Serialize)]
 pub struct SlideCheck {
