@@ -31,16 +31,16 @@ impl Outcome {
     }
 }
 
+/// An estimate and the trained range of the model that made it.
+type JobResult = Result<(Outcome, Option<(f64, f64)>), String>;
+
 type Cached = Arc<Mutex<Option<(PathBuf, Arc<MagnificationModel>)>>>;
 
 pub struct MagnificationState {
     /// The model file in use (the bundled one unless the user picked another).
     pub model_path: Option<PathBuf>,
     cached: Cached,
-    job: Option<(
-        PathBuf,
-        Receiver<Result<(Outcome, Option<(f64, f64)>), String>>,
-    )>,
+    job: Option<(PathBuf, Receiver<JobResult>)>,
     /// The last result and the file it is for.
     pub result: Option<(PathBuf, Result<Outcome, String>)>,
     /// The magnifications the model that made the last result was trained on.
