@@ -7,9 +7,11 @@
 //! - [`nn`]: candle model code (backbones, pooling with gradients, checkpoints, Hagnifinder); no I/O.
 //! - [`data`]: tissue detection, dataset manifests and builders, augmentation, images to tensors.
 //! - [`magnification`]: the magnification task: training, evaluation metrics, estimates.
+//! - [`dmsl`]: two-magnification classification: training, evaluation, slide heatmaps.
 //! - [`gui`]: the eframe application (knows the layers above; nothing above knows it).
 
 pub mod data;
+pub mod dmsl;
 pub mod gui;
 pub mod magnification;
 pub mod nn;
@@ -38,6 +40,11 @@ pub fn bundled_sample() -> Option<PathBuf> {
 /// The bundled default magnification model (Hagnifinder).
 pub fn default_magnification_model() -> Option<PathBuf> {
     bundled_asset("models", "hagnifinder.safetensors")
+}
+
+/// The bundled demo DMSL model (a demonstration of the mechanism, not a diagnostic model).
+pub fn default_dmsl_model() -> Option<PathBuf> {
+    bundled_asset("models", "dmsl-demo.safetensors")
 }
 
 /// A bundled file, looked for beside the sources, beside the executable, and where the Debian package

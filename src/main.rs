@@ -53,6 +53,8 @@ enum Command {
     Eval(EvalCommand),
     /// Estimate the magnification and µm/px of images and slides (files or folders, recursively).
     Predict(cli::magnification::PredictArgs),
+    /// Classify a slide's tissue with a DMSL model; write the heatmap as PNG, .npy and GeoJSON.
+    Heatmap(cli::dmsl::HeatmapArgs),
     /// Measure performance.
     #[command(subcommand)]
     Bench(cli::bench::BenchCommand),
@@ -63,18 +65,25 @@ enum DatasetCommand {
     /// Patches at magnifications 1x up to each source's native one, with a manifest and a split
     /// that never shares tissue.
     Magnification(cli::magnification::DatasetArgs),
+    /// Pairs of one field of view at two magnifications (DMSL), from slides with labelled regions or
+    /// folders of labelled images; split by region or image.
+    Dmsl(cli::dmsl::DatasetArgs),
 }
 
 #[derive(Subcommand)]
 enum TrainCommand {
     /// Hagnifinder: magnification regression.
     Magnification(cli::magnification::TrainArgs),
+    /// DMSL: two-magnification classification with the SIM loss (or its comparison modes).
+    Dmsl(cli::dmsl::TrainArgs),
 }
 
 #[derive(Subcommand)]
 enum EvalCommand {
     /// ACC0.5/1/5, MAE, per-magnification accuracy, confusion, 4-level accuracy.
     Magnification(cli::magnification::EvalArgs),
+    /// Accuracy, precision, recall, F1, AUC and the confusion matrix of a DMSL model.
+    Dmsl(cli::dmsl::EvalArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -86,6 +95,10 @@ fn main() -> std::process::ExitCode {
         Some(Command::Dataset(DatasetCommand::Magnification(a))) => cli::magnification::dataset(a),
         Some(Command::Train(TrainCommand::Magnification(a))) => cli::magnification::train_cmd(a),
         Some(Command::Eval(EvalCommand::Magnification(a))) => cli::magnification::eval(a),
+        Some(Command::Dataset(DatasetCommand::Dmsl(a))) => cli::dmsl::dataset(a),
+        Some(Command::Train(TrainCommand::Dmsl(a))) => cli::dmsl::train_cmd(a),
+        Some(Command::Eval(EvalCommand::Dmsl(a))) => cli::dmsl::eval(a),
+        Some(Command::Heatmap(a)) => cli::dmsl::heatmap(a),
         Some(Command::Predict(a)) => cli::magnification::predict(a),
         Some(Command::Bench(b)) => cli::bench::run(b),
         None => run_window(histolens::gui::LaunchOptions {

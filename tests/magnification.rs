@@ -50,7 +50,7 @@ fn dataset() -> &'static (tempfile::TempDir, Manifest) {
 #[test]
 fn dataset_builder_on_the_sample_slide() {
     let (dir, manifest) = dataset();
-    let on_disk = Manifest::load(&dir.path().join("manifest.csv")).unwrap();
+    let on_disk: Manifest = Manifest::load(&dir.path().join("manifest.csv")).unwrap();
     assert_eq!(on_disk.records, manifest.records);
     let mut mags: Vec<f64> = manifest.records.iter().map(|r| r.magnification).collect();
     mags.dedup();

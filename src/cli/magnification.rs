@@ -18,7 +18,7 @@ use histolens::slide::Slide;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// A line above the progress bar, or on standard error when there is no terminal to draw it on.
-fn say(pb: &ProgressBar, line: String) {
+pub fn say(pb: &ProgressBar, line: String) {
     if pb.is_hidden() {
         eprintln!("{line}");
     } else {
@@ -26,7 +26,7 @@ fn say(pb: &ProgressBar, line: String) {
     }
 }
 
-fn bar(len: u64, what: &str) -> ProgressBar {
+pub fn bar(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     let style = ProgressStyle::with_template(&format!(
         "{what} [{{bar:30}}] {{pos}}/{{len}} {{msg}} (ETA {{eta}})"
@@ -262,15 +262,20 @@ pub struct TrainArgs {
     pub device: DeviceChoice,
 }
 
-pub fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
-    let arch =
-        Arch::parse(&args.arch).with_context(|| format!("unknown architecture {}", args.arch))?;
-    let start = match args.start.split_once(':') {
-        None if args.start == "random" => Start::Random,
+/// `random`, `imagenet:FILE` or `checkpoint:FILE`.
+pub fn parse_start(s: &str) -> anyhow::Result<Start> {
+    Ok(match s.split_once(':') {
+        None if s == "random" => Start::Random,
         Some(("imagenet", p)) => Start::Imagenet(p.into()),
         Some(("checkpoint", p)) => Start::Checkpoint(p.into()),
         _ => bail!("--start must be random, imagenet:FILE or checkpoint:FILE"),
-    };
+    })
+}
+
+pub fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
+    let arch =
+        Arch::parse(&args.arch).with_context(|| format!("unknown architecture {}", args.arch))?;
+    let start = parse_start(&args.start)?;
     let mut cfg = TrainConfig::new(arch);
     cfg.start = start;
     cfg.freeze_backbone = args.freeze_backbone;
@@ -368,7 +373,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let split =
         Split::parse(&args.split).with_context(|| format!("unknown split {}", args.split))?;
     let model = load_model(args.model.as_deref(), args.device)?;
-    let manifest = Manifest::load(&args.data)?;
+    let manifest: Manifest = Manifest::load(&args.data)?;
     let records = manifest.split(split);
     if records.is_empty() {
         bail!(

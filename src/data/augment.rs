@@ -3,7 +3,7 @@
 //! blur and JPEG re-compression. Geometry never rescales: the pixel size is the label.
 
 use image::{RgbImage, RgbaImage};
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 
 /// What the training crops go through.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -107,6 +107,50 @@ pub fn augment(img: &RgbImage, size: u32, cfg: &AugmentConfig, rng: &mut impl Rn
         }
     }
     out
+}
+
+/// The augmentation of a multi-magnification pair (DMSL): every image of the pair gets the same flips,
+/// quarter turns (so the fields stay aligned) and colour jitter, and with `grey_probability` all turn
+/// grey. Sizes never change. Blur and JPEG settings are not used here.
+pub fn augment_pair(
+    images: &[RgbImage],
+    cfg: &AugmentConfig,
+    grey_probability: f32,
+    rng: &mut impl Rng,
+) -> Vec<RgbImage> {
+    let flip_h = cfg.flips && rng.random_bool(0.5);
+    let flip_v = cfg.flips && rng.random_bool(0.5);
+    let quarters = if cfg.max_rotation_deg >= 90.0 {
+        rng.random_range(0..4u32)
+    } else {
+        0
+    };
+    let grey = grey_probability > 0.0 && rng.random_bool(f64::from(grey_probability.min(1.0)));
+    let jitter_seed: u64 = rng.random();
+    images
+        .iter()
+        .map(|img| {
+            let mut out = rotate_quarters(img, quarters);
+            if flip_h {
+                image::imageops::flip_horizontal_in_place(&mut out);
+            }
+            if flip_v {
+                image::imageops::flip_vertical_in_place(&mut out);
+            }
+            if cfg.stain > 0.0 || cfg.brightness > 0.0 {
+                let mut same = rand::rngs::StdRng::seed_from_u64(jitter_seed);
+                jitter_colour(&mut out, cfg, &mut same);
+            }
+            if grey {
+                for p in out.pixels_mut() {
+                    let [r, g, b] = p.0.map(u32::from);
+                    let y = ((299 * r + 587 * g + 114 * b + 500) / 1000) as u8;
+                    p.0 = [y, y, y];
+                }
+            }
+            out
+        })
+        .collect()
 }
 
 /// Samples a square of side `size` rotated by a random angle around a random centre, with bilinear
@@ -275,5 +319,33 @@ mod tests {
         assert_eq!(c.dimensions(), (224, 224));
         assert_eq!(c.get_pixel(112, 112).0, [10, 20, 30]);
         assert_eq!(c.get_pixel(2, 2).0, [255, 255, 255]);
+    }
+
+    #[test]
+    fn pair_augmentation_keeps_the_fields_aligned() {
+        // A high image and its half-size partner with one marked corner: after augmentation the mark
+        // is in the same corner of both.
+        let mut hi = RgbImage::from_pixel(8, 8, image::Rgb([200, 100, 150]));
+        let mut lo = RgbImage::from_pixel(4, 4, image::Rgb([200, 100, 150]));
+        hi.put_pixel(0, 0, image::Rgb([0, 0, 0]));
+        lo.put_pixel(0, 0, image::Rgb([0, 0, 0]));
+        let cfg = AugmentConfig::default();
+        for seed in 0..16 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let out = augment_pair(&[hi.clone(), lo.clone()], &cfg, 0.5, &mut rng);
+            let dark = |img: &RgbImage| {
+                let (w, h) = img.dimensions();
+                let corners = [(0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1)];
+                corners
+                    .iter()
+                    .position(|&(x, y)| img.get_pixel(x, y).0.iter().all(|&v| v < 60))
+            };
+            assert_eq!(out[0].dimensions(), (8, 8));
+            assert_eq!(out[1].dimensions(), (4, 4));
+            assert_eq!(dark(&out[0]), dark(&out[1]));
+            assert!(dark(&out[0]).is_some());
+            // Same colour jitter on both.
+            assert_eq!(out[0].get_pixel(4, 4), out[1].get_pixel(2, 2));
+        }
     }
 }

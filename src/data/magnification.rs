@@ -240,7 +240,7 @@ fn file_stem(p: &Path) -> String {
 
 /// The split of the `rank`-th of `n` items dealt by `fractions`, with at least one item in
 /// validation and in test when there are three or more.
-fn split_for_rank(rank: usize, n: usize, fractions: [f64; 3]) -> Split {
+pub(crate) fn split_for_rank(rank: usize, n: usize, fractions: [f64; 3]) -> Split {
     let total: f64 = fractions.iter().sum::<f64>().max(1e-9);
     let mut n_test = ((fractions[2] / total) * n as f64).round() as usize;
     let mut n_val = ((fractions[1] / total) * n as f64).round() as usize;

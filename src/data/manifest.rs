@@ -73,34 +73,67 @@ pub enum ManifestError {
     },
 }
 
-/// A magnification dataset: its records and the folder relative paths start from.
-#[derive(Debug, Clone)]
-pub struct Manifest {
-    pub root: PathBuf,
-    pub records: Vec<MagnificationRecord>,
+/// A row of a manifest: an image (or pair) with its source and split.
+pub trait Record: Serialize + serde::de::DeserializeOwned {
+    /// The (first) image's path, relative to the manifest's folder or absolute.
+    fn path(&self) -> &str;
+    /// The slide, image or group the row was cut from: splits never share one.
+    fn source(&self) -> &str;
+    fn split(&self) -> Split;
+    /// Checks the row's values once it is parsed.
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
-impl Manifest {
-    pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+impl Record for MagnificationRecord {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn source(&self) -> &str {
+        &self.source
+    }
+    fn split(&self) -> Split {
+        self.split
+    }
+    fn validate(&self) -> Result<(), String> {
+        if self.magnification.is_finite() && self.magnification > 0.0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "magnification {} is not a positive number",
+                self.magnification
+            ))
+        }
+    }
+}
+
+/// A dataset: its records and the folder relative paths start from.
+#[derive(Debug, Clone)]
+pub struct Manifest<R = MagnificationRecord> {
+    pub root: PathBuf,
+    pub records: Vec<R>,
+}
+
+impl<R: Record> Manifest<R> {
+    pub fn load(path: &Path) -> Result<Self, ManifestError> {
         let text = std::fs::read(path).map_err(|source| ManifestError::Read {
             path: path.to_path_buf(),
             source,
         })?;
         let mut reader = csv::Reader::from_reader(text.as_slice());
         let mut records = Vec::new();
-        for r in reader.deserialize::<MagnificationRecord>() {
+        for r in reader.deserialize::<R>() {
             let r = r.map_err(|e| ManifestError::Parse {
                 path: path.to_path_buf(),
                 line: e.position().map_or(0, |p| p.line()),
                 message: e.to_string(),
             })?;
-            if !(r.magnification.is_finite() && r.magnification > 0.0) {
-                return Err(ManifestError::Parse {
-                    path: path.to_path_buf(),
-                    line: records.len() as u64 + 2,
-                    message: format!("magnification {} is not a positive number", r.magnification),
-                });
-            }
+            r.validate().map_err(|message| ManifestError::Parse {
+                path: path.to_path_buf(),
+                line: records.len() as u64 + 2,
+                message,
+            })?;
             records.push(r);
         }
         if records.is_empty() {
@@ -131,8 +164,13 @@ impl Manifest {
     }
 
     /// The absolute path of a record's image.
-    pub fn resolve(&self, r: &MagnificationRecord) -> PathBuf {
-        let p = Path::new(&r.path);
+    pub fn resolve(&self, r: &R) -> PathBuf {
+        self.resolve_path(r.path())
+    }
+
+    /// A path of the manifest made absolute.
+    pub fn resolve_path(&self, path: &str) -> PathBuf {
+        let p = Path::new(path);
         if p.is_absolute() {
             p.to_path_buf()
         } else {
@@ -140,8 +178,8 @@ impl Manifest {
         }
     }
 
-    pub fn split(&self, split: Split) -> Vec<&MagnificationRecord> {
-        self.records.iter().filter(|r| r.split == split).collect()
+    pub fn split(&self, split: Split) -> Vec<&R> {
+        self.records.iter().filter(|r| r.split() == split).collect()
     }
 
     /// Errors when a source appears in two splits: the tissue would leak between them.
@@ -149,23 +187,25 @@ impl Manifest {
         // A slide split by blocks names each block as its own source ("slide.svs#block3").
         let mut seen: std::collections::HashMap<&str, Split> = Default::default();
         for r in &self.records {
-            let key = r.source.as_str();
+            let key = r.source();
             match seen.get(key) {
-                Some(&s) if s != r.split => {
+                Some(&s) if s != r.split() => {
                     return Err(ManifestError::Leak {
-                        source_name: r.source.clone(),
+                        source_name: key.to_string(),
                         a: s.name(),
-                        b: r.split.name(),
+                        b: r.split().name(),
                     });
                 }
                 _ => {
-                    seen.insert(key, r.split);
+                    seen.insert(key, r.split());
                 }
             }
         }
         Ok(())
     }
+}
 
+impl Manifest<MagnificationRecord> {
     /// The range of magnifications in a split (min, max).
     pub fn magnification_range(&self, split: Split) -> Option<(f64, f64)> {
         self.split(split).iter().fold(None, |acc, r| {
@@ -211,7 +251,7 @@ mod tests {
         ));
         std::fs::write(&path, "path,magnification\nx.png,abc\n").unwrap();
         assert!(matches!(
-            Manifest::load(&path),
+            Manifest::<MagnificationRecord>::load(&path),
             Err(ManifestError::Parse { .. })
         ));
     }

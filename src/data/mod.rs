@@ -4,6 +4,7 @@
 pub mod augment;
 pub mod magnification;
 pub mod manifest;
+pub mod pairs;
 pub mod tensor;
 pub mod tissue;
 

@@ -6,13 +6,11 @@
 //! (every epoch, atomically) with `state.json` beside it (so an interrupted run resumes), and
 //! `best.safetensors` (best validation loss of round 2, the model to use).
 
-use std::collections::HashMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use image::RgbImage;
 use rand::seq::SliceRandom;
@@ -31,20 +29,10 @@ use crate::nn::checkpoint::{
     load_into, read_meta, to_bytes,
 };
 use crate::nn::hagnifinder::{Hagnifinder, Scaling, Target, asm_factor};
+use crate::nn::vars;
 use crate::util::fs::write_atomic;
-
-/// Where the weights start.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Start {
-    /// Kaiming initialisation (as Hagnifinder's code).
-    Random,
-    /// ImageNet weights of the backbone (an EfficientNet-Lite0 safetensors file with the
-    /// efficientnet-pytorch names); the head starts random.
-    Imagenet(PathBuf),
-    /// A histolens magnification checkpoint of the same architecture.
-    Checkpoint(PathBuf),
-}
+pub use crate::util::run::Start;
+use crate::util::run::{Plateau, RunFiles, append_line, read_json, write_json};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -139,8 +127,8 @@ struct State {
     epoch: usize,
     lr: f64,
     m: Option<f64>,
-    best_monitor: Option<f64>,
-    bad_epochs: usize,
+    #[serde(flatten)]
+    plateau: Plateau,
     best_val: Option<f64>,
 }
 
@@ -187,16 +175,6 @@ pub struct TrainOutcome {
     pub best: Option<PathBuf>,
 }
 
-pub fn run_paths(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf, PathBuf) {
-    (
-        dir.join("config.json"),
-        dir.join("log.jsonl"),
-        dir.join("last.safetensors"),
-        dir.join("state.json"),
-        dir.join("best.safetensors"),
-    )
-}
-
 /// Trains (or resumes) the run in `dir` on `manifest`. `stop` is checked after every step.
 pub fn train(
     manifest_path: &Path,
@@ -212,7 +190,7 @@ pub fn train(
             cfg.arch.min_input()
         )));
     }
-    let manifest = Manifest::load(manifest_path)?;
+    let manifest: Manifest = Manifest::load(manifest_path)?;
     manifest.check_disjoint()?;
     let train_set = manifest.split(Split::Train);
     let val_set = manifest.split(Split::Val);
@@ -224,7 +202,14 @@ pub fn train(
         move |source| TrainError::Io { path, source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let (config_path, log_path, last_path, state_path, best_path) = run_paths(dir);
+    let files = RunFiles::new(dir);
+    let (config_path, log_path, last_path, state_path, best_path) = (
+        &files.config,
+        &files.log,
+        &files.last,
+        &files.state,
+        &files.best,
+    );
 
     // A run folder belongs to one configuration; resuming checks it is the same.
     let mut state = State {
@@ -232,28 +217,27 @@ pub fn train(
         ..State::default()
     };
     if state_path.exists() {
-        let old: TrainConfig = read_json(&config_path)?;
+        let old: TrainConfig = read_json(config_path).map_err(io(config_path))?;
         if old != *cfg {
             return Err(TrainError::ConfigMismatch {
                 dir: dir.to_path_buf(),
                 what: "start a new run folder, or resume with the same options".into(),
             });
         }
-        state = read_json(&state_path)?;
+        state = read_json(state_path).map_err(io(state_path))?;
         on_event(TrainEvent::Info(format!(
             "resuming after epoch {} (learning rate {:.2e})",
             state.epoch, state.lr
         )));
     } else {
-        let json = serde_json::to_vec_pretty(cfg).map_err(|e| TrainError::Config(e.to_string()))?;
-        write_atomic(&config_path, &json).map_err(io(&config_path))?;
+        write_json(config_path, cfg).map_err(io(config_path))?;
     }
 
     let vars = VarMap::new();
     let vb = VarBuilder::from_varmap(&vars, DType::F32, device);
     let model = Hagnifinder::new(cfg.arch, vb)?;
     if state.epoch > 0 {
-        let bytes = std::fs::read(&last_path).map_err(io(&last_path))?;
+        let bytes = std::fs::read(last_path).map_err(io(last_path))?;
         load_into(&bytes, &vars, &LoadOptions::default())?;
     } else {
         match &cfg.start {
@@ -291,32 +275,22 @@ pub fn train(
             .map(|r| cfg.target.encode(r.magnification))
             .sum::<f64>()
             / train_set.len() as f64;
-        let data = vars
-            .data()
-            .lock()
-            .map_err(|_| TrainError::Config("poisoned".into()))?;
-        if let Some(bias) = data.get("head.fc3.bias") {
-            bias.set(&Tensor::full(mean as f32, 1, device)?)?;
-        }
+        vars::set(
+            &vars,
+            "head.fc3.bias",
+            &Tensor::full(mean as f32, 1, device)?,
+        )?;
     }
     // A frozen backbone runs on detached copies of its weights (no gradient, the fast CPU path).
     let frozen: Option<Box<dyn Backbone>> = if cfg.freeze_backbone {
-        Some(build(cfg.arch, detached(&vars, "backbone.", device)?)?)
+        Some(build(
+            cfg.arch,
+            vars::detached(&vars, "backbone.", device)?,
+        )?)
     } else {
         None
     };
-    let trainable: Vec<Var> = {
-        let data = vars
-            .data()
-            .lock()
-            .map_err(|_| TrainError::Config("poisoned".into()))?;
-        let mut named: Vec<(&String, &Var)> = data
-            .iter()
-            .filter(|(n, _)| !cfg.freeze_backbone || n.starts_with("head."))
-            .collect();
-        named.sort_by(|a, b| a.0.cmp(b.0));
-        named.into_iter().map(|(_, v)| v.clone()).collect()
-    };
+    let trainable = vars::selected(&vars, |n| !cfg.freeze_backbone || n.starts_with("head."))?;
     let mut opt = AdamW::new(
         trainable,
         ParamsAdamW {
@@ -354,8 +328,7 @@ pub fn train(
                 "round 2: constant scale factor m = {m:.6e}"
             )));
             state.m = Some(m);
-            state.best_monitor = None;
-            state.bad_epochs = 0;
+            state.plateau = Plateau::default();
         }
         let scaling = state.m.map_or(Scaling::Adaptive, Scaling::Constant);
         let started = Instant::now();
@@ -418,27 +391,22 @@ pub fn train(
         };
         let monitored = val.as_ref().map_or(train_loss, |v| v.0);
         // Diverged weights are never saved over the last good checkpoint.
-        if !monitored.is_finite() || !all_finite(&vars)? {
+        if !monitored.is_finite() || !vars::all_finite(&vars)? {
             return Err(TrainError::NonFinite {
                 epoch,
                 step: steps,
                 loss: monitored,
             });
         }
-        if state.best_monitor.is_none_or(|b| monitored < b - 1e-6) {
-            state.best_monitor = Some(monitored);
-            state.bad_epochs = 0;
-        } else {
-            state.bad_epochs += 1;
-            if state.bad_epochs >= cfg.patience {
-                state.lr = (state.lr / 2.0).max(cfg.min_lr);
-                opt.set_learning_rate(state.lr);
-                state.bad_epochs = 0;
-                on_event(TrainEvent::Info(format!(
-                    "learning rate halved to {:.2e}",
-                    state.lr
-                )));
-            }
+        if let Some(lr) = state
+            .plateau
+            .update(monitored, state.lr, cfg.patience, cfg.min_lr)
+        {
+            state.lr = lr;
+            opt.set_learning_rate(lr);
+            on_event(TrainEvent::Info(format!(
+                "learning rate halved to {lr:.2e}"
+            )));
         }
         let log = EpochLog {
             epoch,
@@ -453,16 +421,14 @@ pub fn train(
             seconds: started.elapsed().as_secs_f64(),
         };
         // The state is written after the checkpoint: a crash between them resumes one epoch early.
-        save(&last_path, state.m, epoch, &log)?;
+        save(last_path, state.m, epoch, &log)?;
         if round == 2 && val.is_some() && state.best_val.is_none_or(|b| monitored < b) {
             state.best_val = Some(monitored);
-            save(&best_path, state.m, epoch, &log)?;
+            save(best_path, state.m, epoch, &log)?;
         }
         state.epoch = epoch;
-        let json =
-            serde_json::to_vec_pretty(&state).map_err(|e| TrainError::Config(e.to_string()))?;
-        write_atomic(&state_path, &json).map_err(io(&state_path))?;
-        append_line(&log_path, &log).map_err(io(&log_path))?;
+        write_json(state_path, &state).map_err(io(state_path))?;
+        append_line(log_path, &log).map_err(io(log_path))?;
         on_event(TrainEvent::Epoch(log));
     }
     // A run without a second round still gets m, so that its checkpoint can be used.
@@ -481,18 +447,16 @@ pub fn train(
             images_per_second: 0.0,
             seconds: 0.0,
         };
-        save(&last_path, state.m, state.epoch, &log)?;
-        let json =
-            serde_json::to_vec_pretty(&state).map_err(|e| TrainError::Config(e.to_string()))?;
-        write_atomic(&state_path, &json).map_err(io(&state_path))?;
+        save(last_path, state.m, state.epoch, &log)?;
+        write_json(state_path, &state).map_err(io(state_path))?;
     }
     Ok(TrainOutcome {
         epochs_done: state.epoch,
         stopped,
         m: state.m,
         best_val_loss: state.best_val,
-        best: best_path.exists().then_some(best_path),
-        last: last_path,
+        best: best_path.exists().then(|| best_path.clone()),
+        last: last_path.clone(),
     })
 }
 
@@ -546,65 +510,6 @@ fn checkpoint_meta(
             ),
         },
     }
-}
-
-/// Whether every variable holds only finite values.
-fn all_finite(vars: &VarMap) -> Result<bool, TrainError> {
-    let data = vars
-        .data()
-        .lock()
-        .map_err(|_| TrainError::Config("poisoned".into()))?;
-    for v in data.values() {
-        let s = v
-            .as_tensor()
-            .sum_all()?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()?;
-        if !s.is_finite() {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
-/// Detached copies of the variables under `prefix`, as a VarBuilder rooted at that prefix.
-fn detached(
-    vars: &VarMap,
-    prefix: &str,
-    device: &Device,
-) -> Result<VarBuilder<'static>, TrainError> {
-    let data = vars
-        .data()
-        .lock()
-        .map_err(|_| TrainError::Config("poisoned".into()))?;
-    let map: HashMap<String, Tensor> = data
-        .iter()
-        .filter_map(|(n, v)| {
-            n.strip_prefix(prefix)
-                .map(|rest| (rest.to_string(), v.as_tensor().detach()))
-        })
-        .collect();
-    Ok(VarBuilder::from_tensors(map, DType::F32, device))
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, TrainError> {
-    let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
-}
-
-fn append_line(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
-    line.push(b'\n');
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
-    f.write_all(&line)?;
-    f.sync_data()
 }
 
 /// What the loops share.

@@ -5,11 +5,13 @@ pub mod backbone;
 pub mod checkpoint;
 pub mod cpu_conv;
 pub mod device;
+pub mod dmsl;
 pub mod efficientnet;
 pub mod hagnifinder;
 pub mod inception;
 pub mod layers;
 pub mod pool;
 pub mod resnet;
+pub mod vars;
 
 pub use backbone::{Arch, Backbone, Features, build};

@@ -1,4 +1,7 @@
-//! Small helpers shared by the library: atomic file writes, memory facts.
+//! Small helpers shared by the library: atomic file writes, memory facts, training-run folders.
 
+pub mod colormap;
 pub mod fs;
+pub mod legend;
 pub mod memory;
+pub mod run;

@@ -1,0 +1,482 @@
+//! `histolens dataset dmsl`, `train dmsl`, `eval dmsl` and `heatmap`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use histolens::data::Split;
+use histolens::data::pairs::{
+    FolderSource, PairConfig, PairGeometry, SlideSource, build, read_regions,
+};
+use histolens::dmsl::DmslModel;
+use histolens::dmsl::heatmap::{
+    Heatmap, HeatmapOptions, compute, content_id, header_for, mark_background, sidecar_path,
+};
+use histolens::dmsl::train::{DmslTrainConfig, DmslTrainEvent, Mode, evaluate, train};
+use histolens::nn::Arch;
+use histolens::nn::device::{DeviceChoice, select};
+use histolens::slide::CalibrationStore;
+use histolens::slide::Slide;
+use histolens::util::colormap::Colormap;
+use histolens::util::fs::write_atomic;
+
+use super::magnification::{bar, parse_start, say};
+
+#[derive(Args)]
+pub struct DatasetArgs {
+    /// Slides with labelled regions, as SLIDE=REGIONS.geojson (polygons in level-0 pixels with a
+    /// class: QuPath's GeoJSON export, or histolens's own).
+    #[arg(long = "slide")]
+    pub slides: Vec<String>,
+    /// Folders with one sub-folder of images per class, as FOLDER or FOLDER@MAGNIFICATION (default 20).
+    #[arg(long = "folder")]
+    pub folders: Vec<String>,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The high and the low magnification of a pair.
+    #[arg(long, default_value_t = 20.0)]
+    pub high: f64,
+    #[arg(long, default_value_t = 5.0)]
+    pub low: f64,
+    /// Side of the field of view in µm (300 µm: 600 px at 20x, 150 px at 5x).
+    #[arg(long, default_value_t = 300.0)]
+    pub field_um: f64,
+    /// Grid step over regions as a share of the field (0.5: fields overlap by half).
+    #[arg(long, default_value_t = 1.0)]
+    pub stride: f64,
+    /// At most this many pairs per region or image (a random subset).
+    #[arg(long)]
+    pub max_per_region: Option<usize>,
+    /// µm/px of the slides (overrides their metadata).
+    #[arg(long)]
+    pub mpp: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn dataset(args: DatasetArgs) -> anyhow::Result<()> {
+    let mut slides = Vec::new();
+    for s in &args.slides {
+        let (slide, regions) = s
+            .split_once('=')
+            .with_context(|| format!("--slide takes SLIDE=REGIONS.geojson, got {s}"))?;
+        let path = PathBuf::from(slide);
+        let mpp = match args.mpp {
+            Some(m) => m,
+            None => Slide::open(&path)?
+                .info()
+                .mpp
+                .map(|m| m.mean())
+                .with_context(|| {
+                    format!("{slide}: the µm/px is not in the metadata; give it with --mpp")
+                })?,
+        };
+        slides.push(SlideSource {
+            path,
+            mpp,
+            regions: read_regions(Path::new(regions))?,
+        });
+    }
+    let mut folders = Vec::new();
+    for f in &args.folders {
+        let (path, mag) = match f.rsplit_once('@') {
+            Some((p, m)) => (
+                p,
+                m.trim_end_matches(['x', 'X'])
+                    .parse::<f64>()
+                    .with_context(|| format!("bad magnification in {f}"))?,
+            ),
+            None => (f.as_str(), 20.0),
+        };
+        folders.push(FolderSource {
+            path: path.into(),
+            magnification: mag,
+        });
+    }
+    if slides.is_empty() && folders.is_empty() {
+        bail!("give labelled slides (--slide SLIDE=REGIONS.geojson) or folders (--folder DIR)");
+    }
+    let cfg = PairConfig {
+        geometry: PairGeometry {
+            high_magnification: args.high,
+            low_magnification: args.low,
+            field_um: args.field_um,
+        },
+        stride: args.stride,
+        max_per_group: args.max_per_region,
+        seed: args.seed,
+        ..Default::default()
+    };
+    let (manifest, dataset) = build(&slides, &folders, &args.out, &cfg, |s| {
+        eprintln!("reading {s}")
+    })?;
+    let g = dataset.geometry;
+    println!(
+        "{} pairs of {}x ({} px) + {}x ({} px) over {} µm; classes: {}",
+        manifest.records.len(),
+        g.high_magnification,
+        g.high_px(),
+        g.low_magnification,
+        g.low_px(),
+        g.field_um,
+        dataset.classes.join(", ")
+    );
+    for s in Split::ALL {
+        let recs = manifest.split(s);
+        let per_class: Vec<String> = dataset
+            .classes
+            .iter()
+            .map(|c| format!("{c} {}", recs.iter().filter(|r| r.class == *c).count()))
+            .collect();
+        println!(
+            "{:>5}: {} pairs ({})",
+            s.name(),
+            recs.len(),
+            per_class.join(", ")
+        );
+    }
+    println!("manifest: {}", args.out.join("pairs.csv").display());
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The pairs manifest (from `histolens dataset dmsl`), with its dataset.json beside it.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The run folder (created; an existing run there is resumed). With --folds, one sub-folder per fold.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// inception-v3 (the paper), resnet18, resnet50 or efficientnet-lite0.
+    #[arg(long, default_value = "inception-v3")]
+    pub arch: String,
+    /// sim (α·CE + β·SIM), mm (both magnifications, CE only), high or low (one magnification alone).
+    #[arg(long, default_value = "sim")]
+    pub mode: String,
+    /// random, imagenet:FILE (EfficientNet-Lite0) or checkpoint:FILE.
+    #[arg(long, default_value = "random")]
+    pub start: String,
+    /// Train the classifiers only, on the backbones' features.
+    #[arg(long)]
+    pub freeze_backbone: bool,
+    #[arg(long, default_value_t = 30)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.5)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = 0.5)]
+    pub beta: f64,
+    /// Fusion weights of the high and the low branch (normalised to sum to 1).
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.5")]
+    pub weights: Vec<f64>,
+    /// k-fold cross-validation over source groups (train + validation pooled); the test split is kept.
+    #[arg(long)]
+    pub folds: Option<usize>,
+    #[arg(long)]
+    pub steps_per_epoch: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+pub fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
+    let arch =
+        Arch::parse(&args.arch).with_context(|| format!("unknown architecture {}", args.arch))?;
+    let mode = Mode::parse(&args.mode)
+        .with_context(|| format!("unknown mode {}: use sim, mm, high or low", args.mode))?;
+    let [w_high, w_low] = args.weights[..] else {
+        bail!("--weights takes two numbers (high, low)");
+    };
+    let mut cfg = DmslTrainConfig::new(arch);
+    cfg.mode = mode;
+    cfg.start = parse_start(&args.start)?;
+    cfg.freeze_backbone = args.freeze_backbone;
+    cfg.epochs = args.epochs;
+    cfg.batch = args.batch;
+    cfg.lr = args.lr;
+    cfg.alpha = args.alpha;
+    cfg.beta = args.beta;
+    cfg.weights = [w_high, w_low];
+    cfg.steps_per_epoch = args.steps_per_epoch;
+    cfg.seed = args.seed;
+    let device = select(args.device)?;
+    let folds: Vec<Option<(usize, usize)>> = match args.folds {
+        Some(k) if k >= 2 => (0..k).map(|i| Some((i, k))).collect(),
+        Some(k) => bail!("--folds needs 2 or more, got {k}"),
+        None => vec![None],
+    };
+    let mut summaries = Vec::new();
+    for fold in folds {
+        cfg.fold = fold;
+        let dir = match fold {
+            Some((i, _)) => args.run.join(format!("fold-{i}")),
+            None => args.run.clone(),
+        };
+        let stop = AtomicBool::new(false);
+        let pb = bar(cfg.epochs as u64, "epochs");
+        let outcome = train(&args.data, &cfg, &dir, &device, &stop, |e| match e {
+            DmslTrainEvent::Step {
+                epoch,
+                step,
+                steps,
+                loss,
+                pairs_per_second,
+            } => pb.set_message(format!(
+                "epoch {epoch} step {step}/{steps} loss {loss:.4} ({pairs_per_second:.1} pairs/s)"
+            )),
+            DmslTrainEvent::Epoch(log) => {
+                pb.set_position(log.epoch as u64);
+                let pct = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1}%", 100.0 * v));
+                say(
+                    &pb,
+                    format!(
+                        "epoch {:>3}: train {:.4} (CE {:.4}, SIM {:.4})  val {}  acc {}  F1 {}  AUC {}  lr {:.1e}  {:.1} pairs/s",
+                        log.epoch,
+                        log.train_loss,
+                        log.train_ce,
+                        log.train_sim,
+                        log.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+                        pct(log.val_accuracy),
+                        pct(log.val_f1),
+                        log.val_auc.map_or("-".into(), |v| format!("{v:.3}")),
+                        log.lr,
+                        log.pairs_per_second
+                    ),
+                );
+            }
+            DmslTrainEvent::Info(s) => say(&pb, s),
+        })?;
+        pb.finish_and_clear();
+        let model = outcome.best.as_ref().unwrap_or(&outcome.last);
+        println!(
+            "{}{} epochs; best validation loss {}; model: {}",
+            fold.map_or(String::new(), |(i, k)| format!("fold {}/{k}: ", i + 1)),
+            outcome.epochs_done,
+            outcome
+                .best_val_loss
+                .map_or("-".into(), |v| format!("{v:.4}")),
+            model.display()
+        );
+        if let Some((i, k)) = fold {
+            // The fold's validation metrics, from the best checkpoint's metadata.
+            let bytes = std::fs::read(model)?;
+            let meta = histolens::nn::checkpoint::read_meta(&bytes)?;
+            summaries.push((i, k, meta.provenance.metrics));
+        }
+    }
+    if !summaries.is_empty() {
+        for key in ["val_accuracy", "val_f1", "val_auc"] {
+            let v: Vec<f64> = summaries
+                .iter()
+                .filter_map(|s| s.2.get(key).copied())
+                .collect();
+            if v.is_empty() {
+                continue;
+            }
+            let mean = v.iter().sum::<f64>() / v.len() as f64;
+            let sd = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+            println!("{key}: {mean:.3} ± {sd:.3} over {} folds", v.len());
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub data: PathBuf,
+    /// A DMSL model (default: the bundled demo).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// train, val or test.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Write the report as JSON here ("-" for standard output).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+fn model_path(path: Option<&Path>) -> anyhow::Result<PathBuf> {
+    match path {
+        Some(p) => Ok(p.to_path_buf()),
+        None => histolens::default_dmsl_model()
+            .context("no bundled DMSL model was found; pass one with --model"),
+    }
+}
+
+pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let split =
+        Split::parse(&args.split).with_context(|| format!("unknown split {}", args.split))?;
+    let model = model_path(args.model.as_deref())?;
+    let device = select(args.device)?;
+    let report = evaluate(&model, &args.data, split, &device, args.batch)?;
+    print!("{}", report.metrics.table(&report.classes));
+    println!("{:.1} pairs/s", report.pairs_per_second);
+    if let Some(out) = args.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        if out.as_os_str() == "-" {
+            println!("{json}");
+        } else {
+            write_atomic(&out, json.as_bytes())
+                .with_context(|| format!("writing {}", out.display()))?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct HeatmapArgs {
+    pub slide: PathBuf,
+    /// A DMSL model (default: the bundled demo).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Folder for heatmap.png, heatmap.npy and heatmap.geojson.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// µm/px of the slide's level 0 (overrides its metadata; needed when it has none).
+    #[arg(long)]
+    pub mpp: Option<f64>,
+    /// The class drawn in the PNG (name or index; default: the last class).
+    #[arg(long)]
+    pub class: Option<String>,
+    /// viridis, magma or diverging.
+    #[arg(long, default_value = "viridis")]
+    pub colormap: String,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Fields with more background than this share are skipped.
+    #[arg(long, default_value_t = 0.8)]
+    pub max_background: f64,
+    /// Recompute even when a finished sidecar exists.
+    #[arg(long)]
+    pub fresh: bool,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+pub fn heatmap(args: HeatmapArgs) -> anyhow::Result<()> {
+    let model_file = model_path(args.model.as_deref())?;
+    let bytes =
+        std::fs::read(&model_file).with_context(|| format!("reading {}", model_file.display()))?;
+    let device = select(args.device)?;
+    let model = DmslModel::from_bytes(&bytes, &device)
+        .with_context(|| format!("loading the model {}", model_file.display()))?;
+    let slide = Slide::open(&args.slide)?;
+    let mpp = match args.mpp {
+        Some(m) if m.is_finite() && m > 0.0 => m,
+        Some(m) => bail!("--mpp {m} is not a positive number"),
+        None => slide
+            .info()
+            .effective_mpp(
+                &CalibrationStore::load(CalibrationStore::default_path())
+                    .map(|s| s.get(&args.slide))
+                    .unwrap_or_default(),
+            )
+            .map(|m| m.mean())
+            .with_context(|| {
+                format!(
+                    "{}: its µm/px is unknown; give it with --mpp",
+                    args.slide.display()
+                )
+            })?,
+    };
+    let native = 10.0 / mpp;
+    if model.geometry().high_magnification > native * 1.02 {
+        bail!(
+            "{} is {native:.1}x; the model needs {}x fields, which would be upsampled",
+            args.slide.display(),
+            model.geometry().high_magnification
+        );
+    }
+    let id = content_id(&bytes);
+    let header = header_for(&slide, mpp, &model, &id);
+    let sidecar = sidecar_path(&args.slide, &id, &histolens::data_dir());
+    let mut heatmap = match Heatmap::load_matching(&sidecar, &header)? {
+        Some(h) if !args.fresh => {
+            eprintln!(
+                "resuming from {} ({} of {} fields known)",
+                sidecar.display(),
+                h.count(histolens::dmsl::heatmap::CellState::Done),
+                h.header.grid.len()
+            );
+            h
+        }
+        _ => Heatmap::new(header),
+    };
+    let opts = HeatmapOptions {
+        batch: args.batch,
+        max_background: args.max_background,
+        ..Default::default()
+    };
+    mark_background(&slide, &mut heatmap, opts.max_background)?;
+    let pending = heatmap.count(histolens::dmsl::heatmap::CellState::Pending);
+    let pb = bar(pending as u64, "fields");
+    let stop = AtomicBool::new(false);
+    let run = compute(
+        &slide,
+        &model,
+        &mut heatmap,
+        &opts,
+        Some(&sidecar),
+        &|| None,
+        &stop,
+        |_, cells| pb.inc(cells.len() as u64),
+    )?;
+    pb.finish_and_clear();
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let classes = model.classes();
+    let class = match &args.class {
+        None => classes.len() - 1,
+        Some(c) => classes
+            .iter()
+            .position(|x| x == c)
+            .or_else(|| c.parse::<usize>().ok().filter(|&i| i < classes.len()))
+            .with_context(|| format!("unknown class {c}: the model has {}", classes.join(", ")))?,
+    };
+    let map = Colormap::parse(&args.colormap)
+        .with_context(|| format!("unknown colormap {}", args.colormap))?;
+    let g = heatmap.header.grid;
+    let px = (1024 / g.cols.max(g.rows)).clamp(1, 64);
+    let thumb = slide.thumbnail(1024)?;
+    let png = heatmap.to_png(class, map, px, Some(&thumb));
+    let write = |name: &str, bytes: &[u8]| -> anyhow::Result<()> {
+        let p = args.out.join(name);
+        write_atomic(&p, bytes).with_context(|| format!("writing {}", p.display()))
+    };
+    let mut png_bytes = Vec::new();
+    png.write_to(
+        &mut std::io::Cursor::new(&mut png_bytes),
+        image::ImageFormat::Png,
+    )?;
+    write("heatmap.png", &png_bytes)?;
+    write("heatmap.npy", &heatmap.to_npy())?;
+    write(
+        "heatmap.geojson",
+        serde_json::to_string(&heatmap.to_geojson())?.as_bytes(),
+    )?;
+    println!(
+        "{} fields classified, {} skipped as background ({:.1} s: reading {:.1} s, model {:.1} s; {:.2} fields/s); grid {}x{} of {:.0} µm; sidecar {}; outputs in {}",
+        run.computed,
+        heatmap.count(histolens::dmsl::heatmap::CellState::Background),
+        run.seconds,
+        run.read_seconds,
+        run.model_seconds,
+        run.computed as f64 / run.seconds.max(1e-9),
+        g.cols,
+        g.rows,
+        heatmap.header.field_um,
+        sidecar.display(),
+        args.out.display()
+    );
+    Ok(())
+}

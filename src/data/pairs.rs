@@ -1,0 +1,643 @@
+//! Two-magnification pairs for DMSL: the same field of view read at a high and a low magnification, each
+//! at its own resolution (a 300 µm field is 600 px at 20x and 150 px at 5x). Pairs come from slides
+//! with labelled regions (GeoJSON polygons in level-0 pixels, as QuPath exports them) or from folders
+//! of labelled images at a known magnification, one folder per class; the low-magnification partner
+//! is always the same pixels area-downsampled, never an upsampled image.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use image::{RgbImage, RgbaImage};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use super::augment::to_rgb;
+use super::magnification::split_for_rank;
+use super::manifest::{Manifest, ManifestError, Record, Split};
+use crate::slide::{Slide, SlideError, resize_area};
+use crate::util::fs::write_atomic;
+
+/// The two magnifications of a pair and the side of its (square) field of view.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PairGeometry {
+    pub high_magnification: f64,
+    pub low_magnification: f64,
+    /// Side of the field of view in µm.
+    pub field_um: f64,
+}
+
+impl Default for PairGeometry {
+    /// 20x + 5x over a 300 µm field: 600 px and 150 px.
+    fn default() -> Self {
+        PairGeometry {
+            high_magnification: 20.0,
+            low_magnification: 5.0,
+            field_um: 300.0,
+        }
+    }
+}
+
+impl PairGeometry {
+    /// Pixels across the field at `magnification` (µm/px = 10 / magnification).
+    pub fn px_at(&self, magnification: f64) -> u32 {
+        (self.field_um * magnification / 10.0).round().max(1.0) as u32
+    }
+
+    pub fn high_px(&self) -> u32 {
+        self.px_at(self.high_magnification)
+    }
+
+    pub fn low_px(&self) -> u32 {
+        self.px_at(self.low_magnification)
+    }
+
+    /// Side of the field in level-0 pixels of a source with `mpp` µm/px.
+    pub fn level0_side(&self, mpp: f64) -> f64 {
+        self.field_um / mpp
+    }
+
+    pub fn validate(&self, min_input: u32) -> Result<(), PairError> {
+        let ok = self.low_magnification.is_finite()
+            && self.high_magnification.is_finite()
+            && self.field_um.is_finite()
+            && self.low_magnification > 0.0
+            && self.high_magnification > self.low_magnification
+            && self.low_px() >= min_input;
+        if ok {
+            Ok(())
+        } else {
+            Err(PairError::Geometry(format!(
+                "{}x + {}x over {} µm ({} px + {} px): the high magnification must exceed the low \
+                 one and the low image must be at least {min_input} px",
+                self.high_magnification,
+                self.low_magnification,
+                self.field_um,
+                self.high_px(),
+                self.low_px()
+            )))
+        }
+    }
+}
+
+/// One pair of a DMSL dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PairRecord {
+    /// The high-magnification image (relative to the manifest's folder, or absolute).
+    pub high: String,
+    /// The low-magnification image of the same field.
+    pub low: String,
+    pub class: String,
+    /// The slide region or image the pair was cut from: splits and folds never share one.
+    pub source: String,
+    /// Level-0 rectangle "x,y,w,h" of the field in its source.
+    pub region: String,
+    pub split: Split,
+}
+
+impl Record for PairRecord {
+    fn path(&self) -> &str {
+        &self.high
+    }
+    fn source(&self) -> &str {
+        &self.source
+    }
+    fn split(&self) -> Split {
+        self.split
+    }
+    fn validate(&self) -> Result<(), String> {
+        if self.class.trim().is_empty() {
+            Err("empty class name".into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// `dataset.json` beside `pairs.csv`: the geometry and the class order the model's outputs follow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PairDataset {
+    pub geometry: PairGeometry,
+    pub classes: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    #[error(transparent)]
+    Slide(#[from] SlideError),
+    #[error("invalid pair geometry: {0}")]
+    Geometry(String),
+    #[error("cannot read the regions {}: {message}", path.display())]
+    Regions { path: PathBuf, message: String },
+    #[error(
+        "{} is {native:.1}x: pairs at {wanted}x would need upsampling; give its true µm/px or a lower magnification",
+        path.display()
+    )]
+    TooLowResolution {
+        path: PathBuf,
+        native: f64,
+        wanted: f64,
+    },
+    #[error("{}: {message}", path.display())]
+    Io { path: PathBuf, message: String },
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("no pair could be made: {0}")]
+    Nothing(String),
+}
+
+/// A labelled polygon in level-0 pixels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Region {
+    pub class: String,
+    pub polygon: Vec<[f64; 2]>,
+}
+
+impl Region {
+    /// Ray casting: whether (x, y) lies inside the polygon.
+    pub fn contains(&self, x: f64, y: f64) -> bool {
+        let p = &self.polygon;
+        let mut inside = false;
+        let mut j = p.len().wrapping_sub(1);
+        for i in 0..p.len() {
+            let ([xi, yi], [xj, yj]) = (p[i], p[j]);
+            if (yi > y) != (yj > y) && x < (xj - xi) * (y - yi) / (yj - yi) + xi {
+                inside = !inside;
+            }
+            j = i;
+        }
+        inside
+    }
+
+    /// Whether the square [x, x+side] x [y, y+side] lies inside (its corners and centre do).
+    pub fn contains_square(&self, x: f64, y: f64, side: f64) -> bool {
+        let e = side * 1e-6;
+        [
+            (x + e, y + e),
+            (x + side - e, y + e),
+            (x + e, y + side - e),
+            (x + side - e, y + side - e),
+            (x + side / 2.0, y + side / 2.0),
+        ]
+        .iter()
+        .all(|&(px, py)| self.contains(px, py))
+    }
+}
+
+/// Reads labelled regions from GeoJSON: a FeatureCollection of Polygon (outer ring) or MultiPolygon
+/// features whose class is `properties.classification.name` (QuPath) or `properties.class`.
+pub fn read_regions(path: &Path) -> Result<Vec<Region>, PairError> {
+    let err = |message: String| PairError::Regions {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    parse_regions(&text).map_err(err)
+}
+
+pub fn parse_regions(bytes: &[u8]) -> Result<Vec<Region>, String> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let features = match v.get("features") {
+        Some(f) => f.as_array().cloned().unwrap_or_default(),
+        None if v.get("geometry").is_some() => vec![v.clone()],
+        None => v
+            .as_array()
+            .cloned()
+            .ok_or("not a GeoJSON FeatureCollection")?,
+    };
+    let mut regions = Vec::new();
+    for (i, f) in features.iter().enumerate() {
+        let props = f.get("properties");
+        let class = props
+            .and_then(|p| p.pointer("/classification/name").or_else(|| p.get("class")))
+            .and_then(|c| c.as_str())
+            .ok_or_else(|| format!("feature {i} has no class (properties.classification.name)"))?
+            .trim()
+            .to_string();
+        let geometry = f
+            .get("geometry")
+            .ok_or_else(|| format!("feature {i} has no geometry"))?;
+        let kind = geometry.get("type").and_then(|t| t.as_str()).unwrap_or("");
+        let coords = geometry.get("coordinates");
+        let polygons: Vec<&serde_json::Value> = match (kind, coords) {
+            ("Polygon", Some(c)) => vec![c],
+            ("MultiPolygon", Some(serde_json::Value::Array(ps))) => ps.iter().collect(),
+            _ => {
+                return Err(format!(
+                    "feature {i}: only Polygon and MultiPolygon are read"
+                ));
+            }
+        };
+        for poly in polygons {
+            let ring = poly
+                .get(0)
+                .and_then(|r| r.as_array())
+                .ok_or_else(|| format!("feature {i}: a polygon without a ring"))?;
+            let mut points = Vec::with_capacity(ring.len());
+            for p in ring {
+                let x = p.get(0).and_then(|v| v.as_f64());
+                let y = p.get(1).and_then(|v| v.as_f64());
+                match (x, y) {
+                    (Some(x), Some(y)) if x.is_finite() && y.is_finite() => points.push([x, y]),
+                    _ => return Err(format!("feature {i}: a point is not two numbers")),
+                }
+            }
+            if points.len() < 3 {
+                return Err(format!("feature {i}: a polygon needs three points"));
+            }
+            regions.push(Region {
+                class: class.clone(),
+                polygon: points,
+            });
+        }
+    }
+    if regions.is_empty() {
+        return Err("no labelled polygon".into());
+    }
+    Ok(regions)
+}
+
+/// A square of a slide's level 0, read at `out` px with an area filter from the coarsest level that is
+/// still at least as fine, composited over white.
+pub fn read_field(
+    slide: &Slide,
+    x: f64,
+    y: f64,
+    side: f64,
+    out: u32,
+) -> Result<RgbImage, SlideError> {
+    let info = slide.info();
+    let wanted = side / f64::from(out);
+    let level = info
+        .levels
+        .iter()
+        .rposition(|l| l.downsample <= wanted + 1e-9)
+        .unwrap_or(0);
+    let ds = info.levels[level].downsample;
+    let read = ((side / ds).round() as u32).max(1);
+    let region = slide.read_region(level, x.round() as i64, y.round() as i64, read, read)?;
+    Ok(to_rgb(&resize_area(&region, out, out)))
+}
+
+/// Both images of a pair from one high-magnification field image (the low one area-downsampled).
+pub fn pair_from_field(high: &RgbImage, geometry: &PairGeometry) -> RgbImage {
+    let rgba = RgbaImage::from_fn(high.width(), high.height(), |x, y| {
+        let p = high.get_pixel(x, y).0;
+        image::Rgba([p[0], p[1], p[2], 255])
+    });
+    to_rgb(&resize_area(&rgba, geometry.low_px(), geometry.low_px()))
+}
+
+/// How pairs are cut.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairConfig {
+    pub geometry: PairGeometry,
+    /// Grid step over labelled regions as a share of the field (1: fields touch; 0.5: half overlap).
+    pub stride: f64,
+    /// Shares of train, validation and test, dealt by source group (region or image).
+    pub fractions: [f64; 3],
+    /// At most this many fields per group (a random subset), so that one large region (e.g. of
+    /// glass) does not outweigh the others.
+    pub max_per_group: Option<usize>,
+    pub seed: u64,
+}
+
+impl Default for PairConfig {
+    fn default() -> Self {
+        PairConfig {
+            geometry: PairGeometry::default(),
+            stride: 1.0,
+            fractions: [0.7, 0.15, 0.15],
+            max_per_group: None,
+            seed: 0,
+        }
+    }
+}
+
+/// A slide and its labelled regions.
+#[derive(Debug, Clone)]
+pub struct SlideSource {
+    pub path: PathBuf,
+    /// µm/px of level 0 (from the metadata unless given).
+    pub mpp: f64,
+    pub regions: Vec<Region>,
+}
+
+/// A folder with one sub-folder per class, of images at `magnification`.
+#[derive(Debug, Clone)]
+pub struct FolderSource {
+    pub path: PathBuf,
+    pub magnification: f64,
+}
+
+/// One field before it is written: where it came from and its image at the high magnification.
+struct Field {
+    class: String,
+    group: String,
+    region: String,
+    high: RgbImage,
+}
+
+/// Cuts pairs into `out/pairs/<class>/` and writes `out/pairs.csv` and `out/dataset.json`
+/// (atomically). Groups (a slide's region, a loose image) are dealt whole to the splits, per class.
+pub fn build(
+    slides: &[SlideSource],
+    folders: &[FolderSource],
+    out: &Path,
+    cfg: &PairConfig,
+    mut progress: impl FnMut(&str),
+) -> Result<(Manifest<PairRecord>, PairDataset), PairError> {
+    let g = cfg.geometry;
+    g.validate(1)?;
+    let mut fields = Vec::new();
+    for s in slides {
+        progress(&s.path.display().to_string());
+        fields.extend(slide_fields(s, cfg)?);
+    }
+    for f in folders {
+        progress(&f.path.display().to_string());
+        fields.extend(folder_fields(f, &g)?);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    if let Some(cap) = cfg.max_per_group {
+        let mut by_group: BTreeMap<String, Vec<Field>> = BTreeMap::new();
+        for f in fields {
+            by_group.entry(f.group.clone()).or_default().push(f);
+        }
+        fields = Vec::new();
+        for (_, mut list) in by_group {
+            list.shuffle(&mut rng);
+            list.truncate(cap.max(1));
+            fields.extend(list);
+        }
+    }
+    if fields.is_empty() {
+        return Err(PairError::Nothing(format!(
+            "no labelled region or image holds a whole {} µm field",
+            g.field_um
+        )));
+    }
+    // Deal the groups of each class to the splits in a shuffled order.
+    let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for f in &fields {
+        let list = groups.entry(f.class.as_str()).or_default();
+        if !list.contains(&f.group.as_str()) {
+            list.push(f.group.as_str());
+        }
+    }
+    let mut split_of: BTreeMap<&str, Split> = BTreeMap::new();
+    for list in groups.values_mut() {
+        list.shuffle(&mut rng);
+        for (rank, group) in list.iter().enumerate() {
+            split_of.insert(group, split_for_rank(rank, list.len(), cfg.fractions));
+        }
+    }
+    let classes: Vec<String> = groups.keys().map(|c| c.to_string()).collect();
+    let mut records = Vec::with_capacity(fields.len());
+    let mut counters: BTreeMap<&str, usize> = BTreeMap::new();
+    for f in &fields {
+        let k = counters.entry(f.class.as_str()).or_default();
+        *k += 1;
+        let class_dir = sanitize(&f.class);
+        let stem = format!("pairs/{class_dir}/{class_dir}-{:05}", *k);
+        let (high_rel, low_rel) = (format!("{stem}-high.png"), format!("{stem}-low.png"));
+        save_png(&out.join(&high_rel), &f.high)?;
+        save_png(&out.join(&low_rel), &pair_from_field(&f.high, &g))?;
+        records.push(PairRecord {
+            high: high_rel,
+            low: low_rel,
+            class: f.class.clone(),
+            source: f.group.clone(),
+            region: f.region.clone(),
+            split: split_of
+                .get(f.group.as_str())
+                .copied()
+                .unwrap_or(Split::Train),
+        });
+    }
+    let manifest = Manifest {
+        root: out.to_path_buf(),
+        records,
+    };
+    manifest.check_disjoint()?;
+    manifest.save(&out.join("pairs.csv"))?;
+    let dataset = PairDataset {
+        geometry: g,
+        classes,
+    };
+    save_dataset(&out.join("dataset.json"), &dataset)?;
+    Ok((manifest, dataset))
+}
+
+/// `dataset.json`, written atomically.
+pub fn save_dataset(path: &Path, d: &PairDataset) -> Result<(), PairError> {
+    let io = |message: String| PairError::Io {
+        path: path.to_path_buf(),
+        message,
+    };
+    let json = serde_json::to_vec_pretty(d).map_err(|e| io(e.to_string()))?;
+    write_atomic(path, &json).map_err(|e| io(e.to_string()))
+}
+
+/// The `dataset.json` beside a pairs manifest.
+pub fn load_dataset(manifest: &Path) -> Result<PairDataset, PairError> {
+    let path = manifest.with_file_name("dataset.json");
+    let io = |message: String| PairError::Io {
+        path: path.clone(),
+        message,
+    };
+    let bytes = std::fs::read(&path).map_err(|e| io(e.to_string()))?;
+    let d: PairDataset = serde_json::from_slice(&bytes).map_err(|e| io(e.to_string()))?;
+    if d.classes.len() < 2 {
+        return Err(io("a classifier needs at least two classes".into()));
+    }
+    Ok(d)
+}
+
+fn slide_fields(s: &SlideSource, cfg: &PairConfig) -> Result<Vec<Field>, PairError> {
+    let g = cfg.geometry;
+    let native = 10.0 / s.mpp;
+    if !(s.mpp.is_finite() && s.mpp > 0.0) || g.high_magnification > native * 1.02 {
+        return Err(PairError::TooLowResolution {
+            path: s.path.clone(),
+            native,
+            wanted: g.high_magnification,
+        });
+    }
+    let slide = Slide::open(&s.path)?;
+    let (w, h) = slide.info().dimensions();
+    let side = g.level0_side(s.mpp);
+    let step = (side * cfg.stride.clamp(0.05, 10.0)).max(1.0);
+    let mut fields = Vec::new();
+    for (ri, region) in s.regions.iter().enumerate() {
+        let (mut x0, mut y0, mut x1, mut y1) = (f64::MAX, f64::MAX, f64::MIN, f64::MIN);
+        for &[x, y] in &region.polygon {
+            (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
+        }
+        let (x0, y0) = (x0.max(0.0), y0.max(0.0));
+        let (x1, y1) = (x1.min(w as f64), y1.min(h as f64));
+        let mut y = y0;
+        while y + side <= y1 {
+            let mut x = x0;
+            while x + side <= x1 {
+                if region.contains_square(x, y, side) {
+                    fields.push(Field {
+                        class: region.class.clone(),
+                        group: format!("{}#region{ri}", s.path.display()),
+                        region: format!(
+                            "{},{},{},{}",
+                            x.round(),
+                            y.round(),
+                            side.round(),
+                            side.round()
+                        ),
+                        high: read_field(&slide, x, y, side, g.high_px())?,
+                    });
+                }
+                x += step;
+            }
+            y += step;
+        }
+    }
+    Ok(fields)
+}
+
+/// Fields of `side` px tiled over an image that is at the high magnification (after downsampling).
+fn folder_fields(f: &FolderSource, g: &PairGeometry) -> Result<Vec<Field>, PairError> {
+    if !(f.magnification >= g.high_magnification * 0.98) {
+        return Err(PairError::TooLowResolution {
+            path: f.path.clone(),
+            native: f.magnification,
+            wanted: g.high_magnification,
+        });
+    }
+    let io = |path: &Path, e: std::io::Error| PairError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let mut class_dirs: Vec<PathBuf> = std::fs::read_dir(&f.path)
+        .map_err(|e| io(&f.path, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    class_dirs.sort();
+    let scale = g.high_magnification / f.magnification;
+    let out = g.high_px();
+    let mut fields = Vec::new();
+    for dir in class_dirs {
+        let class = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| io(&dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        for file in files {
+            // Unreadable files are skipped: a folder of images often holds a stray note or thumbnail.
+            let Ok(slide) = Slide::open(&file) else {
+                log::warn!("skipped {}: not an image", file.display());
+                continue;
+            };
+            let (w, h) = slide.info().dimensions();
+            let side = f64::from(out) / scale;
+            let (nx, ny) = ((w as f64 / side) as u64, (h as f64 / side) as u64);
+            if nx == 0 || ny == 0 {
+                log::warn!(
+                    "skipped {}: smaller than a {} µm field",
+                    file.display(),
+                    g.field_um
+                );
+                continue;
+            }
+            // Centre the grid of whole fields in the image.
+            let mx = (w as f64 - nx as f64 * side) / 2.0;
+            let my = (h as f64 - ny as f64 * side) / 2.0;
+            for j in 0..ny {
+                for i in 0..nx {
+                    let (x, y) = (mx + i as f64 * side, my + j as f64 * side);
+                    fields.push(Field {
+                        class: class.clone(),
+                        group: file.display().to_string(),
+                        region: format!(
+                            "{},{},{},{}",
+                            x.round(),
+                            y.round(),
+                            side.round(),
+                            side.round()
+                        ),
+                        high: read_field(&slide, x, y, side, out)?,
+                    });
+                }
+            }
+        }
+    }
+    Ok(fields)
+}
+
+fn sanitize(s: &str) -> String {
+    let t: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if t.is_empty() { "class".into() } else { t }
+}
+
+fn save_png(path: &Path, img: &RgbImage) -> Result<(), PairError> {
+    let err = |message: String| PairError::Io {
+        path: path.to_path_buf(),
+        message,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    }
+    img.save(path).map_err(|e| err(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry_follows_the_paper_example() {
+        let g = PairGeometry::default();
+        assert_eq!((g.high_px(), g.low_px()), (600, 150));
+        assert!((g.level0_side(0.25) - 1200.0).abs() < 1e-9);
+        assert!(g.validate(75).is_ok());
+        let bad = PairGeometry {
+            high_magnification: 5.0,
+            low_magnification: 20.0,
+            field_um: 300.0,
+        };
+        assert!(bad.validate(32).is_err());
+    }
+
+    #[test]
+    fn regions_parse_from_qupath_geojson_and_contain_points() {
+        let json = br#"{"type":"FeatureCollection","features":[
+            {"type":"Feature","geometry":{"type":"Polygon","coordinates":[[[0,0],[100,0],[100,50],[0,50],[0,0]]]},
+             "properties":{"classification":{"name":"stroma"}}},
+            {"type":"Feature","geometry":{"type":"Polygon","coordinates":[[[0,0],[10,0],[0,10],[0,0]]]},
+             "properties":{"class":"tumour"}}]}"#;
+        let r = parse_regions(json).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].class, "stroma");
+        assert!(r[0].contains(50.0, 25.0));
+        assert!(!r[0].contains(150.0, 25.0));
+        assert!(r[0].contains_square(10.0, 10.0, 30.0));
+        assert!(!r[0].contains_square(80.0, 10.0, 30.0));
+        // Triangle: the square's far corner is outside.
+        assert!(!r[1].contains_square(0.0, 0.0, 8.0));
+        assert!(r[1].contains_square(0.5, 0.5, 4.0));
+        assert!(parse_regions(b"{}").is_err());
+        assert!(parse_regions(br#"{"features":[{"geometry":{"type":"Point","coordinates":[1,2]},"properties":{"class":"a"}}]}"#).is_err());
+    }
+}

@@ -1,0 +1,833 @@
+//! DMSL training and evaluation: Adam on α·CE + β·SIM over pairs (the paper: lr 1e-3, batch 32,
+//! α = β = 0.5, fusion weights 0.5 each), with the paper's comparison modes (SIM, MM without the SIM
+//! loss, and single-magnification baselines), pair augmentation (flips, quarter turns, colour jitter,
+//! grey), k-fold cross-validation over source groups, and the run-folder habits of the magnification
+//! model: a checkpoint per epoch, the best by validation loss, resume, a JSON-lines log, a report.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{AdamW, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use image::RgbImage;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::metrics::ClassificationMetrics;
+use super::model::{DmslLayout, DmslModel, ModelError, TASK};
+use crate::data::augment::{AugmentConfig, augment_pair};
+use crate::data::manifest::{Manifest, ManifestError, Split};
+use crate::data::pairs::{PairDataset, PairError, PairRecord, load_dataset};
+use crate::data::tensor::to_tensor;
+use crate::nn::backbone::{Arch, Backbone, build};
+use crate::nn::checkpoint::{
+    CheckpointError, CheckpointMeta, FORMAT_VERSION, LoadOptions, Normalization, Provenance,
+    load_into, read_meta, to_bytes,
+};
+use crate::nn::dmsl::{Dmsl, DmslOutput, loss};
+use crate::nn::vars;
+use crate::util::fs::write_atomic;
+pub use crate::util::run::Start;
+use crate::util::run::{Plateau, RunFiles, append_line, read_json, write_json};
+
+/// Which branches train, and with which loss: the paper's comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Both magnifications, α·CE + β·SIM.
+    Sim,
+    /// Both magnifications, CE only (the paper's "MM").
+    Mm,
+    /// The high magnification alone.
+    High,
+    /// The low magnification alone.
+    Low,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s.to_ascii_lowercase().as_str() {
+            "sim" => Some(Mode::Sim),
+            "mm" => Some(Mode::Mm),
+            "high" => Some(Mode::High),
+            "low" => Some(Mode::Low),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DmslTrainConfig {
+    pub arch: Arch,
+    pub mode: Mode,
+    pub start: Start,
+    /// Train the classifiers only, on the backbones' (evaluation-mode) features.
+    pub freeze_backbone: bool,
+    /// Fusion weights of the high and the low branch.
+    pub weights: [f64; 2],
+    pub alpha: f64,
+    pub beta: f64,
+    pub batch: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    /// 0 is Adam (the paper); AdamW's decoupled decay otherwise.
+    pub weight_decay: f64,
+    pub patience: usize,
+    pub min_lr: f64,
+    pub augment: AugmentConfig,
+    pub grey_probability: f32,
+    /// Cap on training steps per epoch (None: the whole training split).
+    pub steps_per_epoch: Option<usize>,
+    /// Cross-validation: (fold, folds). The training and validation groups are pooled and fold
+    /// `fold` of `folds` becomes the validation set; the test split is never touched.
+    pub fold: Option<(usize, usize)>,
+    pub seed: u64,
+}
+
+impl DmslTrainConfig {
+    /// The paper's settings.
+    pub fn new(arch: Arch) -> Self {
+        DmslTrainConfig {
+            arch,
+            mode: Mode::Sim,
+            start: Start::Random,
+            freeze_backbone: false,
+            weights: [0.5, 0.5],
+            alpha: 0.5,
+            beta: 0.5,
+            batch: 32,
+            epochs: 30,
+            lr: 1e-3,
+            weight_decay: 0.0,
+            patience: 5,
+            min_lr: 1e-6,
+            augment: AugmentConfig {
+                flips: true,
+                max_rotation_deg: 90.0,
+                stain: 0.1,
+                brightness: 0.08,
+                blur_probability: 0.0,
+                jpeg_probability: 0.0,
+            },
+            grey_probability: 0.1,
+            steps_per_epoch: None,
+            fold: None,
+            seed: 0,
+        }
+    }
+
+    fn normalization(&self) -> Normalization {
+        match (&self.start, self.arch) {
+            (Start::Imagenet(_), Arch::EfficientnetLite0) => Normalization::TFLITE,
+            _ => Normalization::IMAGENET,
+        }
+    }
+
+    /// The branches this mode trains, as magnifications, and their fusion weights.
+    pub fn layout(&self, d: &PairDataset) -> DmslLayout {
+        let g = d.geometry;
+        let (branch_magnifications, weights) = match self.mode {
+            Mode::Sim | Mode::Mm => (
+                vec![g.high_magnification, g.low_magnification],
+                self.weights.to_vec(),
+            ),
+            Mode::High => (vec![g.high_magnification], vec![1.0]),
+            Mode::Low => (vec![g.low_magnification], vec![1.0]),
+        };
+        DmslLayout {
+            geometry: g,
+            branch_magnifications,
+            weights,
+        }
+    }
+
+    fn effective_beta(&self) -> f64 {
+        if self.mode == Mode::Sim {
+            self.beta
+        } else {
+            0.0
+        }
+    }
+}
+
+/// One epoch's line in `log.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DmslEpochLog {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub train_ce: f64,
+    pub train_sim: f64,
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+    pub val_f1: Option<f64>,
+    pub val_auc: Option<f64>,
+    pub lr: f64,
+    pub pairs_per_second: f64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone)]
+pub enum DmslTrainEvent {
+    Step {
+        epoch: usize,
+        step: usize,
+        steps: usize,
+        loss: f64,
+        pairs_per_second: f64,
+    },
+    Epoch(DmslEpochLog),
+    Info(String),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct State {
+    epoch: usize,
+    lr: f64,
+    #[serde(flatten)]
+    plateau: Plateau,
+    best_val: Option<f64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DmslTrainError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Pairs(#[from] PairError),
+    #[error("the training split of the manifest is empty")]
+    NoTrainingData,
+    #[error("cannot read the image {}: {message}", path.display())]
+    Image { path: PathBuf, message: String },
+    #[error("{}: class {class:?} is not among the dataset's classes", path.display())]
+    UnknownClass { path: PathBuf, class: String },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the loss became {loss} at epoch {epoch}, step {step}: training stopped; the last good \
+         checkpoint is kept"
+    )]
+    NonFinite {
+        epoch: usize,
+        step: usize,
+        loss: f64,
+    },
+    #[error("the run in {} was made with another configuration: start a new run folder, or resume with the same options", .0.display())]
+    ConfigMismatch(PathBuf),
+    #[error("{0}")]
+    Config(String),
+    #[error("model error: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DmslOutcome {
+    pub epochs_done: usize,
+    pub stopped: bool,
+    pub best_val_loss: Option<f64>,
+    pub last: PathBuf,
+    pub best: Option<PathBuf>,
+}
+
+/// The pairs of a manifest with their class indices, split for training (folds applied).
+struct Data {
+    manifest: Manifest<PairRecord>,
+    dataset: PairDataset,
+    train: Vec<usize>,
+    val: Vec<usize>,
+    labels: Vec<usize>,
+}
+
+fn load_data(
+    manifest_path: &Path,
+    fold: Option<(usize, usize)>,
+    seed: u64,
+) -> Result<Data, DmslTrainError> {
+    let manifest: Manifest<PairRecord> = Manifest::load(manifest_path)?;
+    manifest.check_disjoint()?;
+    let dataset = load_dataset(manifest_path)?;
+    let labels = manifest
+        .records
+        .iter()
+        .map(|r| {
+            dataset
+                .classes
+                .iter()
+                .position(|c| *c == r.class)
+                .ok_or_else(|| DmslTrainError::UnknownClass {
+                    path: manifest_path.to_path_buf(),
+                    class: r.class.clone(),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    match fold {
+        None => {
+            for (i, r) in manifest.records.iter().enumerate() {
+                match r.split {
+                    Split::Train => train.push(i),
+                    Split::Val => val.push(i),
+                    Split::Test => {}
+                }
+            }
+        }
+        Some((k, folds)) => {
+            if folds < 2 || k >= folds {
+                return Err(DmslTrainError::Config(format!(
+                    "fold {k} of {folds}: need 2 or more folds and a fold below their number"
+                )));
+            }
+            let mut groups: Vec<&str> = manifest
+                .records
+                .iter()
+                .filter(|r| r.split != Split::Test)
+                .map(|r| r.source.as_str())
+                .collect();
+            groups.sort_unstable();
+            groups.dedup();
+            groups.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+            for (i, r) in manifest.records.iter().enumerate() {
+                if r.split == Split::Test {
+                    continue;
+                }
+                let rank = groups.iter().position(|g| *g == r.source).unwrap_or(0);
+                if rank % folds == k {
+                    val.push(i);
+                } else {
+                    train.push(i);
+                }
+            }
+        }
+    }
+    if train.is_empty() {
+        return Err(DmslTrainError::NoTrainingData);
+    }
+    Ok(Data {
+        manifest,
+        dataset,
+        train,
+        val,
+        labels,
+    })
+}
+
+/// Reads the images a layout needs for the given records: one list per branch (high, then low).
+fn load_inputs(
+    data: &Data,
+    layout: &DmslLayout,
+    idx: &[usize],
+    augment: Option<(&AugmentConfig, f32, &[u64])>,
+) -> Result<Vec<Vec<RgbImage>>, DmslTrainError> {
+    let g = layout.geometry;
+    let pairs: Vec<Vec<RgbImage>> = idx
+        .par_iter()
+        .enumerate()
+        .map(|(k, &i)| {
+            let r = &data.manifest.records[i];
+            let read = |rel: &str, size: u32| -> Result<RgbImage, DmslTrainError> {
+                let path = data.manifest.resolve_path(rel);
+                let img = image::open(&path)
+                    .map_err(|e| DmslTrainError::Image {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?
+                    .to_rgb8();
+                if img.dimensions() != (size, size) {
+                    return Err(DmslTrainError::Image {
+                        path,
+                        message: format!(
+                            "is {}x{}, the dataset's geometry needs {size}x{size}",
+                            img.width(),
+                            img.height()
+                        ),
+                    });
+                }
+                Ok(img)
+            };
+            let images = layout
+                .branch_magnifications
+                .iter()
+                .map(|&m| {
+                    if m < g.high_magnification {
+                        read(&r.low, g.low_px())
+                    } else {
+                        read(&r.high, g.high_px())
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(match augment {
+                Some((cfg, grey, seeds)) => {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(seeds[k]);
+                    augment_pair(&images, cfg, grey, &mut rng)
+                }
+                None => images,
+            })
+        })
+        .collect::<Result<_, DmslTrainError>>()?;
+    // Transpose: per pair → per branch.
+    let branches = layout.branch_magnifications.len();
+    let mut out: Vec<Vec<RgbImage>> = (0..branches)
+        .map(|_| Vec::with_capacity(idx.len()))
+        .collect();
+    for pair in pairs {
+        for (b, img) in pair.into_iter().enumerate() {
+            out[b].push(img);
+        }
+    }
+    Ok(out)
+}
+
+/// Trains (or resumes) the run in `dir` on the pairs manifest. `stop` is checked after every step.
+pub fn train(
+    manifest_path: &Path,
+    cfg: &DmslTrainConfig,
+    dir: &Path,
+    device: &Device,
+    stop: &AtomicBool,
+    mut on_event: impl FnMut(DmslTrainEvent),
+) -> Result<DmslOutcome, DmslTrainError> {
+    if cfg.batch == 0 || !(cfg.lr > 0.0) || !(cfg.alpha >= 0.0) || !(cfg.beta >= 0.0) {
+        return Err(DmslTrainError::Config(
+            "batch and learning rate must be positive, α and β not negative".into(),
+        ));
+    }
+    let data = load_data(manifest_path, cfg.fold, cfg.seed)?;
+    let layout = cfg.layout(&data.dataset);
+    let min_input = cfg.arch.min_input() as u32;
+    if layout.input_sizes().iter().any(|&s| s < min_input) {
+        return Err(DmslTrainError::Config(format!(
+            "{} needs inputs of at least {min_input} px; the dataset's pairs are {:?} px",
+            cfg.arch.name(),
+            layout.input_sizes()
+        )));
+    }
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DmslTrainError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let files = RunFiles::new(dir);
+
+    let mut state = State {
+        lr: cfg.lr,
+        ..State::default()
+    };
+    if files.state.exists() {
+        let old: DmslTrainConfig = read_json(&files.config).map_err(io(&files.config))?;
+        if old != *cfg {
+            return Err(DmslTrainError::ConfigMismatch(dir.to_path_buf()));
+        }
+        state = read_json(&files.state).map_err(io(&files.state))?;
+        on_event(DmslTrainEvent::Info(format!(
+            "resuming after epoch {} (learning rate {:.2e})",
+            state.epoch, state.lr
+        )));
+    } else {
+        write_json(&files.config, cfg).map_err(io(&files.config))?;
+    }
+
+    let classes = data.dataset.classes.len();
+    let vars = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, DType::F32, device);
+    let model = Dmsl::new(cfg.arch, classes, &layout.weights, vb)?;
+    let branches = layout.branch_magnifications.len();
+    if state.epoch > 0 {
+        let bytes = std::fs::read(&files.last).map_err(io(&files.last))?;
+        load_into(&bytes, &vars, &LoadOptions::default())?;
+    } else {
+        load_start(&cfg.start, cfg.arch, branches, &vars)?;
+    }
+    // Frozen backbones run on detached copies of their weights (no gradient, the fast CPU path).
+    let frozen: Vec<Box<dyn Backbone>> = if cfg.freeze_backbone {
+        (0..branches)
+            .map(|b| {
+                let vb = vars::detached(&vars, &format!("branches.{b}.backbone."), device)?;
+                build(cfg.arch, vb)
+            })
+            .collect::<candle_core::Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    let trainable = vars::selected(&vars, |n| !cfg.freeze_backbone || n.contains(".fc."))?;
+    let mut opt = AdamW::new(
+        trainable,
+        ParamsAdamW {
+            lr: state.lr,
+            weight_decay: cfg.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    let ctx = Ctx {
+        data: &data,
+        layout: &layout,
+        cfg,
+        device,
+        norm: cfg.normalization(),
+        model: &model,
+        frozen: &frozen,
+    };
+    let save = |path: &Path, epoch: usize, log: &DmslEpochLog| -> Result<(), DmslTrainError> {
+        let meta = checkpoint_meta(cfg, manifest_path, &data.dataset, &layout, epoch, log);
+        let bytes = to_bytes(&vars, &meta, false)?;
+        write_atomic(path, &bytes).map_err(io(path))
+    };
+
+    let mut stopped = false;
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(cfg.seed ^ (state.epoch as u64).wrapping_mul(0x9e37));
+    for epoch in state.epoch + 1..=cfg.epochs {
+        let started = Instant::now();
+        let mut order = data.train.clone();
+        order.shuffle(&mut rng);
+        let mut batches: Vec<&[usize]> = order.chunks(cfg.batch).collect();
+        if let Some(cap) = cfg.steps_per_epoch {
+            batches.truncate(cap.max(1));
+        }
+        let steps = batches.len();
+        let (mut sums, mut seen) = ([0.0f64; 3], 0usize);
+        for (step, idx) in batches.into_iter().enumerate() {
+            let seeds: Vec<u64> = idx.iter().map(|_| rng.random()).collect();
+            let images = load_inputs(
+                &data,
+                &layout,
+                idx,
+                Some((&cfg.augment, cfg.grey_probability, &seeds)),
+            )?;
+            let (l, parts) = ctx.loss(&images, idx, true)?;
+            let value = f64::from(l.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+            if !value.is_finite() {
+                return Err(DmslTrainError::NonFinite {
+                    epoch,
+                    step,
+                    loss: value,
+                });
+            }
+            opt.backward_step(&l)?;
+            let n = idx.len() as f64;
+            for (s, v) in sums.iter_mut().zip([value, parts.0, parts.1]) {
+                *s += v * n;
+            }
+            seen += idx.len();
+            on_event(DmslTrainEvent::Step {
+                epoch,
+                step: step + 1,
+                steps,
+                loss: value,
+                pairs_per_second: seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            });
+            if stop.load(Ordering::Relaxed) {
+                stopped = true;
+                break;
+            }
+        }
+        if stopped {
+            on_event(DmslTrainEvent::Info(format!(
+                "stopped during epoch {epoch}; the checkpoint of epoch {} is kept",
+                state.epoch
+            )));
+            break;
+        }
+        let seen_f = seen.max(1) as f64;
+        let pairs_per_second = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let val = if data.val.is_empty() {
+            None
+        } else {
+            Some(ctx.evaluate(&data.val)?)
+        };
+        let train_loss = sums[0] / seen_f;
+        let monitored = val.as_ref().map_or(train_loss, |v| v.0);
+        if !monitored.is_finite() || !vars::all_finite(&vars)? {
+            return Err(DmslTrainError::NonFinite {
+                epoch,
+                step: steps,
+                loss: monitored,
+            });
+        }
+        if let Some(lr) = state
+            .plateau
+            .update(monitored, state.lr, cfg.patience, cfg.min_lr)
+        {
+            state.lr = lr;
+            opt.set_learning_rate(lr);
+            on_event(DmslTrainEvent::Info(format!(
+                "learning rate halved to {lr:.2e}"
+            )));
+        }
+        let log = DmslEpochLog {
+            epoch,
+            train_loss,
+            train_ce: sums[1] / seen_f,
+            train_sim: sums[2] / seen_f,
+            val_loss: val.as_ref().map(|v| v.0),
+            val_accuracy: val.as_ref().map(|v| v.1.accuracy),
+            val_f1: val.as_ref().map(|v| v.1.f1),
+            val_auc: val.as_ref().map(|v| v.1.auc).filter(|a| a.is_finite()),
+            lr: state.lr,
+            pairs_per_second,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        save(&files.last, epoch, &log)?;
+        if state.best_val.is_none_or(|b| monitored < b) {
+            state.best_val = Some(monitored);
+            save(&files.best, epoch, &log)?;
+        }
+        state.epoch = epoch;
+        write_json(&files.state, &state).map_err(io(&files.state))?;
+        append_line(&files.log, &log).map_err(io(&files.log))?;
+        on_event(DmslTrainEvent::Epoch(log));
+    }
+    Ok(DmslOutcome {
+        epochs_done: state.epoch,
+        stopped,
+        best_val_loss: state.best_val,
+        best: files.best.exists().then(|| files.best.clone()),
+        last: files.last.clone(),
+    })
+}
+
+/// Loads the starting weights into every branch.
+fn load_start(
+    start: &Start,
+    arch: Arch,
+    branches: usize,
+    vars: &VarMap,
+) -> Result<(), DmslTrainError> {
+    let read = |p: &PathBuf| {
+        std::fs::read(p).map_err(|source| DmslTrainError::Io {
+            path: p.clone(),
+            source,
+        })
+    };
+    match start {
+        Start::Random => {}
+        Start::Imagenet(p) => {
+            let bytes = read(p)?;
+            for b in 0..branches {
+                let opts = LoadOptions {
+                    ignore_prefixes: vec!["_fc.".into(), "fc.".into()],
+                    model_prefix: format!("branches.{b}.backbone."),
+                    ..Default::default()
+                };
+                load_into(&bytes, vars, &opts)?;
+            }
+        }
+        Start::Checkpoint(p) => {
+            let bytes = read(p)?;
+            let meta = read_meta(&bytes)?;
+            if meta.arch != arch || meta.task != TASK {
+                return Err(DmslTrainError::Config(format!(
+                    "{} holds a {} {} model, not a {} DMSL model",
+                    p.display(),
+                    meta.arch.name(),
+                    meta.task,
+                    arch.name()
+                )));
+            }
+            load_into(&bytes, vars, &LoadOptions::default())?;
+        }
+    }
+    Ok(())
+}
+
+fn checkpoint_meta(
+    cfg: &DmslTrainConfig,
+    manifest: &Path,
+    dataset: &PairDataset,
+    layout: &DmslLayout,
+    epoch: usize,
+    log: &DmslEpochLog,
+) -> CheckpointMeta {
+    let mut metrics = std::collections::BTreeMap::new();
+    for (k, v) in [
+        ("train_loss", Some(log.train_loss)),
+        ("val_loss", log.val_loss),
+        ("val_accuracy", log.val_accuracy),
+        ("val_f1", log.val_f1),
+        ("val_auc", log.val_auc),
+    ] {
+        if let Some(v) = v.filter(|v| v.is_finite()) {
+            metrics.insert(k.to_string(), v);
+        }
+    }
+    let side = layout.input_sizes()[0] as usize;
+    CheckpointMeta {
+        format_version: FORMAT_VERSION,
+        arch: cfg.arch,
+        task: TASK.into(),
+        input_size: [side, side],
+        normalization: cfg.normalization(),
+        classes: dataset.classes.clone(),
+        magnification_range: None,
+        constants: layout.to_constants(),
+        provenance: Provenance {
+            data: manifest.display().to_string(),
+            epochs: epoch,
+            metrics,
+            software: format!("histolens {}", env!("CARGO_PKG_VERSION")),
+            notes: format!(
+                "mode {:?}, start {:?}, frozen backbone {}, α {} β {}",
+                cfg.mode, cfg.start, cfg.freeze_backbone, cfg.alpha, cfg.beta
+            ),
+        },
+    }
+}
+
+struct Ctx<'a> {
+    data: &'a Data,
+    layout: &'a DmslLayout,
+    cfg: &'a DmslTrainConfig,
+    device: &'a Device,
+    norm: Normalization,
+    model: &'a Dmsl,
+    frozen: &'a [Box<dyn Backbone>],
+}
+
+impl Ctx<'_> {
+    /// The model's forward pass, or the classifiers on the frozen backbones' features.
+    fn forward(&self, inputs: &[Tensor], train: bool) -> candle_core::Result<DmslOutput> {
+        if self.frozen.is_empty() {
+            return self.model.forward(inputs, train);
+        }
+        let mut logits = Vec::with_capacity(inputs.len());
+        let mut features = Vec::with_capacity(inputs.len());
+        for ((b, x), branch) in self.frozen.iter().zip(inputs).zip(&self.model.branches) {
+            let f = b.forward(x, false)?;
+            logits.push(branch.classifier.forward(&f.pooled)?);
+            features.push(f);
+        }
+        Ok(DmslOutput { logits, features })
+    }
+
+    /// The loss of a batch and its parts (CE, SIM).
+    fn loss(
+        &self,
+        images: &[Vec<RgbImage>],
+        idx: &[usize],
+        train: bool,
+    ) -> Result<(Tensor, (f64, f64)), DmslTrainError> {
+        let inputs: Vec<Tensor> = images
+            .iter()
+            .map(|b| to_tensor(b, self.norm, self.device))
+            .collect::<candle_core::Result<_>>()?;
+        let out = self.forward(&inputs, train)?;
+        let y: Vec<u32> = idx.iter().map(|&i| self.data.labels[i] as u32).collect();
+        let y = Tensor::from_vec(y, idx.len(), self.device)?;
+        let l = loss(
+            &out,
+            &self.model.weights,
+            &y,
+            self.cfg.alpha,
+            self.cfg.effective_beta(),
+        )?;
+        Ok((l.total, (l.ce, l.sim)))
+    }
+
+    /// Mean loss and metrics over records (no augmentation, evaluation mode).
+    fn evaluate(&self, set: &[usize]) -> Result<(f64, ClassificationMetrics), DmslTrainError> {
+        let mut loss_sum = 0.0;
+        let mut probs = Vec::with_capacity(set.len());
+        for chunk in set.chunks(self.cfg.batch) {
+            let images = load_inputs(self.data, self.layout, chunk, None)?;
+            let inputs: Vec<Tensor> = images
+                .iter()
+                .map(|b| to_tensor(b, self.norm, self.device))
+                .collect::<candle_core::Result<_>>()?;
+            let out = self.forward(&inputs, false)?;
+            let y: Vec<u32> = chunk.iter().map(|&i| self.data.labels[i] as u32).collect();
+            let y = Tensor::from_vec(y, chunk.len(), self.device)?;
+            let l = loss(
+                &out,
+                &self.model.weights,
+                &y,
+                self.cfg.alpha,
+                self.cfg.effective_beta(),
+            )?;
+            let v = f64::from(l.total.detach().to_dtype(DType::F32)?.to_scalar::<f32>()?);
+            loss_sum += v * chunk.len() as f64;
+            let p: Vec<Vec<f32>> = out
+                .fused_probs(&self.model.weights)?
+                .detach()
+                .to_dtype(DType::F32)?
+                .to_vec2()?;
+            probs.extend(p);
+        }
+        let labels: Vec<usize> = set.iter().map(|&i| self.data.labels[i]).collect();
+        Ok((
+            loss_sum / set.len().max(1) as f64,
+            ClassificationMetrics::compute(&probs, &labels, self.data.dataset.classes.len()),
+        ))
+    }
+}
+
+/// What `evaluate` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct DmslReport {
+    pub model: String,
+    pub split: String,
+    pub classes: Vec<String>,
+    pub metrics: ClassificationMetrics,
+    pub pairs_per_second: f64,
+}
+
+/// Evaluates a trained model on one split of a pairs manifest.
+pub fn evaluate(
+    model_path: &Path,
+    manifest_path: &Path,
+    split: Split,
+    device: &Device,
+    batch: usize,
+) -> Result<DmslReport, DmslTrainError> {
+    let model = DmslModel::load(model_path, device)?;
+    let data = load_data(manifest_path, None, 0)?;
+    if model.classes() != data.dataset.classes.as_slice() {
+        return Err(DmslTrainError::Config(format!(
+            "the model's classes {:?} differ from the dataset's {:?}",
+            model.classes(),
+            data.dataset.classes
+        )));
+    }
+    if model.geometry() != data.dataset.geometry {
+        return Err(DmslTrainError::Config(format!(
+            "the model was trained on {:?} pairs, the dataset holds {:?}",
+            model.geometry(),
+            data.dataset.geometry
+        )));
+    }
+    let set: Vec<usize> = (0..data.manifest.records.len())
+        .filter(|&i| data.manifest.records[i].split == split)
+        .collect();
+    if set.is_empty() {
+        return Err(DmslTrainError::Config(format!(
+            "the {} split of {} is empty",
+            split.name(),
+            manifest_path.display()
+        )));
+    }
+    let started = Instant::now();
+    let mut probs = Vec::with_capacity(set.len());
+    for chunk in set.chunks(batch.max(1)) {
+        let images = load_inputs(&data, &model.layout, chunk, None)?;
+        let inputs: Vec<Tensor> = images
+            .iter()
+            .map(|b| to_tensor(b, model.meta.normalization, device))
+            .collect::<candle_core::Result<_>>()?;
+        probs.extend(model.predict_inputs(&inputs)?);
+    }
+    let labels: Vec<usize> = set.iter().map(|&i| data.labels[i]).collect();
+    Ok(DmslReport {
+        model: model_path.display().to_string(),
+        split: split.name().into(),
+        classes: data.dataset.classes.clone(),
+        metrics: ClassificationMetrics::compute(&probs, &labels, data.dataset.classes.len()),
+        pairs_per_second: set.len() as f64 / started.elapsed().as_secs_f64().max(1e-9),
+    })
+}

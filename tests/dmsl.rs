@@ -1,0 +1,333 @@
+//! DMSL end to end on the bundled CC0 slide: the pair builder over labelled regions, a short real
+//! training run with resume and evaluation, and slide heatmaps with the shipped demo model (sidecar,
+//! cancel and resume, exports).
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::Device;
+use histolens::data::manifest::Manifest;
+use histolens::data::pairs::{
+    PairConfig, PairGeometry, PairRecord, SlideSource, build, load_dataset, read_field,
+    read_regions,
+};
+use histolens::dmsl::DmslModel;
+use histolens::dmsl::heatmap::{
+    CellState, Heatmap, HeatmapOptions, compute, content_id, header_for, mark_background,
+};
+use histolens::dmsl::train::{DmslTrainConfig, DmslTrainEvent, Mode, evaluate, train};
+use histolens::nn::Arch;
+use histolens::slide::Slide;
+
+fn regions_file() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/models/dmsl-demo-regions.geojson")
+}
+
+/// 20x + 5x over a 64 µm field: 128 px and 32 px (small, so that the tests train quickly).
+const GEOMETRY: PairGeometry = PairGeometry {
+    high_magnification: 20.0,
+    low_magnification: 5.0,
+    field_um: 64.0,
+};
+
+fn pairs() -> &'static (tempfile::TempDir, Manifest<PairRecord>) {
+    static DS: OnceLock<(tempfile::TempDir, Manifest<PairRecord>)> = OnceLock::new();
+    DS.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let slides = [SlideSource {
+            path: common::sample_slide(),
+            mpp: 0.499,
+            regions: read_regions(&regions_file()).unwrap(),
+        }];
+        let cfg = PairConfig {
+            geometry: GEOMETRY,
+            stride: 1.0,
+            seed: 3,
+            ..Default::default()
+        };
+        let (manifest, _) = build(&slides, &[], dir.path(), &cfg, |_| {}).unwrap();
+        (dir, manifest)
+    })
+}
+
+fn rect(region: &str) -> [f64; 4] {
+    let v: Vec<f64> = region.split(',').map(|s| s.parse().unwrap()).collect();
+    [v[0], v[1], v[2], v[3]]
+}
+
+/// Both images of a pair cover the same field: the low image equals the slide read directly at the
+/// low magnification over the recorded rectangle, and the recorded rectangle lies in its region.
+#[test]
+fn pairs_cover_the_same_field_at_two_magnifications() {
+    let (dir, manifest) = pairs();
+    let dataset = load_dataset(&dir.path().join("pairs.csv")).unwrap();
+    assert_eq!(dataset.classes, ["background", "epithelium", "stroma"]);
+    assert!(
+        manifest.records.len() > 30,
+        "{} pairs",
+        manifest.records.len()
+    );
+    manifest.check_disjoint().unwrap();
+    let regions = read_regions(&regions_file()).unwrap();
+    let slide = Slide::open(common::sample_slide()).unwrap();
+    for r in manifest.records.iter().step_by(7) {
+        let [x, y, w, h] = rect(&r.region);
+        // 64 µm at 0.499 µm/px.
+        assert!((w - 128.3).abs() < 1.0 && w == h, "{}", r.region);
+        let in_a_region = regions
+            .iter()
+            .any(|g| g.class == r.class && g.contains_square(x, y, w));
+        assert!(
+            in_a_region,
+            "{} is not inside a {} region",
+            r.region, r.class
+        );
+        let high = image::open(manifest.resolve_path(&r.high))
+            .unwrap()
+            .to_rgb8();
+        let low = image::open(manifest.resolve_path(&r.low))
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(high.dimensions(), (128, 128));
+        assert_eq!(low.dimensions(), (32, 32));
+        let direct = read_field(&slide, x, y, w, 32).unwrap();
+        let diff: f64 = low
+            .pixels()
+            .zip(direct.pixels())
+            .map(|(a, b)| {
+                (0..3)
+                    .map(|c| f64::from(a.0[c].abs_diff(b.0[c])))
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / (32.0 * 32.0 * 3.0);
+        assert!(
+            diff < 6.0,
+            "low image differs from the slide by {diff:.1} levels"
+        );
+        // And the high image's mean colour matches the low one's (same content, other resolution).
+        let mean = |img: &image::RgbImage| {
+            img.pixels().map(|p| f64::from(p.0[0])).sum::<f64>()
+                / f64::from(img.width() * img.height())
+        };
+        assert!((mean(&high) - mean(&low)).abs() < 3.0);
+    }
+    // Every class reaches the training split, and each region (group) sits in one split only.
+    for c in &dataset.classes {
+        assert!(
+            manifest
+                .records
+                .iter()
+                .any(|r| r.class == *c && r.split == histolens::data::Split::Train)
+        );
+    }
+}
+
+fn small_config(mode: Mode) -> DmslTrainConfig {
+    let mut cfg = DmslTrainConfig::new(Arch::Resnet18);
+    cfg.mode = mode;
+    cfg.batch = 8;
+    cfg.epochs = 2;
+    cfg.steps_per_epoch = Some(3);
+    cfg.seed = 1;
+    cfg
+}
+
+/// A short real run trains, logs, checkpoints, resumes from its checkpoint, and evaluates.
+#[test]
+fn training_resumes_and_evaluates() {
+    let (dir, _) = pairs();
+    let manifest = dir.path().join("pairs.csv");
+    let run = tempfile::tempdir().unwrap();
+    let cfg = small_config(Mode::Sim);
+    let stop = AtomicBool::new(false);
+    let mut sims = Vec::new();
+    let out = train(&manifest, &cfg, run.path(), &Device::Cpu, &stop, |e| {
+        if let DmslTrainEvent::Epoch(l) = e {
+            sims.push(l.train_sim);
+        }
+    })
+    .unwrap();
+    assert_eq!(out.epochs_done, 2);
+    assert!(
+        sims.iter().all(|s| *s > 0.0),
+        "the SIM loss is part of training: {sims:?}"
+    );
+    let log = std::fs::read_to_string(run.path().join("log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 2);
+    // Resume: two more epochs continue from epoch 2.
+    let mut more = cfg.clone();
+    more.epochs = 3;
+    let mut resumed = String::new();
+    // A changed configuration is refused; the same one with more epochs is a new run folder's job.
+    assert!(train(&manifest, &more, run.path(), &Device::Cpu, &stop, |_| {}).is_err());
+    let run2 = tempfile::tempdir().unwrap();
+    train(&manifest, &more, run2.path(), &Device::Cpu, &stop, |_| {}).unwrap();
+    // Interrupt after the first step of epoch 3 is simulated by a state at epoch 2: resume from it.
+    let state = run2.path().join("state.json");
+    let mut s: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    s["epoch"] = 2.into();
+    std::fs::write(&state, serde_json::to_vec(&s).unwrap()).unwrap();
+    let out = train(&manifest, &more, run2.path(), &Device::Cpu, &stop, |e| {
+        if let DmslTrainEvent::Info(i) = e {
+            resumed = i;
+        }
+    })
+    .unwrap();
+    assert_eq!(out.epochs_done, 3);
+    assert!(resumed.contains("resuming after epoch 2"), "{resumed}");
+    let model = out.best.unwrap_or(out.last);
+    let report = evaluate(
+        &model,
+        &manifest,
+        histolens::data::Split::Test,
+        &Device::Cpu,
+        8,
+    )
+    .unwrap();
+    assert_eq!(report.metrics.confusion.len(), 3);
+    assert!(report.metrics.n > 0);
+    assert!((0.0..=1.0).contains(&report.metrics.accuracy));
+}
+
+/// The single-branch baselines and the MM mode train through the same code.
+#[test]
+fn single_branch_and_mm_modes_train() {
+    let (dir, _) = pairs();
+    let manifest = dir.path().join("pairs.csv");
+    for mode in [Mode::Mm, Mode::Low] {
+        let run = tempfile::tempdir().unwrap();
+        let mut cfg = small_config(mode);
+        cfg.epochs = 1;
+        cfg.steps_per_epoch = Some(1);
+        let mut sim = f64::NAN;
+        train(
+            &manifest,
+            &cfg,
+            run.path(),
+            &Device::Cpu,
+            &AtomicBool::new(false),
+            |e| {
+                if let DmslTrainEvent::Epoch(l) = e {
+                    sim = l.train_sim;
+                }
+            },
+        )
+        .unwrap();
+        assert_eq!(sim, 0.0, "{mode:?} has no SIM term");
+        let model = DmslModel::load(&run.path().join("last.safetensors"), &Device::Cpu).unwrap();
+        let n = if mode == Mode::Low { 1 } else { 2 };
+        assert_eq!(model.layout.branch_magnifications.len(), n);
+    }
+}
+
+fn demo_model() -> Option<(PathBuf, Vec<u8>)> {
+    let p = histolens::default_dmsl_model()?;
+    let bytes = std::fs::read(&p).ok()?;
+    Some((p, bytes))
+}
+
+/// The demo model over the sample slide: tissue cells get probabilities summing to 1, glass is
+/// skipped, the sidecar reloads identically, and a cancelled run resumes without recomputing.
+#[test]
+fn heatmap_of_the_sample_slide_with_the_demo_model() {
+    let Some((_, bytes)) = demo_model() else {
+        panic!("the demo model assets/models/dmsl-demo.safetensors is missing");
+    };
+    let model = DmslModel::from_bytes(&bytes, &Device::Cpu).unwrap();
+    let slide = Slide::open(common::sample_slide()).unwrap();
+    let header = header_for(&slide, 0.499, &model, &content_id(&bytes));
+    let mut heatmap = Heatmap::new(header.clone());
+    let opts = HeatmapOptions::default();
+    mark_background(&slide, &mut heatmap, opts.max_background).unwrap();
+    let background = heatmap.count(CellState::Background);
+    assert!(
+        background > heatmap.header.grid.len() / 4,
+        "glass around the tissue is skipped"
+    );
+    let pending = heatmap.count(CellState::Pending);
+    assert!(pending > 10);
+
+    // Cancel after the first batch.
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = dir.path().join("s.heatmap.safetensors");
+    let stop = AtomicBool::new(false);
+    let first = compute(
+        &slide,
+        &model,
+        &mut heatmap,
+        &opts,
+        Some(&sidecar),
+        &|| None,
+        &stop,
+        |_, _| stop.store(true, Ordering::Relaxed),
+    )
+    .unwrap();
+    assert!(first.cancelled);
+    let done_first = heatmap.count(CellState::Done);
+    assert!(done_first > 0 && done_first <= opts.batch);
+    let mut resumed = Heatmap::load_matching(&sidecar, &header).unwrap().unwrap();
+    assert_eq!(resumed, heatmap);
+    let stop = AtomicBool::new(false);
+    let second = compute(
+        &slide,
+        &model,
+        &mut resumed,
+        &opts,
+        Some(&sidecar),
+        &|| None,
+        &stop,
+        |_, _| {},
+    )
+    .unwrap();
+    assert!(resumed.is_complete());
+    assert_eq!(
+        second.computed + second.skipped_background + first.computed + first.skipped_background,
+        pending,
+        "finished cells are not computed again"
+    );
+    let k = resumed.classes();
+    for cell in 0..resumed.header.grid.len() {
+        if let Some(p) = resumed.probs_at(cell) {
+            assert_eq!(p.len(), k);
+            let sum: f32 = p.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-4, "cell {cell} sums to {sum}");
+        }
+    }
+    let reloaded = Heatmap::load_matching(&sidecar, &header).unwrap().unwrap();
+    assert_eq!(reloaded, resumed);
+
+    // The demo model sees epithelium where the labelled epidermis is (a region centre).
+    let epi = model
+        .classes()
+        .iter()
+        .position(|c| c == "epithelium")
+        .unwrap();
+    let cell = resumed.header.grid.cell_at(1150.0, 1930.0).unwrap();
+    if let Some(p) = resumed.probs_at(cell) {
+        assert!(
+            p[epi] > 0.5,
+            "P(epithelium) {} in the labelled epidermis",
+            p[epi]
+        );
+    }
+
+    // GeoJSON parses back with every tile inside the slide.
+    let text = serde_json::to_string(&resumed.to_geojson()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let (w, h) = slide.info().dimensions();
+    let g = resumed.header.grid;
+    let features = v["features"].as_array().unwrap();
+    assert_eq!(features.len(), resumed.count(CellState::Done));
+    for f in features {
+        for p in f["geometry"]["coordinates"][0].as_array().unwrap() {
+            let (x, y) = (p[0].as_f64().unwrap(), p[1].as_f64().unwrap());
+            assert!(x >= 0.0 && y >= 0.0 && x <= w as f64 + g.cell && y <= h as f64 + g.cell);
+        }
+        let name = f["properties"]["classification"]["name"].as_str().unwrap();
+        assert!(model.classes().iter().any(|c| c == name));
+    }
+}
