@@ -13,7 +13,7 @@ use histolens::dmsl::DmslModel;
 use histolens::dmsl::heatmap::{
     Heatmap, HeatmapOptions, compute, content_id, header_for, mark_background, sidecar_path,
 };
-use histolens::dmsl::train::{DmslTrainConfig, DmslTrainEvent, Mode, evaluate, train};
+use histolens::dmsl::train::{DmslTrainConfig, DmslTrainEvent, Freeze, Mode, evaluate, train};
 use histolens::nn::Arch;
 use histolens::nn::device::{DeviceChoice, select};
 use histolens::slide::CalibrationStore;
@@ -157,9 +157,10 @@ pub struct TrainArgs {
     /// random, imagenet:FILE (EfficientNet-Lite0) or checkpoint:FILE.
     #[arg(long, default_value = "random")]
     pub start: String,
-    /// Train the classifiers only, on the backbones' features.
-    #[arg(long)]
-    pub freeze_backbone: bool,
+    /// none, backbone (classifiers only) or all-but-last-block (the last block, whose output SIM
+    /// compares, and the classifiers: fine-tuning from ImageNet on a CPU).
+    #[arg(long, default_value = "none")]
+    pub freeze: String,
     #[arg(long, default_value_t = 30)]
     pub epochs: usize,
     #[arg(long, default_value_t = 32)]
@@ -195,7 +196,12 @@ pub fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
     let mut cfg = DmslTrainConfig::new(arch);
     cfg.mode = mode;
     cfg.start = parse_start(&args.start)?;
-    cfg.freeze_backbone = args.freeze_backbone;
+    cfg.freeze = Freeze::parse(&args.freeze).with_context(|| {
+        format!(
+            "unknown --freeze {}: use none, backbone or all-but-last-block",
+            args.freeze
+        )
+    })?;
     cfg.epochs = args.epochs;
     cfg.batch = args.batch;
     cfg.lr = args.lr;

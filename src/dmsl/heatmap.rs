@@ -97,12 +97,27 @@ pub struct HeatmapHeader {
     pub grid: HeatmapGrid,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Heatmap {
     pub header: HeatmapHeader,
     pub state: Vec<CellState>,
     /// `grid.len() * classes` probabilities, NaN where no result is known.
     pub probs: Vec<f32>,
+}
+
+/// Equal when made for the same slide, model and grid and holding the same results (NaN equals NaN:
+/// it means "unknown").
+impl PartialEq for Heatmap {
+    fn eq(&self, other: &Self) -> bool {
+        self.header == other.header
+            && self.state == other.state
+            && self.probs.len() == other.probs.len()
+            && self
+                .probs
+                .iter()
+                .zip(&other.probs)
+                .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

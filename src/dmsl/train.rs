@@ -22,12 +22,13 @@ use crate::data::augment::{AugmentConfig, augment_pair};
 use crate::data::manifest::{Manifest, ManifestError, Split};
 use crate::data::pairs::{PairDataset, PairError, PairRecord, load_dataset};
 use crate::data::tensor::to_tensor;
-use crate::nn::backbone::{Arch, Backbone, build};
+use crate::nn::backbone::{Arch, Backbone, Features, build};
 use crate::nn::checkpoint::{
     CheckpointError, CheckpointMeta, FORMAT_VERSION, LoadOptions, Normalization, Provenance,
     load_into, read_meta, to_bytes,
 };
-use crate::nn::dmsl::{Dmsl, DmslOutput, loss};
+use crate::nn::dmsl::{Dmsl, DmslLoss, DmslOutput, loss};
+use crate::nn::pool::global_avg_pool;
 use crate::nn::vars;
 use crate::util::fs::write_atomic;
 pub use crate::util::run::Start;
@@ -59,13 +60,36 @@ impl Mode {
     }
 }
 
+/// Which weights stay fixed during training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Freeze {
+    /// Every weight trains.
+    None,
+    /// Only the classifiers train, on the backbones' (evaluation-mode) features.
+    Backbone,
+    /// The backbones' last block (whose output is the feature map SIM compares) and the classifiers
+    /// train; the rest runs frozen on the fast inference path (fine-tuning from ImageNet on a CPU).
+    AllButLastBlock,
+}
+
+impl Freeze {
+    pub fn parse(s: &str) -> Option<Freeze> {
+        match s {
+            "none" => Some(Freeze::None),
+            "backbone" => Some(Freeze::Backbone),
+            "all-but-last-block" => Some(Freeze::AllButLastBlock),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DmslTrainConfig {
     pub arch: Arch,
     pub mode: Mode,
     pub start: Start,
-    /// Train the classifiers only, on the backbones' (evaluation-mode) features.
-    pub freeze_backbone: bool,
+    pub freeze: Freeze,
     /// Fusion weights of the high and the low branch.
     pub weights: [f64; 2],
     pub alpha: f64,
@@ -94,7 +118,7 @@ impl DmslTrainConfig {
             arch,
             mode: Mode::Sim,
             start: Start::Random,
-            freeze_backbone: false,
+            freeze: Freeze::None,
             weights: [0.5, 0.5],
             alpha: 0.5,
             beta: 0.5,
@@ -447,7 +471,7 @@ pub fn train(
         load_start(&cfg.start, cfg.arch, branches, &vars)?;
     }
     // Frozen backbones run on detached copies of their weights (no gradient, the fast CPU path).
-    let frozen: Vec<Box<dyn Backbone>> = if cfg.freeze_backbone {
+    let frozen: Vec<Box<dyn Backbone>> = if cfg.freeze != Freeze::None {
         (0..branches)
             .map(|b| {
                 let vb = vars::detached(&vars, &format!("branches.{b}.backbone."), device)?;
@@ -457,7 +481,26 @@ pub fn train(
     } else {
         Vec::new()
     };
-    let trainable = vars::selected(&vars, |n| !cfg.freeze_backbone || n.contains(".fc."))?;
+    let last_block: Vec<String> = model
+        .branches
+        .iter()
+        .enumerate()
+        .flat_map(|(b, branch)| {
+            let prefix = format!("branches.{b}.backbone.");
+            branch
+                .backbone
+                .last_block_prefixes()
+                .into_iter()
+                .map(move |p| format!("{prefix}{p}"))
+        })
+        .collect();
+    let trainable = vars::selected(&vars, |n| match cfg.freeze {
+        Freeze::None => true,
+        Freeze::Backbone => n.contains(".fc."),
+        Freeze::AllButLastBlock => {
+            n.contains(".fc.") || last_block.iter().any(|p| n.starts_with(p.as_str()))
+        }
+    })?;
     let mut opt = AdamW::new(
         trainable,
         ParamsAdamW {
@@ -502,8 +545,8 @@ pub fn train(
                 idx,
                 Some((&cfg.augment, cfg.grey_probability, &seeds)),
             )?;
-            let (l, parts) = ctx.loss(&images, idx, true)?;
-            let value = f64::from(l.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+            let (_, l) = ctx.batch(&images, idx, true)?;
+            let value = f64::from(l.total.to_dtype(DType::F32)?.to_scalar::<f32>()?);
             if !value.is_finite() {
                 return Err(DmslTrainError::NonFinite {
                     epoch,
@@ -511,9 +554,9 @@ pub fn train(
                     loss: value,
                 });
             }
-            opt.backward_step(&l)?;
+            opt.backward_step(&l.total)?;
             let n = idx.len() as f64;
-            for (s, v) in sums.iter_mut().zip([value, parts.0, parts.1]) {
+            for (s, v) in sums.iter_mut().zip([value, l.ce, l.sim]) {
                 *s += v * n;
             }
             seen += idx.len();
@@ -674,8 +717,8 @@ fn checkpoint_meta(
             metrics,
             software: format!("histolens {}", env!("CARGO_PKG_VERSION")),
             notes: format!(
-                "mode {:?}, start {:?}, frozen backbone {}, α {} β {}",
-                cfg.mode, cfg.start, cfg.freeze_backbone, cfg.alpha, cfg.beta
+                "mode {:?}, start {:?}, frozen {:?}, α {} β {}",
+                cfg.mode, cfg.start, cfg.freeze, cfg.alpha, cfg.beta
             ),
         },
     }
@@ -700,20 +743,29 @@ impl Ctx<'_> {
         let mut logits = Vec::with_capacity(inputs.len());
         let mut features = Vec::with_capacity(inputs.len());
         for ((b, x), branch) in self.frozen.iter().zip(inputs).zip(&self.model.branches) {
-            let f = b.forward(x, false)?;
+            let f = match self.cfg.freeze {
+                Freeze::AllButLastBlock => {
+                    let low = b.forward_low(x, false)?;
+                    let body = b.forward_body(&low, false)?;
+                    let high = branch.backbone.forward_last_block(&body, train)?;
+                    let pooled = global_avg_pool(&high)?;
+                    Features { low, high, pooled }
+                }
+                _ => b.forward(x, false)?,
+            };
             logits.push(branch.classifier.forward(&f.pooled)?);
             features.push(f);
         }
         Ok(DmslOutput { logits, features })
     }
 
-    /// The loss of a batch and its parts (CE, SIM).
-    fn loss(
+    /// The forward pass and loss of a batch.
+    fn batch(
         &self,
         images: &[Vec<RgbImage>],
         idx: &[usize],
         train: bool,
-    ) -> Result<(Tensor, (f64, f64)), DmslTrainError> {
+    ) -> Result<(DmslOutput, DmslLoss), DmslTrainError> {
         let inputs: Vec<Tensor> = images
             .iter()
             .map(|b| to_tensor(b, self.norm, self.device))
@@ -728,7 +780,7 @@ impl Ctx<'_> {
             self.cfg.alpha,
             self.cfg.effective_beta(),
         )?;
-        Ok((l.total, (l.ce, l.sim)))
+        Ok((out, l))
     }
 
     /// Mean loss and metrics over records (no augmentation, evaluation mode).
@@ -737,20 +789,7 @@ impl Ctx<'_> {
         let mut probs = Vec::with_capacity(set.len());
         for chunk in set.chunks(self.cfg.batch) {
             let images = load_inputs(self.data, self.layout, chunk, None)?;
-            let inputs: Vec<Tensor> = images
-                .iter()
-                .map(|b| to_tensor(b, self.norm, self.device))
-                .collect::<candle_core::Result<_>>()?;
-            let out = self.forward(&inputs, false)?;
-            let y: Vec<u32> = chunk.iter().map(|&i| self.data.labels[i] as u32).collect();
-            let y = Tensor::from_vec(y, chunk.len(), self.device)?;
-            let l = loss(
-                &out,
-                &self.model.weights,
-                &y,
-                self.cfg.alpha,
-                self.cfg.effective_beta(),
-            )?;
+            let (out, l) = self.batch(&images, chunk, false)?;
             let v = f64::from(l.total.detach().to_dtype(DType::F32)?.to_scalar::<f32>()?);
             loss_sum += v * chunk.len() as f64;
             let p: Vec<Vec<f32>> = out

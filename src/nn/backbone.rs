@@ -84,8 +84,20 @@ pub trait Backbone: Send + Sync {
     /// Input image (N, 3, H, W), already normalised → first-convolution activation.
     fn forward_low(&self, x: &Tensor, train: bool) -> Result<Tensor>;
 
+    /// First-convolution activation → the input of the last block (what a model fine-tuned only at its
+    /// top keeps frozen).
+    fn forward_body(&self, low: &Tensor, train: bool) -> Result<Tensor>;
+
+    /// Input of the last block → last-convolution activation.
+    fn forward_last_block(&self, body: &Tensor, train: bool) -> Result<Tensor>;
+
+    /// Name prefixes (relative to the backbone) of the last block's tensors.
+    fn last_block_prefixes(&self) -> Vec<String>;
+
     /// First-convolution activation → last-convolution activation.
-    fn forward_high(&self, low: &Tensor, train: bool) -> Result<Tensor>;
+    fn forward_high(&self, low: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_last_block(&self.forward_body(low, train)?, train)
+    }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Features> {
         let (_, _, h, w) = x.dims4()?;

@@ -118,11 +118,20 @@ impl Backbone for EfficientNetLite0 {
         self.stem.forward_act(x, train, Activation::Relu6)
     }
 
-    fn forward_high(&self, low: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_body(&self, low: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = low.clone();
         for b in &self.blocks {
             x = b.forward_t(&x, train)?;
         }
-        self.head.forward_act(&x, train, Activation::Relu6)
+        Ok(x)
+    }
+
+    /// The 1x1 head convolution (320 → 1280 channels).
+    fn forward_last_block(&self, body: &Tensor, train: bool) -> Result<Tensor> {
+        self.head.forward_act(body, train, Activation::Relu6)
+    }
+
+    fn last_block_prefixes(&self) -> Vec<String> {
+        vec!["_conv_head.".into(), "_bn1.".into()]
     }
 }

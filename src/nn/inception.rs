@@ -260,14 +260,25 @@ impl Backbone for InceptionV3 {
         self.conv1a.f(x, train)
     }
 
-    fn forward_high(&self, low: &Tensor, t: bool) -> Result<Tensor> {
+    fn forward_body(&self, low: &Tensor, t: bool) -> Result<Tensor> {
         let x = self.stem[1].f(&self.stem[0].f(low, t)?, t)?;
         let x = max_pool2d(&x, 3, 2, 0)?;
         let x = self.stem[3].f(&self.stem[2].f(&x, t)?, t)?;
         let mut x = max_pool2d(&x, 3, 2, 0)?;
-        for m in &self.mixed {
+        for m in &self.mixed[..self.mixed.len().saturating_sub(1)] {
             x = m.forward_t(&x, t)?;
         }
         Ok(x)
+    }
+
+    fn forward_last_block(&self, body: &Tensor, t: bool) -> Result<Tensor> {
+        match self.mixed.last() {
+            Some(m) => m.forward_t(body, t),
+            None => Ok(body.clone()),
+        }
+    }
+
+    fn last_block_prefixes(&self) -> Vec<String> {
+        vec!["Mixed_7c.".into()]
     }
 }

@@ -129,13 +129,29 @@ impl Backbone for ResNet {
         self.stem.forward_act(x, train, Activation::Relu)
     }
 
-    fn forward_high(&self, low: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_body(&self, low: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = max_pool2d(low, 3, 2, 1)?;
-        for layer in &self.layers {
-            for b in layer {
-                x = b.forward_t(&x, train)?;
-            }
+        let blocks = self.layers.iter().flatten();
+        let n = self.layers.iter().map(Vec::len).sum::<usize>();
+        for b in blocks.take(n.saturating_sub(1)) {
+            x = b.forward_t(&x, train)?;
         }
         Ok(x)
+    }
+
+    fn forward_last_block(&self, body: &Tensor, train: bool) -> Result<Tensor> {
+        match self.layers.last().and_then(|l| l.last()) {
+            Some(b) => b.forward_t(body, train),
+            None => Ok(body.clone()),
+        }
+    }
+
+    fn last_block_prefixes(&self) -> Vec<String> {
+        let n = self.layers.last().map_or(0, Vec::len);
+        vec![format!(
+            "layer{}.{}.",
+            self.layers.len(),
+            n.saturating_sub(1)
+        )]
     }
 }
