@@ -31,6 +31,9 @@ struct Cli {
     /// Magnification model (default: the bundled one).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// DMSL model for slide heatmaps in the window (default: the bundled demo).
+    #[arg(long, value_name = "FILE")]
+    dmsl_model: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -108,6 +111,7 @@ fn main() -> std::process::ExitCode {
             frame_stats_path: cli.frame_stats,
             continuous_repaint: cli.continuous_repaint,
             magnification_model: cli.model,
+            dmsl_model: cli.dmsl_model,
         }),
     };
     match result {

@@ -190,6 +190,33 @@ fn training_resumes_and_evaluates() {
     assert_eq!(report.metrics.confusion.len(), 3);
     assert!(report.metrics.n > 0);
     assert!((0.0..=1.0).contains(&report.metrics.accuracy));
+
+    // Fine-tuning the last block only: from this checkpoint, one step changes the last block (the SIM
+    // term always has a gradient there; a saturated classifier may have none) and nothing before it.
+    let tuned = tempfile::tempdir().unwrap();
+    let mut ft = small_config(Mode::Sim);
+    ft.start = Start::Checkpoint(model.clone());
+    ft.freeze = Freeze::AllButLastBlock;
+    ft.epochs = 1;
+    ft.steps_per_epoch = Some(1);
+    train(&manifest, &ft, tuned.path(), &Device::Cpu, &stop, |_| {}).unwrap();
+    let before = candle_core::safetensors::load(&model, &Device::Cpu).unwrap();
+    let after = candle_core::safetensors::load(tuned.path().join("last.safetensors"), &Device::Cpu)
+        .unwrap();
+    let changed = |name: &str| {
+        let d = (&before[name] - &after[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        d.to_scalar::<f32>().unwrap() > 0.0
+    };
+    for b in ["branches.0", "branches.1"] {
+        assert!(!changed(&format!("{b}.backbone.conv1.weight")));
+        assert!(!changed(&format!("{b}.backbone.layer3.1.bn2.running_mean")));
+        assert!(changed(&format!("{b}.backbone.layer4.1.conv2.weight")));
+    }
 }
 
 /// The single-branch baselines and the MM mode train through the same code.

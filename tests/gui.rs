@@ -1,5 +1,7 @@
 //! The window, driven headless with egui_kittest on wgpu (lavapipe on CI): open the bundled sample,
-//! zoom with scripted input, check the status bar and overview, compare a snapshot image.
+//! zoom with scripted input, check the status bar and overview, compare a snapshot image; the DMSL
+//! heatmap overlay (drawn by a WGSL shader) checked pixel by pixel against its grid, and computed from
+//! the side panel.
 
 mod common;
 
@@ -8,17 +10,35 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use egui_kittest::Harness;
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
+use histolens::dmsl::heatmap::{CellState, Heatmap, HeatmapGrid, HeatmapHeader, content_id};
+use histolens::gui::heatmap;
 use histolens::gui::{HistolensApp, LaunchOptions};
+use histolens::util::colormap::Colormap;
 
 fn harness(path: Option<PathBuf>, data_dir: &Path) -> Harness<'static, HistolensApp> {
     harness_with_model(path, data_dir, None)
+}
+
+/// The DMSL model the windows of most tests are given: a file that does not exist, so that what the
+/// heatmap section shows does not depend on whether the demo model is bundled.
+fn no_dmsl_model(data_dir: &Path) -> Option<PathBuf> {
+    Some(data_dir.join("dmsl.safetensors"))
 }
 
 fn harness_with_model(
     path: Option<PathBuf>,
     data_dir: &Path,
     model: Option<PathBuf>,
+) -> Harness<'static, HistolensApp> {
+    harness_with_models(path, data_dir, model, no_dmsl_model(data_dir))
+}
+
+fn harness_with_models(
+    path: Option<PathBuf>,
+    data_dir: &Path,
+    model: Option<PathBuf>,
+    dmsl_model: Option<PathBuf>,
 ) -> Harness<'static, HistolensApp> {
     let data_dir = data_dir.to_path_buf();
     Harness::builder()
@@ -35,6 +55,7 @@ fn harness_with_model(
                     frame_stats_path: None,
                     continuous_repaint: false,
                     magnification_model: model.clone(),
+                    dmsl_model: dmsl_model.clone(),
                 },
             )
         })
@@ -288,4 +309,377 @@ fn a_snapshot_gets_a_magnification_badge() {
     settle(&mut h);
     let calibrated = h.state().view().unwrap().mpp().unwrap().mean();
     assert!((calibrated - estimate.mpp).abs() < 1e-9, "{calibrated}");
+}
+
+/// A checkerboard heatmap over the sample slide in level-0 cells of 250 px: P(high) is 1 where
+/// column + row is even, 0 elsewhere; cell (1, 1) is still pending and (2, 1) is background.
+fn checkerboard(slide: &Path) -> Heatmap {
+    let info = histolens::slide::Slide::open(slide).unwrap().info().clone();
+    let grid = HeatmapGrid::new(info.dimensions(), 250.0);
+    let mut h = Heatmap::new(HeatmapHeader {
+        slide: slide.display().to_string(),
+        model_id: content_id(b"checkerboard"),
+        classes: vec!["low".into(), "high".into()],
+        mpp: 0.499,
+        field_um: 250.0 * 0.499,
+        grid,
+    });
+    for cell in 0..grid.len() {
+        let (c, r) = (cell % grid.cols as usize, cell / grid.cols as usize);
+        let p = if (c + r) % 2 == 0 { 1.0 } else { 0.0 };
+        h.probs[cell * 2] = 1.0 - p;
+        h.probs[cell * 2 + 1] = p;
+        h.state[cell] = match (c, r) {
+            (1, 1) => CellState::Pending,
+            (2, 1) => CellState::Background,
+            _ => CellState::Done,
+        };
+    }
+    h
+}
+
+fn close(a: [u8; 3], b: [u8; 3], tol: i32) -> bool {
+    a.iter()
+        .zip(b)
+        .all(|(&x, y)| (i32::from(x) - i32::from(y)).abs() <= tol)
+}
+
+/// Renders the window and checks, at points inside every visible cell, that the pixel has the
+/// colormap's top colour on "high" cells, its bottom colour on "low" ones, and neither on cells with
+/// no result. Points under the overview, the badge, the legend and the scale bar are skipped. Returns
+/// how many points were checked.
+fn check_overlay_alignment(h: &mut Harness<'_, HistolensApp>, heatmap: &Heatmap) -> usize {
+    let img = h.render().expect("the window renders");
+    let ppp = h.ctx.pixels_per_point();
+    let view = h.state().view().unwrap();
+    let vp = view.viewport.unwrap();
+    let canvas = view.canvas_rect.expect("the canvas is drawn");
+    let mut skip = vec![
+        view.overview_rect.unwrap().expand(6.0),
+        // The scale bar and the legend.
+        egui::Rect::from_min_size(
+            canvas.left_bottom() - egui::vec2(0.0, 60.0),
+            egui::vec2(300.0, 60.0),
+        ),
+        egui::Rect::from_min_size(
+            canvas.right_top() - egui::vec2(230.0, 0.0),
+            egui::vec2(230.0, 70.0),
+        ),
+    ];
+    skip.extend(
+        h.query_all_by_label_contains("Estimat")
+            .map(|n| n.rect().expand(16.0)),
+    );
+    let top = Colormap::Viridis.rgb8(1.0);
+    let bottom = Colormap::Viridis.rgb8(0.0);
+    let g = heatmap.header.grid;
+    let (slide_w, slide_h) = view.slide.info().dimensions();
+    let mut checked = 0;
+    for cell in 0..g.len() {
+        let (x0, y0) = g.origin(cell);
+        for fy in [0.1, 0.3, 0.5, 0.7, 0.9] {
+            for fx in [0.1, 0.3, 0.5, 0.7, 0.9] {
+                let (x, y) = (x0 + fx * g.cell, y0 + fy * g.cell);
+                if x >= slide_w as f64 || y >= slide_h as f64 {
+                    continue; // the overhang beyond the slide is not drawn
+                }
+                let s = vp.slide_to_screen([x, y]);
+                let p = egui::pos2(canvas.min.x + s[0] as f32, canvas.min.y + s[1] as f32);
+                if !canvas.shrink(2.0).contains(p) || skip.iter().any(|r| r.contains(p)) {
+                    continue;
+                }
+                let px = img.get_pixel((p.x * ppp) as u32, (p.y * ppp) as u32).0;
+                let rgb = [px[0], px[1], px[2]];
+                match heatmap.probs_at(cell) {
+                    Some(probs) => {
+                        let want = if probs[1] > 0.5 { top } else { bottom };
+                        assert!(
+                            close(rgb, want, 4),
+                            "cell {cell} at {p:?} ({fx}, {fy}): {rgb:?}, expected {want:?}"
+                        );
+                    }
+                    None => assert!(
+                        !close(rgb, top, 12) && !close(rgb, bottom, 12),
+                        "cell {cell} has no result but is coloured at {p:?}: {rgb:?}"
+                    ),
+                }
+                checked += 1;
+            }
+        }
+    }
+    checked
+}
+
+/// The overlay over the sample at fit and zoomed in on a cell corner: every visible cell's pixels
+/// carry its own colour (the grid follows the viewport), unknown cells stay transparent.
+#[test]
+fn heatmap_overlay_is_aligned_with_the_slide() {
+    let data = tempfile::tempdir().unwrap();
+    let slide = common::sample_slide();
+    let mut h = harness(Some(slide.clone()), data.path());
+    settle(&mut h);
+    let heatmap = checkerboard(&slide);
+    {
+        let state = h.state_mut().heatmap_mut();
+        state.set_heatmap(&slide, heatmap.clone());
+        state.opacity = 1.0;
+        state.threshold = 0.0;
+        state.colormap = Colormap::Viridis;
+        state.visible = true;
+    }
+    h.step();
+    settle(&mut h);
+    // The legend names the class shown (the last one by default).
+    h.get_by_label("P(high)");
+    let checked = check_overlay_alignment(&mut h, &heatmap);
+    assert!(checked > 1000, "{checked} points checked at fit");
+    mask_status_bar(&mut h);
+    h.snapshot("heatmap_overlay_fit");
+
+    // 8x the fit scale, centred on the corner shared by cells (3, 5), (4, 5), (3, 6) and (4, 6).
+    {
+        let view = h.state_mut().view_mut().unwrap();
+        let mut vp = view.viewport.unwrap();
+        vp.scale *= 8.0;
+        vp.center = [1000.0, 1500.0];
+        view.viewport = Some(vp);
+    }
+    h.step();
+    settle(&mut h);
+    let checked = check_overlay_alignment(&mut h, &heatmap);
+    assert!(checked >= 40, "{checked} points checked zoomed in");
+    mask_status_bar(&mut h);
+    h.snapshot("heatmap_overlay_zoomed");
+
+    // A threshold of 0.5 hides the "low" cells (the slide shows through) and keeps the "high" ones.
+    h.state_mut().heatmap_mut().threshold = 0.5;
+    h.step();
+    h.step();
+    let img = h.render().unwrap();
+    let ppp = h.ctx.pixels_per_point();
+    let view = h.state().view().unwrap();
+    let (vp, canvas) = (view.viewport.unwrap(), view.canvas_rect.unwrap());
+    let pixel = |x: f64, y: f64| {
+        let s = vp.slide_to_screen([x, y]);
+        let p = img.get_pixel(
+            ((canvas.min.x + s[0] as f32) * ppp) as u32,
+            ((canvas.min.y + s[1] as f32) * ppp) as u32,
+        );
+        [p.0[0], p.0[1], p.0[2]]
+    };
+    let high = pixel(1100.0, 1600.0); // cell (4, 6)
+    let low = pixel(900.0, 1600.0); // cell (3, 6)
+    assert!(close(high, Colormap::Viridis.rgb8(1.0), 4), "{high:?}");
+    assert!(
+        !close(low, Colormap::Viridis.rgb8(0.0), 12)
+            && !close(low, Colormap::Viridis.rgb8(1.0), 12),
+        "{low:?}"
+    );
+}
+
+/// Masks the status bar (timings and cache sizes vary between runs).
+fn mask_status_bar(h: &mut Harness<'_, HistolensApp>) {
+    let status = h
+        .query_all_by_label_contains("%")
+        .map(|n| n.rect())
+        .max_by(|a, b| a.min.y.total_cmp(&b.min.y))
+        .expect("the status bar shows the zoom in %");
+    h.mask(egui::Rect::from_min_max(
+        egui::pos2(0.0, status.min.y - 4.0),
+        egui::pos2(1100.0, 700.0),
+    ));
+}
+
+/// A DMSL model with random weights (the GUI test checks the plumbing, not the accuracy): ResNet-18
+/// branches at 5x and 2.5x over a 256 µm field (128 and 64 px inputs), three classes.
+fn random_dmsl_model(dir: &Path) -> PathBuf {
+    use candle_core::{DType, Device};
+    use candle_nn::{VarBuilder, VarMap};
+    use histolens::data::pairs::PairGeometry;
+    use histolens::dmsl::model::DmslLayout;
+    use histolens::nn::checkpoint::{CheckpointMeta, FORMAT_VERSION, Normalization, to_bytes};
+    let layout = DmslLayout {
+        geometry: PairGeometry {
+            high_magnification: 5.0,
+            low_magnification: 2.5,
+            field_um: 256.0,
+        },
+        branch_magnifications: vec![5.0, 2.5],
+        weights: vec![0.5, 0.5],
+    };
+    let vars = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+    histolens::nn::dmsl::Dmsl::new(histolens::nn::Arch::Resnet18, 3, &layout.weights, vb).unwrap();
+    let meta = CheckpointMeta {
+        format_version: FORMAT_VERSION,
+        arch: histolens::nn::Arch::Resnet18,
+        task: "dmsl".into(),
+        input_size: [128, 128],
+        normalization: Normalization::IMAGENET,
+        classes: vec!["background".into(), "epithelium".into(), "stroma".into()],
+        magnification_range: None,
+        constants: layout.to_constants(),
+        provenance: Default::default(),
+    };
+    let path = dir.join("random-dmsl.safetensors");
+    std::fs::write(&path, to_bytes(&vars, &meta, true).unwrap()).unwrap();
+    path
+}
+
+/// The panel's compute button runs the model over the slide's tissue: the progress reaches the tissue
+/// count, every classified cell's probabilities sum to 1, the sidecar is written and brings the
+/// heatmap back when the slide is opened again, and the exports write their files.
+#[test]
+fn heatmap_is_computed_from_the_panel() {
+    let data = tempfile::tempdir().unwrap();
+    // A copy of the sample, so that the sidecar is written beside it in the temporary folder.
+    let slide = data.path().join("sample.svs");
+    std::fs::copy(common::sample_slide(), &slide).unwrap();
+    let model = random_dmsl_model(data.path());
+    // No magnification estimate on opening (a model file that does not exist): not what is tested.
+    let no_magnification = Some(data.path().join("magnification.safetensors"));
+    let mut h = harness_with_models(
+        Some(slide.clone()),
+        data.path(),
+        no_magnification.clone(),
+        Some(model.clone()),
+    );
+    settle(&mut h);
+    assert!(
+        h.state().heatmap().heatmap().is_none(),
+        "no heatmap before computing"
+    );
+    h.get_by_label_contains("random-dmsl.safetensors");
+    h.get_by_label("Compute heatmap").click();
+    h.step();
+    assert!(h.state().heatmap().is_computing(), "the worker started");
+    let started = std::time::Instant::now();
+    while h.state().heatmap().is_computing() {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the heatmap did not finish: {:?}",
+            h.state().heatmap().progress()
+        );
+        h.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h.step();
+    let state = h.state().heatmap();
+    assert_eq!(state.message, None);
+    let heatmap = state.heatmap().expect("a heatmap").clone();
+    let (done, tissue) = state.progress();
+    assert!(done > 0 && done == tissue, "{done} / {tissue}");
+    assert!(heatmap.is_complete());
+    assert_eq!(heatmap.count(CellState::Done), done);
+    assert!(heatmap.count(CellState::Background) > 0, "glass is skipped");
+    for cell in 0..heatmap.header.grid.len() {
+        if let Some(p) = heatmap.probs_at(cell) {
+            let sum: f32 = p.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-4, "cell {cell} sums to {sum}");
+        }
+    }
+    let sidecar = state.sidecar().expect("a sidecar").to_path_buf();
+    assert!(
+        sidecar.starts_with(data.path()) && sidecar.is_file(),
+        "{}",
+        sidecar.display()
+    );
+    h.get_by_label_contains(&format!("{done} / {tissue} tissue fields"));
+
+    // The exports, without their dialogs.
+    let out = data.path().join("out");
+    let thumb = histolens::slide::Slide::open(&slide)
+        .unwrap()
+        .thumbnail(256)
+        .unwrap();
+    heatmap::export_png(
+        &heatmap,
+        1,
+        Colormap::Magma,
+        Some(&thumb),
+        &out.join("h.png"),
+    )
+    .unwrap();
+    heatmap::export_npy(&heatmap, &out.join("h.npy")).unwrap();
+    heatmap::export_geojson(&heatmap, &out.join("h.geojson")).unwrap();
+    let png = image::open(out.join("h.png")).unwrap();
+    assert!(png.width() >= 220 && png.height() > 46);
+    assert_eq!(
+        &std::fs::read(out.join("h.npy")).unwrap()[..6],
+        b"\x93NUMPY"
+    );
+    let geo: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("h.geojson")).unwrap()).unwrap();
+    assert_eq!(geo["features"].as_array().unwrap().len(), done);
+    drop(h);
+
+    // Opened again: the finished heatmap comes back from the sidecar without computing.
+    let mut h = harness_with_models(
+        Some(slide.clone()),
+        data.path(),
+        no_magnification,
+        Some(model),
+    );
+    settle(&mut h);
+    let state = h.state().heatmap();
+    assert!(!state.is_computing());
+    let back = state.heatmap().expect("the sidecar was found");
+    assert_eq!(back.header, heatmap.header);
+    assert_eq!(back.state, heatmap.state);
+    let bits = |h: &Heatmap| h.probs.iter().map(|p| p.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(back), bits(&heatmap));
+    assert_eq!(state.progress(), (done, tissue));
+}
+
+/// A file without a pixel size cannot be computed (the panel says why); one too coarse for the model
+/// gets a message from the worker instead of a heatmap.
+#[test]
+fn heatmap_needs_a_fine_enough_pixel_size() {
+    let data = tempfile::tempdir().unwrap();
+    let img = data.path().join("snap.png");
+    histolens::slide::Slide::open(common::sample_slide())
+        .unwrap()
+        .read_region(0, 900, 1400, 600, 600)
+        .unwrap()
+        .save(&img)
+        .unwrap();
+    let model = random_dmsl_model(data.path());
+    let no_magnification = Some(data.path().join("magnification.safetensors"));
+    let mut h = harness_with_models(
+        Some(img.clone()),
+        data.path(),
+        no_magnification.clone(),
+        Some(model.clone()),
+    );
+    settle(&mut h);
+    h.get_by_label("needs the µm/px");
+    assert!(
+        h.get_by_label("Compute heatmap")
+            .accesskit_node()
+            .is_disabled(),
+        "no µm/px, no heatmap"
+    );
+    drop(h);
+
+    // 4 µm/px is 2.5x: the model wants 5x fields.
+    let mut store =
+        histolens::slide::CalibrationStore::load(data.path().join("calibrations.json")).unwrap();
+    store
+        .set(
+            &img,
+            histolens::slide::Calibration {
+                mpp: Some(4.0),
+                objective_power: None,
+            },
+        )
+        .unwrap();
+    let mut h = harness_with_models(Some(img), data.path(), no_magnification, Some(model));
+    settle(&mut h);
+    h.get_by_label("Compute heatmap").click();
+    h.step();
+    settle(&mut h);
+    let message = h.state().heatmap().message.clone().expect("a message");
+    assert!(message.contains("too coarse"), "{message}");
+    assert!(h.state().heatmap().heatmap().is_none());
+    h.get_by_label_contains("too coarse");
 }

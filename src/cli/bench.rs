@@ -56,6 +56,12 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Time from a file to its magnification estimate (decode, crops on tissue, model) and estimates
+    /// per second over many files. Threads follow RAYON_NUM_THREADS.
+    Predict(super::bench_predict::PredictBenchArgs),
+    /// DMSL heatmap throughput over a slide: end to end (read, resample, model) against the model
+    /// alone on inputs prepared beforehand. Threads follow RAYON_NUM_THREADS.
+    Heatmap(super::bench_heatmap::HeatmapBenchArgs),
     /// Peak memory while panning across a slide at several zoom levels with a given cache budget.
     Pan {
         file: PathBuf,
@@ -122,6 +128,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             save_dir.as_deref(),
             json,
         ),
+        BenchCommand::Predict(args) => super::bench_predict::run(args),
+        BenchCommand::Heatmap(args) => super::bench_heatmap::run(args),
     }
 }
 

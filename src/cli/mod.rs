@@ -1,6 +1,9 @@
 //! Headless commands of the binary.
 
 pub mod bench;
+pub mod bench_heatmap;
 pub mod bench_model;
+pub mod bench_predict;
+pub mod dmsl;
 pub mod info;
 pub mod magnification;

@@ -504,7 +504,7 @@ fn slide_fields(s: &SlideSource, cfg: &PairConfig) -> Result<Vec<Field>, PairErr
 
 /// Fields of `side` px tiled over an image that is at the high magnification (after downsampling).
 fn folder_fields(f: &FolderSource, g: &PairGeometry) -> Result<Vec<Field>, PairError> {
-    if !(f.magnification >= g.high_magnification * 0.98) {
+    if f.magnification.is_nan() || f.magnification < g.high_magnification * 0.98 {
         return Err(PairError::TooLowResolution {
             path: f.path.clone(),
             native: f.magnification,

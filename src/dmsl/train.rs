@@ -419,7 +419,9 @@ pub fn train(
     stop: &AtomicBool,
     mut on_event: impl FnMut(DmslTrainEvent),
 ) -> Result<DmslOutcome, DmslTrainError> {
-    if cfg.batch == 0 || !(cfg.lr > 0.0) || !(cfg.alpha >= 0.0) || !(cfg.beta >= 0.0) {
+    let positive = |v: f64| v.is_finite() && v > 0.0;
+    let non_negative = |v: f64| v.is_finite() && v >= 0.0;
+    if cfg.batch == 0 || !positive(cfg.lr) || !non_negative(cfg.alpha) || !non_negative(cfg.beta) {
         return Err(DmslTrainError::Config(
             "batch and learning rate must be positive, α and β not negative".into(),
         ));

@@ -9,6 +9,7 @@ use crossbeam_channel::Receiver;
 use serde::{Deserialize, Serialize};
 
 use super::frame_stats::FrameStats;
+use super::heatmap::{self, HeatmapAction, HeatmapState};
 use super::magnification::{self, MagnificationAction, MagnificationState};
 use super::side_panel::{self, SidePanelAction};
 use super::status_bar;
@@ -36,6 +37,8 @@ pub struct LaunchOptions {
     pub continuous_repaint: bool,
     /// The magnification model; the bundled one when `None`.
     pub magnification_model: Option<PathBuf>,
+    /// The DMSL model for slide heatmaps; the bundled demo when `None`.
+    pub dmsl_model: Option<PathBuf>,
 }
 
 /// Persisted across sessions through eframe's storage.
@@ -79,6 +82,7 @@ pub struct HistolensApp {
     continuous_repaint: bool,
     property_filter: String,
     magnification: MagnificationState,
+    heatmap: HeatmapState,
 }
 
 /// Opens the slide and prepares what the window shows first, off the UI thread.
@@ -114,6 +118,7 @@ impl HistolensApp {
             settings.cache_mb = mb;
         }
         let mut errors = Vec::new();
+        let data_dir = options.data_dir.clone().unwrap_or_else(crate::data_dir);
         let store_path = options
             .data_dir
             .map(|d| d.join("calibrations.json"))
@@ -136,7 +141,15 @@ impl HistolensApp {
             continuous_repaint: options.continuous_repaint,
             property_filter: String::new(),
             magnification: MagnificationState::default(),
+            heatmap: HeatmapState::new(
+                options.dmsl_model.or_else(crate::default_dmsl_model),
+                data_dir,
+            ),
         };
+        // The heatmap overlay's pipeline, once, for the window's target format.
+        if let Some(render_state) = cc.wgpu_render_state.as_ref() {
+            super::overlay::install(render_state);
+        }
         if let Some(m) = options.magnification_model {
             app.magnification.model_path = Some(m);
         }
@@ -186,11 +199,22 @@ impl HistolensApp {
         &self.errors
     }
 
-    /// True while a file is opening, tiles are loading or an estimate runs (tests wait for this).
+    /// True while a file is opening, tiles are loading, an estimate or a heatmap runs (tests wait for
+    /// this).
     pub fn is_busy(&self) -> bool {
         self.opening.is_some()
             || self.view.as_ref().is_some_and(SlideView::is_loading)
             || self.magnification.is_busy()
+            || self.heatmap.is_busy()
+    }
+
+    /// The DMSL heatmap of the open slide and how it is shown.
+    pub fn heatmap(&self) -> &HeatmapState {
+        &self.heatmap
+    }
+
+    pub fn heatmap_mut(&mut self) -> &mut HeatmapState {
+        &mut self.heatmap
     }
 
     pub fn magnification(&self) -> &MagnificationState {
@@ -230,13 +254,18 @@ impl HistolensApp {
                     .as_ref()
                     .map(|s| s.get(&path))
                     .unwrap_or_default();
-                self.view = Some(SlideView::new(
+                let slide = opened.slide.clone();
+                let view = SlideView::new(
                     ctx,
                     opened,
                     (self.settings.cache_mb as usize) << 20,
                     self.settings.loader_threads,
                     calibration,
-                ));
+                );
+                // A heatmap saved beside the slide for this model comes back.
+                self.heatmap
+                    .slide_opened(ctx, slide, view.mpp().map(|m| m.mean()));
+                self.view = Some(view);
                 // Frame statistics describe viewing, not start-up (shader compilation, font atlas).
                 self.frame_stats = FrameStats::default();
                 self.settings.recent.retain(|p| p != &path);
@@ -311,6 +340,7 @@ impl HistolensApp {
                     .clicked()
                 {
                     self.view = None;
+                    self.heatmap.clear();
                     ui.close();
                 }
                 ui.separator();
@@ -478,6 +508,12 @@ impl eframe::App for HistolensApp {
         }
         self.poll_open_job(&ctx);
         self.magnification.poll();
+        self.heatmap.poll(
+            self.view
+                .as_ref()
+                .and_then(|v| v.viewport)
+                .map(|v| v.center),
+        );
         self.handle_dropped_files(&ctx);
         self.shortcuts(&ctx);
 
@@ -486,21 +522,40 @@ impl eframe::App for HistolensApp {
             self.toolbar(ui);
         });
         let frame_ms = self.frame_stats.last_cpu_ms();
-        egui::Panel::bottom("status")
-            .show(ui, |ui| status_bar::show(ui, self.view.as_ref(), frame_ms));
+        let hover = self.view.as_ref().and_then(|v| {
+            let [x, y] = v.cursor?;
+            self.heatmap.hover_text(v.slide.path(), x, y)
+        });
+        egui::Panel::bottom("status").show(ui, |ui| {
+            status_bar::show(ui, self.view.as_ref(), frame_ms, hover.as_deref())
+        });
         if self.settings.show_side_panel
             && let Some(view) = self.view.as_mut()
         {
             let store_ok = self.calibrations.is_some();
             let mut action = SidePanelAction::None;
             let mut mag_action = MagnificationAction::None;
+            let mut heat_action = HeatmapAction::None;
+            let mpp = view.mpp().map(|m| m.mean());
             egui::Panel::right("side")
                 .resizable(true)
                 .default_size(320.0)
                 .show(ui, |ui| {
-                    mag_action = magnification::section(ui, &mut self.magnification, &view.slide);
-                    action = side_panel::show(ui, view, store_ok, &mut self.property_filter)
+                    egui::ScrollArea::vertical()
+                        .auto_shrink([false, false])
+                        .show(ui, |ui| {
+                            mag_action =
+                                magnification::section(ui, &mut self.magnification, &view.slide);
+                            heat_action = heatmap::section(ui, &mut self.heatmap, &view.slide, mpp);
+                            action = side_panel::show(ui, view, store_ok, &mut self.property_filter)
+                        });
                 });
+            match heat_action {
+                HeatmapAction::Start => self.heatmap.start(&ctx, view.slide.clone(), mpp),
+                HeatmapAction::Cancel => self.heatmap.cancel(),
+                HeatmapAction::Model(p) => self.heatmap.set_model(&ctx, p, view.slide.clone(), mpp),
+                HeatmapAction::None => {}
+            }
             match mag_action {
                 MagnificationAction::Estimate => self.magnification.start(&ctx, view.slide.clone()),
                 MagnificationAction::UseAsCalibration(c) => {
@@ -515,7 +570,22 @@ impl eframe::App for HistolensApp {
             }
         }
         egui::CentralPanel::no_frame().show(ui, |ui| match self.view.as_mut() {
-            Some(view) => view.show(ui),
+            Some(view) => {
+                let overlay = self.heatmap.overlay_for(view.slide.path());
+                let response = view.show(ui, overlay.as_ref());
+                if let Some(canvas) = view.canvas_rect
+                    && overlay.is_some()
+                {
+                    heatmap::canvas_legend(ui, canvas, &self.heatmap);
+                }
+                // The probabilities of the cell under the pointer.
+                if let Some([x, y]) = view.cursor
+                    && let Some(text) = self.heatmap.hover_text(view.slide.path(), x, y)
+                    && !response.dragged()
+                {
+                    response.on_hover_text_at_pointer(text);
+                }
+            }
             None => self.welcome(ui),
         });
         if let Some(e) = self.view.as_ref().and_then(|v| v.streamer.take_error()) {
@@ -545,6 +615,8 @@ impl eframe::App for HistolensApp {
     }
 
     fn on_exit(&mut self) {
+        // A running heatmap stops after its batch (its sidecar keeps the work done).
+        self.heatmap.cancel();
         self.write_frame_stats();
     }
 }

@@ -3,7 +3,9 @@
 
 mod app;
 mod frame_stats;
+pub mod heatmap;
 pub mod magnification;
+pub mod overlay;
 mod side_panel;
 mod status_bar;
 mod textures;

@@ -18,52 +18,61 @@ pub fn show(
     filter: &mut String,
 ) -> SidePanelAction {
     let mut action = SidePanelAction::None;
-    egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
+    // The app puts the panel in a scroll area, with the model sections above.
+    {
         let info = view.slide.info().clone();
         ui.heading("Slide");
-        egui::Grid::new("facts").num_columns(2).striped(true).show(ui, |ui| {
-            ui.label("Format");
-            ui.label(info.format_label());
-            ui.end_row();
-            let (w, h) = info.dimensions();
-            ui.label("Dimensions");
-            ui.label(format!("{w} × {h} px"));
-            ui.end_row();
-            ui.label("Pixel size");
-            match view.mpp() {
-                Some(m) => ui.label(format!("{:.4} µm/px ({})", m.mean(), m.source.label())),
-                None => ui.label(RichText::new("unknown").italics()),
-            };
-            ui.end_row();
-            ui.label("Magnification");
-            match view.mpp() {
-                Some(m) => ui.label(format!("{:.1}x equivalent", m.magnification())),
-                None => ui.label(RichText::new("unknown").italics()),
-            };
-            ui.end_row();
-            ui.label("Objective power");
-            match info.objective_power {
-                Some(p) => ui.label(format!("{p}x (scanner metadata)")),
-                None => ui.label(RichText::new("not in metadata").italics()),
-            };
-            ui.end_row();
-        });
+        egui::Grid::new("facts")
+            .num_columns(2)
+            .striped(true)
+            .show(ui, |ui| {
+                ui.label("Format");
+                ui.label(info.format_label());
+                ui.end_row();
+                let (w, h) = info.dimensions();
+                ui.label("Dimensions");
+                ui.label(format!("{w} × {h} px"));
+                ui.end_row();
+                ui.label("Pixel size");
+                match view.mpp() {
+                    Some(m) => ui.label(format!("{:.4} µm/px ({})", m.mean(), m.source.label())),
+                    None => ui.label(RichText::new("unknown").italics()),
+                };
+                ui.end_row();
+                ui.label("Magnification");
+                match view.mpp() {
+                    Some(m) => ui.label(format!("{:.1}x equivalent", m.magnification())),
+                    None => ui.label(RichText::new("unknown").italics()),
+                };
+                ui.end_row();
+                ui.label("Objective power");
+                match info.objective_power {
+                    Some(p) => ui.label(format!("{p}x (scanner metadata)")),
+                    None => ui.label(RichText::new("not in metadata").italics()),
+                };
+                ui.end_row();
+            });
 
         ui.add_space(6.0);
-        egui::CollapsingHeader::new("Pyramid levels").default_open(true).show(ui, |ui| {
-            egui::Grid::new("levels").num_columns(3).striped(true).show(ui, |ui| {
-                ui.strong("Level");
-                ui.strong("Size");
-                ui.strong("Downsample");
-                ui.end_row();
-                for (i, l) in info.levels.iter().enumerate() {
-                    ui.label(i.to_string());
-                    ui.label(format!("{} × {}", l.width, l.height));
-                    ui.label(format!("{:.4}", l.downsample));
-                    ui.end_row();
-                }
+        egui::CollapsingHeader::new("Pyramid levels")
+            .default_open(true)
+            .show(ui, |ui| {
+                egui::Grid::new("levels")
+                    .num_columns(3)
+                    .striped(true)
+                    .show(ui, |ui| {
+                        ui.strong("Level");
+                        ui.strong("Size");
+                        ui.strong("Downsample");
+                        ui.end_row();
+                        for (i, l) in info.levels.iter().enumerate() {
+                            ui.label(i.to_string());
+                            ui.label(format!("{} × {}", l.width, l.height));
+                            ui.label(format!("{:.4}", l.downsample));
+                            ui.end_row();
+                        }
+                    });
             });
-        });
 
         egui::CollapsingHeader::new("Calibration").default_open(info.mpp.is_none()).show(ui, |ui| {
             ui.label("Set the pixel size or the objective power by hand; it is remembered for this file.");
@@ -99,33 +108,44 @@ pub fn show(
         });
 
         if !view.associated.is_empty() {
-            egui::CollapsingHeader::new("Associated images").default_open(true).show(ui, |ui| {
-                for (name, tex, size) in &view.associated {
-                    ui.label(format!("{name} ({} × {})", size[0], size[1]));
-                    ui.image((tex.id(), fit_size(*size, 260.0)));
-                }
-            });
+            egui::CollapsingHeader::new("Associated images")
+                .default_open(true)
+                .show(ui, |ui| {
+                    for (name, tex, size) in &view.associated {
+                        ui.label(format!("{name} ({} × {})", size[0], size[1]));
+                        ui.image((tex.id(), fit_size(*size, 260.0)));
+                    }
+                });
         }
 
-        egui::CollapsingHeader::new(format!("Properties ({})", info.properties.len())).show(ui, |ui| {
-            ui.horizontal(|ui| {
-                ui.label("Filter");
-                ui.text_edit_singleline(filter);
-            });
-            let needle = filter.to_lowercase();
-            egui::Grid::new("props").num_columns(2).striped(true).show(ui, |ui| {
-                for (k, v) in &info.properties {
-                    if !needle.is_empty() && !k.to_lowercase().contains(&needle) && !v.to_lowercase().contains(&needle) {
-                        continue;
-                    }
-                    ui.label(RichText::new(k).monospace());
-                    let short: String = v.chars().take(80).collect();
-                    ui.label(short).on_hover_text(v);
-                    ui.end_row();
-                }
-            });
-        });
-    });
+        egui::CollapsingHeader::new(format!("Properties ({})", info.properties.len())).show(
+            ui,
+            |ui| {
+                ui.horizontal(|ui| {
+                    ui.label("Filter");
+                    ui.text_edit_singleline(filter);
+                });
+                let needle = filter.to_lowercase();
+                egui::Grid::new("props")
+                    .num_columns(2)
+                    .striped(true)
+                    .show(ui, |ui| {
+                        for (k, v) in &info.properties {
+                            if !needle.is_empty()
+                                && !k.to_lowercase().contains(&needle)
+                                && !v.to_lowercase().contains(&needle)
+                            {
+                                continue;
+                            }
+                            ui.label(RichText::new(k).monospace());
+                            let short: String = v.chars().take(80).collect();
+                            ui.label(short).on_hover_text(v);
+                            ui.end_row();
+                        }
+                    });
+            },
+        );
+    }
     action
 }
 

@@ -1,8 +1,14 @@
-//! The status bar: zoom, equivalent magnification, level in use, cursor position in µm, loading state.
+//! The status bar: zoom, equivalent magnification, level in use, cursor position in µm, the heatmap
+//! cell under the cursor, loading state.
 
 use super::viewer::SlideView;
 
-pub fn show(ui: &mut egui::Ui, view: Option<&SlideView>, frame_ms: Option<f32>) {
+pub fn show(
+    ui: &mut egui::Ui,
+    view: Option<&SlideView>,
+    frame_ms: Option<f32>,
+    heatmap_hover: Option<&str>,
+) {
     ui.horizontal(|ui| {
         let Some(view) = view else {
             ui.label("No slide open. Open one with File > Open… or drop it on the window.");
@@ -43,6 +49,11 @@ pub fn show(ui: &mut egui::Ui, view: Option<&SlideView>, frame_ms: Option<f32>) 
                 };
                 ui.separator();
             }
+        }
+        if let Some(text) = heatmap_hover {
+            ui.label(text)
+                .on_hover_text("Probabilities of the heatmap cell under the cursor");
+            ui.separator();
         }
         let stats = view.streamer.stats();
         let pending = stats.queued + stats.in_flight;

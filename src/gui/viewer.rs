@@ -1,11 +1,13 @@
 //! The slide canvas: tiles drawn at the level the zoom needs (coarser tiles stand in while sharp ones
-//! load), pan and zoom by mouse and keyboard, the overview (minimap) and the scale bar.
+//! load), pan and zoom by mouse and keyboard, a heatmap overlay (drawn on the GPU), the overview
+//! (minimap) and the scale bar.
 
 use std::sync::Arc;
 
 use egui::{Color32, Key, Pos2, Rect as ERect, Sense, Stroke, TextureHandle, Vec2, pos2, vec2};
 use image::RgbaImage;
 
+use super::overlay::HeatmapOverlay;
 use super::textures::TileTextures;
 use crate::slide::{Calibration, Mpp, Slide};
 use crate::tiles::{self, TilePlan, TileStreamer, Viewport, plan_tiles};
@@ -31,6 +33,8 @@ pub struct SlideView {
     pub cursor: Option<[f64; 2]>,
     /// Where the overview was drawn in the last frame (screen points).
     pub overview_rect: Option<ERect>,
+    /// The canvas in the last frame (screen points).
+    pub canvas_rect: Option<ERect>,
     fit_requested: bool,
     one_to_one_requested: bool,
     zoom_requested: f64,
@@ -90,6 +94,7 @@ impl SlideView {
             plan: None,
             cursor: None,
             overview_rect: None,
+            canvas_rect: None,
             fit_requested: true,
             one_to_one_requested: false,
             zoom_requested: 1.0,
@@ -124,9 +129,11 @@ impl SlideView {
         self.streamer.pending() > 0 || self.textures.backlog() > 0
     }
 
-    /// The canvas: input, tile drawing, overview and scale bar.
-    pub fn show(&mut self, ui: &mut egui::Ui) {
+    /// The canvas: input, tile drawing, the heatmap overlay when given, overview and scale bar. Returns
+    /// the canvas's response (for tooltips).
+    pub fn show(&mut self, ui: &mut egui::Ui, overlay: Option<&HeatmapOverlay>) -> egui::Response {
         let rect = ui.available_rect_before_wrap();
+        self.canvas_rect = Some(rect);
         let response = ui.allocate_rect(rect, Sense::click_and_drag());
         let dims = self.slide.info().dimensions();
         let size = [f64::from(rect.width()), f64::from(rect.height())];
@@ -164,6 +171,9 @@ impl SlideView {
         let painter = ui.painter_at(rect);
         painter.rect_filled(rect, 0.0, Color32::from_gray(40));
         self.draw_tiles(&painter, rect, &vp, &plan, ppp as f32);
+        if let Some(o) = overlay {
+            o.paint(&painter, rect, &vp, dims);
+        }
         self.draw_scale_bar(&painter, rect, &vp);
         self.plan = Some(plan);
         self.show_overview(ui, rect);
@@ -171,6 +181,7 @@ impl SlideView {
             ui.ctx()
                 .request_repaint_after(std::time::Duration::from_millis(50));
         }
+        response
     }
 
     fn handle_input(

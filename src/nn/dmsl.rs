@@ -42,7 +42,7 @@ pub struct DmslLoss {
 /// Normalises fusion weights to sum to 1; errors on a negative or all-zero set.
 pub fn normalize_weights(weights: &[f64]) -> Result<Vec<f64>> {
     let sum: f64 = weights.iter().sum();
-    if weights.iter().any(|w| !(w.is_finite() && *w >= 0.0)) || !(sum > 0.0) {
+    if weights.iter().any(|w| !(w.is_finite() && *w >= 0.0)) || sum.is_nan() || sum <= 0.0 {
         candle_core::bail!("fusion weights must be non-negative and not all zero: {weights:?}")
     }
     Ok(weights.iter().map(|w| w / sum).collect())

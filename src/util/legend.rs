@@ -33,9 +33,8 @@ pub fn draw_text(img: &mut RgbaImage, x: i32, y: i32, size: f32, text: &str, col
                 return;
             }
             let p = img.get_pixel_mut(px as u32, py as u32);
-            for c in 0..3 {
-                p.0[c] =
-                    (f32::from(colour[c]) * cov + f32::from(p.0[c]) * (1.0 - cov)).round() as u8;
+            for (dst, &c) in p.0.iter_mut().zip(&colour) {
+                *dst = (f32::from(c) * cov + f32::from(*dst) * (1.0 - cov)).round() as u8;
             }
         });
     }

@@ -3,7 +3,8 @@
 
 Builds ResNet-18/50 or EfficientNet-Lite0 as an ONNX graph with the `onnx` package, fills it with the
 weights of a histolens checkpoint (safetensors), runs it in onnxruntime on the input the Rust test used,
-and compares the pooled features with histolens' output.
+and compares the pooled features with histolens' output. `hagnifinder_model` builds a whole
+magnification model (backbone and Hagnifinder head) for benches/onnxruntime_predict.py.
 
 usage: onnx_parity.py ARCH CHECKPOINT.safetensors IO.safetensors [--tol 1e-3] [--save-onnx PATH]
 IO.safetensors holds `input` (N,3,H,W) and `pooled` (N,C). Exit status 0 when max|a-b|/max|b| <= tol.
@@ -117,6 +118,53 @@ def efficientnet(g, x, hw):
             h, w, cin, i = oh, ow, cout, i + 1
     x, _, _ = cbn(x, "_conv_head", "_bn1", 1, 1, 1, h, w)
     return relu6(x)
+
+
+def read_safetensors_metadata(path):
+    """The `__metadata__` map of a safetensors file (histolens keeps its JSON under "histolens")."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)).get("__metadata__", {})
+
+
+def backbone(g, x, arch, hw):
+    """The feature map of a backbone the builders above know (ResNet-18/50, EfficientNet-Lite0)."""
+    if arch in ("resnet18", "resnet50"):
+        return resnet(g, x, int(arch[6:]))
+    if arch == "efficientnet-lite0":
+        return efficientnet(g, x, hw)
+    raise ValueError(f"no ONNX builder for {arch}")
+
+
+def magnification_head(g, pooled, m, prefix="head."):
+    """Hagnifinder's head at inference (src/nn/hagnifinder.rs): fc1 -> fc2 -> x m -> tanh -> fc3, (N,)."""
+    def fc(t, name):
+        return g.node("Gemm", [t, g.const(g.w[prefix + name + ".weight"]), g.const(g.w[prefix + name + ".bias"])],
+                      transB=1)
+
+    y = fc(fc(pooled, "fc1"), "fc2")
+    y = g.node("Tanh", [g.node("Mul", [y, g.const(np.float32(m))])])
+    shape = g.name("shape")
+    g.inits.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), shape))
+    return g.node("Reshape", [fc(y, "fc3"), shape])
+
+
+def hagnifinder_model(weights, arch, size, m):
+    """A whole Hagnifinder model (backbone, global average pool, head with the constant m) as an ONNX
+    model taking normalised images (N, 3, size, size) and giving the regression output (N,). `weights`
+    are a histolens magnification checkpoint's tensors (`backbone.*`, `head.*`)."""
+    w = {k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")}
+    w.update({k: v for k, v in weights.items() if k.startswith("head.")})
+    g = Graph(w)
+    feat = backbone(g, "input", arch, (size, size))
+    pooled = g.node("Flatten", [g.node("GlobalAveragePool", [feat])])
+    out = magnification_head(g, pooled, m)
+    graph = helper.make_graph(g.nodes, "hagnifinder-" + arch,
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N"])], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
 
 
 def main():
