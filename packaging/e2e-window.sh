@@ -2,6 +2,8 @@
 # End-to-end: the release binary in a real window under Xvfb on software Vulkan (lavapipe).
 # Opens a slide, zooms with the wheel and keys, pans by dragging at several zoom levels, takes
 # screenshots, and writes frame-time percentiles. Usage: packaging/e2e-window.sh [SLIDE] [OUT_DIR]
+# HEATMAP=1 computes the DMSL heatmap while panning (frame times then measure the window under that
+# load); MPP=X calibrates a slide whose metadata has no µm/px (e.g. the TCGA slide in ../shared/data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 slide=${1:-assets/samples/CMU-1-Small-Region.svs}
@@ -11,9 +13,20 @@ out=$(cd "$out" && pwd)
 cargo build --release --locked
 export XDG_RUNTIME_DIR; XDG_RUNTIME_DIR=$(mktemp -d); chmod 700 "$XDG_RUNTIME_DIR"
 export HISTOLENS_DATA_DIR="$out/data"
-export SLIDE="$slide" OUT="$out"
+mkdir -p "$HISTOLENS_DATA_DIR"
+if [ -n "${HEATMAP:-}" ]; then
+  # A fresh copy: the heatmap's sidecar goes beside it (not beside the original), and none is reused.
+  rm -rf "$out/slide"; mkdir -p "$out/slide"; cp "$slide" "$out/slide/"
+  slide="$out/slide/$(basename "$slide")"
+fi
+if [ -n "${MPP:-}" ]; then
+  printf '{"%s": {"mpp": %s, "objective_power": null}}\n' "$(realpath "$slide")" "$MPP" > "$HISTOLENS_DATA_DIR/calibrations.json"
+fi
+extra=""
+[ -n "${HEATMAP:-}" ] && extra="--heatmap"
+export SLIDE="$slide" OUT="$out" EXTRA="$extra"
 xvfb-run -a -s "-screen 0 1280x800x24" bash -euo pipefail -c '
-  ./target/release/histolens --cache-mb 512 --continuous-repaint --frame-stats "$OUT/frames.json" "$SLIDE" >"$OUT/app.log" 2>&1 &
+  ./target/release/histolens --cache-mb 512 --continuous-repaint --frame-stats "$OUT/frames.json" $EXTRA "$SLIDE" >"$OUT/app.log" 2>&1 &
   app=$!
   wid=""
   for _ in $(seq 120); do

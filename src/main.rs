@@ -34,6 +34,9 @@ struct Cli {
     /// DMSL model for slide heatmaps in the window (default: the bundled demo).
     #[arg(long, value_name = "FILE")]
     dmsl_model: Option<PathBuf>,
+    /// Compute the DMSL heatmap of the slide as soon as it opens.
+    #[arg(long)]
+    heatmap: bool,
 }
 
 #[derive(Subcommand)]
@@ -112,6 +115,7 @@ fn main() -> std::process::ExitCode {
             continuous_repaint: cli.continuous_repaint,
             magnification_model: cli.model,
             dmsl_model: cli.dmsl_model,
+            compute_heatmap: cli.heatmap,
         }),
     };
     match result {

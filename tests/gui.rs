@@ -56,6 +56,7 @@ fn harness_with_models(
                     continuous_repaint: false,
                     magnification_model: model.clone(),
                     dmsl_model: dmsl_model.clone(),
+                    compute_heatmap: false,
                 },
             )
         })

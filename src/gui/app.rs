@@ -39,6 +39,8 @@ pub struct LaunchOptions {
     pub magnification_model: Option<PathBuf>,
     /// The DMSL model for slide heatmaps; the bundled demo when `None`.
     pub dmsl_model: Option<PathBuf>,
+    /// Start computing the heatmap of each slide as soon as it opens.
+    pub compute_heatmap: bool,
 }
 
 /// Persisted across sessions through eframe's storage.
@@ -83,6 +85,7 @@ pub struct HistolensApp {
     property_filter: String,
     magnification: MagnificationState,
     heatmap: HeatmapState,
+    compute_heatmap: bool,
 }
 
 /// Opens the slide and prepares what the window shows first, off the UI thread.
@@ -145,6 +148,7 @@ impl HistolensApp {
                 options.dmsl_model.or_else(crate::default_dmsl_model),
                 data_dir,
             ),
+            compute_heatmap: options.compute_heatmap,
         };
         // The heatmap overlay's pipeline, once, for the window's target format.
         if let Some(render_state) = cc.wgpu_render_state.as_ref() {
@@ -263,8 +267,11 @@ impl HistolensApp {
                     calibration,
                 );
                 // A heatmap saved beside the slide for this model comes back.
-                self.heatmap
-                    .slide_opened(ctx, slide, view.mpp().map(|m| m.mean()));
+                let mpp = view.mpp().map(|m| m.mean());
+                self.heatmap.slide_opened(ctx, slide.clone(), mpp);
+                if self.compute_heatmap {
+                    self.heatmap.start(ctx, slide, mpp);
+                }
                 self.view = Some(view);
                 // Frame statistics describe viewing, not start-up (shader compilation, font atlas).
                 self.frame_stats = FrameStats::default();

@@ -337,7 +337,7 @@ impl HeatmapState {
             .name(name.into())
             .spawn(move || match kind {
                 JobKind::Probe => worker.probe(),
-                JobKind::Compute => worker.compute(),
+                JobKind::Compute => super::run_model_work(|| worker.compute()),
             });
         match spawned {
             Ok(_) => self.job = Some(Job { kind, rx, stop }),

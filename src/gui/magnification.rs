@@ -121,8 +121,10 @@ impl MagnificationState {
         let spawned = std::thread::Builder::new()
             .name("magnification".into())
             .spawn(move || {
-                let result = load_cached(&cached, &model_path)
-                    .and_then(|m| run(&m, &slide).map(|o| (o, m.range())));
+                let result = super::run_model_work(|| {
+                    load_cached(&cached, &model_path)
+                        .and_then(|m| run(&m, &slide).map(|o| (o, m.range())))
+                });
                 let _ = tx.send(result);
                 repaint.request_repaint();
             });

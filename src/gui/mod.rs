@@ -15,6 +15,27 @@ pub use app::{HistolensApp, LaunchOptions};
 pub use frame_stats::{FrameStats, FrameSummary};
 pub use viewer::{SlideView, scale_bar_length};
 
+/// Runs model work (heatmaps, estimates) on a thread pool one core smaller than the machine, so that
+/// the window, which renders on the CPU too without a GPU, keeps a core while models run.
+pub(crate) fn run_model_work<R>(work: impl FnOnce() -> R + Send) -> R
+where
+    R: Send,
+{
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(cores.saturating_sub(1).max(1))
+            .thread_name(|i| format!("model-{i}"))
+            .build()
+            .ok()
+    });
+    match pool {
+        Some(p) => p.install(work),
+        None => work(),
+    }
+}
+
 /// Opens the main window and runs until it is closed.
 pub fn run(options: LaunchOptions) -> eframe::Result<()> {
     let native = eframe::NativeOptions {
