@@ -35,6 +35,7 @@ trap 'rm -rf "$dir"' EXIT
 status=0
 echo "magnification estimates: histolens against Pillow + onnxruntime (time ratio < 1 and rate ratio > 1: histolens faster)"
 for t in 1 2; do
+  echo "$t thread(s):"
   ours=$(RAYON_NUM_THREADS=$t "$bin" bench predict --iters "$iters" --passes "$passes" --save-dir "$dir" --json "$first" "${rest[@]}")
   list=()
   if [ "$t" = 1 ]; then list=(--list); fi
@@ -45,7 +46,6 @@ ours, base = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 o, b = ours["first"], base["first"]
 split = lambda r: f"decode {r['decode_seconds']:.4f}, crops {r['crops_seconds']:.4f}, model {r['model_seconds']:.4f}" \
     if r.get("decode_seconds") is not None else "no split"
-print(f"{ours['threads']} thread(s):")
 print(f"  end to end, {os.path.basename(o['path'])} ({o['crops']} crops, histolens {o['magnification']:.3f}x, "
       f"onnxruntime {b['magnification']:.3f}x): histolens {o['end_to_end_seconds']:.4f} s ({split(o)}) vs "
       f"onnxruntime {b['end_to_end_seconds']:.4f} s ({split(b)}): x{o['end_to_end_seconds'] / b['end_to_end_seconds']:.2f} time")
