@@ -28,7 +28,8 @@ if ! command -v cargo >/dev/null; then
 fi
 # Photographs for the ImageNet sanity test of the model zoo (skipped when PyPI is unreachable).
 bash "$(dirname "$0")/fetch-test-images.sh"
-# The independent reference engine for parity tests and benchmarks (tests skip where this cannot install).
-python3 -c "import onnx, onnxruntime, numpy" 2>/dev/null \
-  || python3 -m pip install --quiet onnx onnxruntime numpy 2>/dev/null \
+# The independent reference engine for parity tests and benchmarks (tests skip where this cannot install);
+# Pillow decodes images for the predict benchmark's baseline pipeline.
+python3 -c "import onnx, onnxruntime, numpy, PIL" 2>/dev/null \
+  || python3 -m pip install --quiet onnx onnxruntime numpy pillow 2>/dev/null \
   || echo "setup: onnx/onnxruntime not installed; the parity test will be skipped" >&2

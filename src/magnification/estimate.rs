@@ -1,7 +1,7 @@
 //! Estimates for whole images and slides: several crops on tissue are scored and summarised by their
 //! median (the estimate) and interquartile range (the uncertainty).
 
-use image::RgbaImage;
+use image::{RgbImage, RgbaImage};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::Serialize;
@@ -88,13 +88,20 @@ fn summarise(
     }
 }
 
-/// Scores up to `max_crops` non-overlapping crops with the most tissue.
-pub fn estimate_image(
-    model: &MagnificationModel,
-    img: &RgbaImage,
-    max_crops: usize,
-) -> Result<Estimate, EstimateError> {
-    let size = model.input_size();
+/// The crops an image is scored on: a centred grid of `size` squares (the image padded with white when
+/// smaller), those with the least background first, at most `max_crops` of those on tissue (3 when none
+/// is), with the warnings that go with them.
+#[derive(Debug, Clone)]
+pub struct CropPlan {
+    /// The (padded) image's size.
+    pub size: [u32; 2],
+    /// Top-left corners of the crops.
+    pub corners: Vec<[u32; 2]>,
+    pub crops: Vec<RgbImage>,
+    pub warnings: Vec<String>,
+}
+
+pub fn plan_crops(img: &RgbaImage, size: u32, max_crops: usize) -> CropPlan {
     let mut warnings = Vec::new();
     let rgb = to_rgb(img);
     let rgb = if rgb.width() < size || rgb.height() < size {
@@ -127,12 +134,28 @@ pub fn estimate_image(
     } else {
         on_tissue.min(max_crops.max(1))
     };
-    let crops: Vec<_> = cells[..take]
+    let corners: Vec<[u32; 2]> = cells[..take].iter().map(|&(_, x, y)| [x, y]).collect();
+    let crops = corners
         .iter()
-        .map(|&(_, x, y)| image::imageops::crop_imm(&rgb, x, y, size, size).to_image())
+        .map(|&[x, y]| image::imageops::crop_imm(&rgb, x, y, size, size).to_image())
         .collect();
-    let predictions = model.predict(&crops)?;
-    Ok(summarise(model, predictions, warnings))
+    CropPlan {
+        size: [w, h],
+        corners,
+        crops,
+        warnings,
+    }
+}
+
+/// Scores up to `max_crops` non-overlapping crops with the most tissue.
+pub fn estimate_image(
+    model: &MagnificationModel,
+    img: &RgbaImage,
+    max_crops: usize,
+) -> Result<Estimate, EstimateError> {
+    let plan = plan_crops(img, model.input_size(), max_crops);
+    let predictions = model.predict(&plan.crops)?;
+    Ok(summarise(model, predictions, plan.warnings))
 }
 
 /// Snapshots larger than this are scored on their central region of this side.
@@ -248,5 +271,21 @@ mod tests {
         assert_eq!(quantile(&v, 0.5), 3.0);
         assert_eq!(quantile(&v, 0.25), 2.0);
         assert!(quantile(&[], 0.5).is_nan());
+    }
+
+    #[test]
+    fn crops_follow_the_least_background() {
+        // A 2x1 grid of 4 px cells on a 10x5 image: the right cell holds tissue, the left glass.
+        let mut img = RgbaImage::from_pixel(10, 5, image::Rgba([245, 245, 245, 255]));
+        for x in 5..10 {
+            for y in 0..5 {
+                img.put_pixel(x, y, image::Rgba([150, 80, 160, 255]));
+            }
+        }
+        let plan = plan_crops(&img, 4, 16);
+        assert_eq!(plan.size, [10, 5]);
+        assert_eq!(plan.corners, vec![[5, 0]]);
+        assert_eq!(plan.crops.len(), 1);
+        assert!(plan.warnings.is_empty());
     }
 }
