@@ -15,8 +15,8 @@ export XDG_RUNTIME_DIR; XDG_RUNTIME_DIR=$(mktemp -d); chmod 700 "$XDG_RUNTIME_DI
 export HISTOLENS_DATA_DIR="$out/data"
 mkdir -p "$HISTOLENS_DATA_DIR"
 if [ -n "${HEATMAP:-}" ]; then
-  # A fresh copy: the heatmap's sidecar goes beside it (not beside the original), and none is reused.
-  rm -rf "$out/slide"; mkdir -p "$out/slide"; cp "$slide" "$out/slide/"
+  # A fresh link: the heatmap's sidecar goes beside it (not beside the original), and none is reused.
+  rm -rf "$out/slide"; mkdir -p "$out/slide"; ln -s "$(realpath "$slide")" "$out/slide/"
   slide="$out/slide/$(basename "$slide")"
 fi
 if [ -n "${MPP:-}" ]; then

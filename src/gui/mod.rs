@@ -15,8 +15,9 @@ pub use app::{HistolensApp, LaunchOptions};
 pub use frame_stats::{FrameStats, FrameSummary};
 pub use viewer::{SlideView, scale_bar_length};
 
-/// Runs model work (heatmaps, estimates) on a thread pool one core smaller than the machine, so that
-/// the window, which renders on the CPU too without a GPU, keeps a core while models run.
+/// Runs model work (heatmaps, estimates) on a thread pool one core smaller than the machine, at a lower
+/// priority, so that the window, which renders on the CPU too without a GPU, keeps a core while
+/// models run.
 pub(crate) fn run_model_work<R>(work: impl FnOnce() -> R + Send) -> R
 where
     R: Send,
@@ -27,12 +28,23 @@ where
         rayon::ThreadPoolBuilder::new()
             .num_threads(cores.saturating_sub(1).max(1))
             .thread_name(|i| format!("model-{i}"))
+            .start_handler(|_| lower_thread_priority())
             .build()
             .ok()
     });
     match pool {
         Some(p) => p.install(work),
         None => work(),
+    }
+}
+
+/// Lowers the calling thread's scheduling priority (Linux: nice is per thread), so that rendering,
+/// which runs on the CPU without a GPU, is served first.
+fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority with `who` = 0 changes only the calling thread's nice value.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
     }
 }
 

@@ -11,7 +11,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    // A recognisable name, should a crash leave it behind.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".histolens-")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
     // Temporary files are private (0600); the result keeps the mode of the file it replaces, or gets
     // the usual 0644 (less the umask, which applies to the creation but not to this call).
     #[cfg(unix)]
