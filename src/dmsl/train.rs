@@ -32,7 +32,7 @@ use crate::nn::pool::global_avg_pool;
 use crate::nn::vars;
 use crate::util::fs::write_atomic;
 pub use crate::util::run::Start;
-use crate::util::run::{Plateau, RunFiles, append_line, read_json, write_json};
+use crate::util::run::{Plateau, RunError, RunFiles, append_line, write_json};
 
 /// Which branches train, and with which loss: the paper's comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,8 +245,8 @@ pub enum DmslTrainError {
         step: usize,
         loss: f64,
     },
-    #[error("the run in {} was made with another configuration: start a new run folder, or resume with the same options", .0.display())]
-    ConfigMismatch(PathBuf),
+    #[error(transparent)]
+    Run(#[from] RunError),
     #[error("{0}")]
     Config(String),
     #[error("model error: {0}")]
@@ -447,18 +447,12 @@ pub fn train(
         lr: cfg.lr,
         ..State::default()
     };
-    if files.state.exists() {
-        let old: DmslTrainConfig = read_json(&files.config).map_err(io(&files.config))?;
-        if old != *cfg {
-            return Err(DmslTrainError::ConfigMismatch(dir.to_path_buf()));
-        }
-        state = read_json(&files.state).map_err(io(&files.state))?;
+    if let Some(saved) = files.open(cfg)? {
+        state = saved;
         on_event(DmslTrainEvent::Info(format!(
             "resuming after epoch {} (learning rate {:.2e})",
             state.epoch, state.lr
         )));
-    } else {
-        write_json(&files.config, cfg).map_err(io(&files.config))?;
     }
 
     let classes = data.dataset.classes.len();

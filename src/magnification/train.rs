@@ -32,7 +32,7 @@ use crate::nn::hagnifinder::{Hagnifinder, Scaling, Target, asm_factor};
 use crate::nn::vars;
 use crate::util::fs::write_atomic;
 pub use crate::util::run::Start;
-use crate::util::run::{Plateau, RunFiles, append_line, read_json, write_json};
+use crate::util::run::{Plateau, RunError, RunFiles, append_line, write_json};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -156,8 +156,8 @@ pub enum TrainError {
         step: usize,
         loss: f64,
     },
-    #[error("the run in {} was made with another configuration: {what}", dir.display())]
-    ConfigMismatch { dir: PathBuf, what: String },
+    #[error(transparent)]
+    Run(#[from] RunError),
     #[error("{0}")]
     Config(String),
     #[error("model error: {0}")]
@@ -203,34 +203,20 @@ pub fn train(
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let files = RunFiles::new(dir);
-    let (config_path, log_path, last_path, state_path, best_path) = (
-        &files.config,
-        &files.log,
-        &files.last,
-        &files.state,
-        &files.best,
-    );
+    let (log_path, last_path, state_path, best_path) =
+        (&files.log, &files.last, &files.state, &files.best);
 
     // A run folder belongs to one configuration; resuming checks it is the same.
     let mut state = State {
         lr: cfg.lr,
         ..State::default()
     };
-    if state_path.exists() {
-        let old: TrainConfig = read_json(config_path).map_err(io(config_path))?;
-        if old != *cfg {
-            return Err(TrainError::ConfigMismatch {
-                dir: dir.to_path_buf(),
-                what: "start a new run folder, or resume with the same options".into(),
-            });
-        }
-        state = read_json(state_path).map_err(io(state_path))?;
+    if let Some(saved) = files.open(cfg)? {
+        state = saved;
         on_event(TrainEvent::Info(format!(
             "resuming after epoch {} (learning rate {:.2e})",
             state.epoch, state.lr
         )));
-    } else {
-        write_json(config_path, cfg).map_err(io(config_path))?;
     }
 
     let vars = VarMap::new();

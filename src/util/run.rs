@@ -35,6 +35,45 @@ impl RunFiles {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the run in {} was made with another configuration: start a new run folder, or resume with \
+         the same options",
+        .0.display()
+    )]
+    ConfigMismatch(PathBuf),
+}
+
+impl RunFiles {
+    /// Starts a run (writes `config.json`) or resumes one: a folder that holds a run must have been
+    /// made with the same configuration, and its saved state is returned.
+    pub fn open<C, S>(&self, cfg: &C) -> Result<Option<S>, RunError>
+    where
+        C: Serialize + DeserializeOwned + PartialEq,
+        S: DeserializeOwned,
+    {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| RunError::Io { path, source }
+        };
+        if !self.state.exists() {
+            write_json(&self.config, cfg).map_err(io(&self.config))?;
+            return Ok(None);
+        }
+        let old: C = read_json(&self.config).map_err(io(&self.config))?;
+        if old != *cfg {
+            return Err(RunError::ConfigMismatch(self.dir.clone()));
+        }
+        read_json(&self.state).map(Some).map_err(io(&self.state))
+    }
+}
+
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> std::io::Result<T> {
     let bytes = std::fs::read(path)?;
     serde_json::from_slice(&bytes)
