@@ -7,6 +7,7 @@ pub mod cpu_conv;
 pub mod device;
 pub mod dmsl;
 pub mod efficientnet;
+pub mod gradcam;
 pub mod hagnifinder;
 pub mod inception;
 pub mod layers;
