@@ -61,6 +61,9 @@ enum Command {
     Predict(cli::magnification::PredictArgs),
     /// Classify a slide's tissue with a DMSL model; write the heatmap as PNG, .npy and GeoJSON.
     Heatmap(cli::dmsl::HeatmapArgs),
+    /// Grad-CAM maps at the first and the last convolution of each branch (DMSL) or of the
+    /// magnification model, as PNG overlays and .npy arrays.
+    Gradcam(cli::gradcam::GradcamArgs),
     /// Measure performance.
     #[command(subcommand)]
     Bench(cli::bench::BenchCommand),
@@ -105,6 +108,7 @@ fn main() -> std::process::ExitCode {
         Some(Command::Train(TrainCommand::Dmsl(a))) => cli::dmsl::train_cmd(a),
         Some(Command::Eval(EvalCommand::Dmsl(a))) => cli::dmsl::eval(a),
         Some(Command::Heatmap(a)) => cli::dmsl::heatmap(a),
+        Some(Command::Gradcam(a)) => cli::gradcam::run(a),
         Some(Command::Predict(a)) => cli::magnification::predict(a),
         Some(Command::Bench(b)) => cli::bench::run(b),
         None => run_window(histolens::gui::LaunchOptions {

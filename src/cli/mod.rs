@@ -5,5 +5,6 @@ pub mod bench_heatmap;
 pub mod bench_model;
 pub mod bench_predict;
 pub mod dmsl;
+pub mod gradcam;
 pub mod info;
 pub mod magnification;

@@ -279,31 +279,18 @@ impl Heatmap {
     /// NumPy `.npy` of the probabilities, (rows, cols, classes) little-endian f32; NaN off tissue.
     pub fn to_npy(&self) -> Vec<u8> {
         let g = self.header.grid;
-        let mut header = format!(
-            "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}, {}), }}",
-            g.rows,
-            g.cols,
-            self.classes()
-        );
-        // Magic (6) + version (2) + length (2) + header, padded with spaces to a multiple of 64.
-        let total = 10 + header.len() + 1;
-        header.push_str(&" ".repeat((64 - total % 64) % 64));
-        header.push('\n');
-        let mut out = Vec::with_capacity(10 + header.len() + self.probs.len() * 4);
-        out.extend_from_slice(b"\x93NUMPY\x01\x00");
-        out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-        out.extend_from_slice(header.as_bytes());
-        for (cell, s) in self.state.iter().enumerate() {
-            for c in 0..self.classes() {
-                let v = if *s == CellState::Done {
-                    self.probs[cell * self.classes() + c]
+        let k = self.classes();
+        let values = self.state.iter().enumerate().flat_map(|(cell, s)| {
+            let done = *s == CellState::Done;
+            (0..k).map(move |c| {
+                if done {
+                    self.probs[cell * k + c]
                 } else {
                     f32::NAN
-                };
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-        }
-        out
+                }
+            })
+        });
+        crate::util::npy::f32_npy(&[g.rows as usize, g.cols as usize, k], values)
     }
 
     /// GeoJSON tiles in level-0 pixels (QuPath's coordinates): one Polygon feature per classified cell,

@@ -11,6 +11,9 @@ use crate::data::pairs::{PairGeometry, pair_from_field};
 use crate::data::tensor::to_tensor;
 use crate::nn::checkpoint::{CheckpointError, CheckpointMeta, Constants, LoadOptions, read_meta};
 use crate::nn::dmsl::Dmsl;
+use crate::nn::gradcam::{CamMaps, Tap, grad_cam};
+use crate::nn::pool::global_avg_pool;
+use candle_nn::Module;
 
 /// The task name in checkpoints.
 pub const TASK: &str = "dmsl";
@@ -191,6 +194,53 @@ impl DmslModel {
             inputs.push(to_tensor(images, self.meta.normalization, &self.device)?);
         }
         self.predict_inputs(&inputs)
+    }
+
+    /// Grad-CAM of `class`'s probability in every branch at `tap`, for one field given at the high
+    /// magnification: per branch, its magnification, its input image and the map over it.
+    pub fn gradcam(
+        &self,
+        field: &RgbImage,
+        class: usize,
+        tap: Tap,
+    ) -> Result<Vec<(f64, RgbImage, CamMaps)>, ModelError> {
+        if class >= self.classes().len() {
+            return Err(ModelError::Layout(format!(
+                "class {class} does not exist: the model has {}",
+                self.classes().len()
+            )));
+        }
+        let g = self.layout.geometry;
+        let mut out = Vec::with_capacity(self.model.branches.len());
+        for (branch, &m) in self
+            .model
+            .branches
+            .iter()
+            .zip(&self.layout.branch_magnifications)
+        {
+            let image = if m < g.high_magnification {
+                pair_from_field(field, &g)
+            } else {
+                field.clone()
+            };
+            let x = to_tensor(
+                std::slice::from_ref(&image),
+                self.meta.normalization,
+                &self.device,
+            )?;
+            let probability = |high: &Tensor| -> candle_core::Result<Tensor> {
+                let logits = branch.classifier.forward(&global_avg_pool(high)?)?;
+                candle_nn::ops::softmax(&logits, candle_core::D::Minus1)?
+                    .narrow(1, class, 1)?
+                    .squeeze(1)
+            };
+            out.push((
+                m,
+                image,
+                grad_cam(branch.backbone.as_ref(), &x, tap, &probability)?,
+            ));
+        }
+        Ok(out)
     }
 
     /// Fused class probabilities of normalised inputs, one tensor per branch.

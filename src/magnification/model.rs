@@ -8,7 +8,9 @@ use image::RgbImage;
 
 use crate::data::tensor::to_tensor;
 use crate::nn::checkpoint::{CheckpointError, CheckpointMeta, Constants, LoadOptions, read_meta};
+use crate::nn::gradcam::{CamMaps, Tap, grad_cam};
 use crate::nn::hagnifinder::{Hagnifinder, Scaling, Target};
+use crate::nn::pool::global_avg_pool;
 
 /// The task name in checkpoints.
 pub const TASK: &str = "magnification";
@@ -107,6 +109,23 @@ impl MagnificationModel {
             .into_iter()
             .map(|v| self.target.decode(f64::from(v)))
             .collect())
+    }
+
+    /// Grad-CAM of the regression output at `tap` for one `input_size` crop.
+    pub fn gradcam(&self, crop: &RgbImage, tap: Tap) -> Result<CamMaps, ModelError> {
+        let x = to_tensor(
+            std::slice::from_ref(crop),
+            self.meta.normalization,
+            &self.device,
+        )?;
+        let output = |high: &Tensor| -> candle_core::Result<Tensor> {
+            let (out, _) = self
+                .model
+                .head
+                .forward(&global_avg_pool(high)?, Scaling::Constant(self.m))?;
+            Ok(out)
+        };
+        Ok(grad_cam(self.model.backbone.as_ref(), &x, tap, &output)?)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Vec<f32>, ModelError> {

@@ -4,4 +4,5 @@ pub mod colormap;
 pub mod fs;
 pub mod legend;
 pub mod memory;
+pub mod npy;
 pub mod run;
