@@ -684,3 +684,50 @@ fn heatmap_needs_a_fine_enough_pixel_size() {
     assert!(h.state().heatmap().heatmap().is_none());
     h.get_by_label_contains("too coarse");
 }
+
+/// The Grad-CAM panel on the bundled sample with the shipped demo model: the paper's grid of four maps
+/// (two magnifications x first and last convolution), each the size of its branch's input, in [0, 1].
+#[test]
+fn gradcam_panel_shows_four_maps_for_the_view_centre() {
+    let data = tempfile::tempdir().unwrap();
+    let dmsl = histolens::default_dmsl_model().expect("assets/models/dmsl-demo.safetensors");
+    // The bundled magnification model too: the snapshot must not show a temporary path.
+    let mut h = harness_with_models(Some(common::sample_slide()), data.path(), None, Some(dmsl));
+    settle(&mut h);
+    h.get_by_label("Grad-CAM").click();
+    h.run_steps(2);
+    h.get_by_label("Grad-CAM of the view centre").click();
+    h.step();
+    let started = std::time::Instant::now();
+    while h.state().gradcam().is_busy() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "Grad-CAM did not finish"
+        );
+        h.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h.run_steps(3);
+    let state = h.state().gradcam();
+    assert_eq!(state.message, None);
+    let tiles = state.tiles().expect("maps");
+    let titles: Vec<&str> = tiles.iter().map(|t| t.title.as_str()).collect();
+    assert_eq!(
+        titles,
+        [
+            "20x · first conv",
+            "20x · last conv",
+            "5x · first conv",
+            "5x · last conv"
+        ]
+    );
+    for t in tiles {
+        let (w, hgt) = t.image.dimensions();
+        assert_eq!(t.map.len(), (w * hgt) as usize, "{}", t.title);
+        assert!(t.map.iter().all(|v| (0.0..=1.0).contains(v)), "{}", t.title);
+    }
+    assert_eq!(tiles[0].image.width(), 128);
+    assert_eq!(tiles[2].image.width(), 32);
+    h.get_by_label("5x · last conv");
+    h.snapshot("gradcam_panel");
+}

@@ -9,6 +9,7 @@ use crossbeam_channel::Receiver;
 use serde::{Deserialize, Serialize};
 
 use super::frame_stats::FrameStats;
+use super::gradcam::{self, GradcamAction, GradcamState};
 use super::heatmap::{self, HeatmapAction, HeatmapState};
 use super::magnification::{self, MagnificationAction, MagnificationState};
 use super::side_panel::{self, SidePanelAction};
@@ -86,6 +87,7 @@ pub struct HistolensApp {
     magnification: MagnificationState,
     heatmap: HeatmapState,
     compute_heatmap: bool,
+    gradcam: GradcamState,
 }
 
 /// Opens the slide and prepares what the window shows first, off the UI thread.
@@ -149,6 +151,7 @@ impl HistolensApp {
                 data_dir,
             ),
             compute_heatmap: options.compute_heatmap,
+            gradcam: GradcamState::default(),
         };
         // The heatmap overlay's pipeline, once, for the window's target format.
         if let Some(render_state) = cc.wgpu_render_state.as_ref() {
@@ -210,6 +213,12 @@ impl HistolensApp {
             || self.view.as_ref().is_some_and(SlideView::is_loading)
             || self.magnification.is_busy()
             || self.heatmap.is_busy()
+            || self.gradcam.is_busy()
+    }
+
+    /// The Grad-CAM maps of the view's centre and their settings.
+    pub fn gradcam(&self) -> &GradcamState {
+        &self.gradcam
     }
 
     /// The DMSL heatmap of the open slide and how it is shown.
@@ -515,6 +524,7 @@ impl eframe::App for HistolensApp {
         }
         self.poll_open_job(&ctx);
         self.magnification.poll();
+        self.gradcam.poll();
         self.heatmap.poll(
             self.view
                 .as_ref()
@@ -543,6 +553,7 @@ impl eframe::App for HistolensApp {
             let mut action = SidePanelAction::None;
             let mut mag_action = MagnificationAction::None;
             let mut heat_action = HeatmapAction::None;
+            let mut cam_action = GradcamAction::None;
             let mpp = view.mpp().map(|m| m.mean());
             egui::Panel::right("side")
                 .resizable(true)
@@ -554,6 +565,11 @@ impl eframe::App for HistolensApp {
                             mag_action =
                                 magnification::section(ui, &mut self.magnification, &view.slide);
                             heat_action = heatmap::section(ui, &mut self.heatmap, &view.slide, mpp);
+                            cam_action = gradcam::section(
+                                ui,
+                                &mut self.gradcam,
+                                self.heatmap.model_path.as_deref(),
+                            );
                             action = side_panel::show(ui, view, store_ok, &mut self.property_filter)
                         });
                 });
@@ -562,6 +578,16 @@ impl eframe::App for HistolensApp {
                 HeatmapAction::Cancel => self.heatmap.cancel(),
                 HeatmapAction::Model(p) => self.heatmap.set_model(&ctx, p, view.slide.clone(), mpp),
                 HeatmapAction::None => {}
+            }
+            if let (GradcamAction::Compute, Some(vp)) = (cam_action, view.viewport) {
+                self.gradcam.start(
+                    &ctx,
+                    view.slide.clone(),
+                    vp.center,
+                    mpp,
+                    self.heatmap.model_path.clone(),
+                    self.magnification.model_path.clone(),
+                );
             }
             match mag_action {
                 MagnificationAction::Estimate => self.magnification.start(&ctx, view.slide.clone()),

@@ -3,6 +3,7 @@
 
 mod app;
 mod frame_stats;
+pub mod gradcam;
 pub mod heatmap;
 pub mod magnification;
 pub mod overlay;
