@@ -239,7 +239,9 @@ fn compute(
     mpp: Option<f64>,
     class: usize,
 ) -> CamResult {
-    let device = candle_core::Device::Cpu;
+    // The GPU when built with one (and present), else the CPU.
+    let device = crate::nn::device::select(crate::nn::device::DeviceChoice::Auto)
+        .map_err(|e| e.to_string())?;
     let taps = [(Tap::Low, "first conv"), (Tap::High, "last conv")];
     let mut tiles = Vec::new();
     match target {
