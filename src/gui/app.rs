@@ -569,6 +569,7 @@ impl eframe::App for HistolensApp {
                                 ui,
                                 &mut self.gradcam,
                                 self.heatmap.model_path.as_deref(),
+                                self.heatmap.loaded_classes(),
                             );
                             action = side_panel::show(ui, view, store_ok, &mut self.property_filter)
                         });
@@ -586,6 +587,7 @@ impl eframe::App for HistolensApp {
                     vp.center,
                     mpp,
                     self.heatmap.model_path.clone(),
+                    self.heatmap.model_cache(),
                     self.magnification.model_path.clone(),
                 );
             }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use image::RgbImage;
 
+use super::heatmap::{ModelCache, load_model};
 use crate::data::augment::to_rgb;
 use crate::data::pairs::read_field;
-use crate::dmsl::DmslModel;
 use crate::magnification::MagnificationModel;
 use crate::nn::checkpoint::read_meta;
 use crate::nn::gradcam::{CamMaps, Tap};
@@ -120,13 +120,14 @@ impl GradcamState {
 
     /// Starts (or takes from the cache) the maps of the field centred on `centre` (level 0).
     #[allow(clippy::too_many_arguments)]
-    pub fn start(
+    pub(crate) fn start(
         &mut self,
         ctx: &egui::Context,
         slide: Arc<Slide>,
         centre: [f64; 2],
         mpp: Option<f64>,
         dmsl_model: Option<PathBuf>,
+        dmsl_cache: ModelCache,
         magnification_model: Option<PathBuf>,
     ) {
         self.message = None;
@@ -154,8 +155,9 @@ impl GradcamState {
         let spawned = std::thread::Builder::new()
             .name("gradcam".into())
             .spawn(move || {
-                let result =
-                    super::run_model_work(|| compute(target, &model, &slide, centre, mpp, class));
+                let result = super::run_model_work(|| {
+                    compute(target, &model, &dmsl_cache, &slide, centre, mpp, class)
+                });
                 let _ = tx.send(result);
                 repaint.request_repaint();
             });
@@ -183,8 +185,12 @@ impl GradcamState {
         self.current = Some(key);
     }
 
-    /// The class names of a DMSL model file (read once per file).
-    fn class_names(&mut self, model: &Path) -> &[String] {
+    /// The class names of a DMSL model file: those of the loaded model when a worker has loaded it,
+    /// else read from the file once.
+    fn class_names(&mut self, model: &Path, loaded: Option<Vec<String>>) -> &[String] {
+        if let Some(names) = loaded {
+            self.classes = Some((model.to_path_buf(), names));
+        }
         let stale = self.classes.as_ref().is_none_or(|(p, _)| p != model);
         if stale {
             let names = std::fs::read(model)
@@ -234,6 +240,7 @@ fn corner(centre: [f64; 2], side: f64) -> [f64; 2] {
 fn compute(
     target: CamTarget,
     model: &Path,
+    dmsl_cache: &ModelCache,
     slide: &Slide,
     centre: [f64; 2],
     mpp: Option<f64>,
@@ -246,7 +253,7 @@ fn compute(
     let mut tiles = Vec::new();
     match target {
         CamTarget::Dmsl => {
-            let m = DmslModel::load(model, &device).map_err(|e| e.to_string())?;
+            let (m, _) = load_model(dmsl_cache, model)?;
             let g = m.geometry();
             let mpp = mpp.ok_or("the slide's µm/px is unknown: calibrate it first")?;
             if g.high_magnification > 10.0 / mpp * 1.02 {
@@ -300,6 +307,7 @@ pub fn section(
     ui: &mut egui::Ui,
     state: &mut GradcamState,
     dmsl_model: Option<&Path>,
+    dmsl_classes: Option<Vec<String>>,
 ) -> GradcamAction {
     let mut action = GradcamAction::None;
     egui::CollapsingHeader::new("Grad-CAM")
@@ -312,7 +320,7 @@ pub fn section(
             if state.target == CamTarget::Dmsl
                 && let Some(model) = dmsl_model
             {
-                let names = state.class_names(model).to_vec();
+                let names = state.class_names(model, dmsl_classes).to_vec();
                 if !names.is_empty() {
                     state.class = state.class.min(names.len() - 1);
                     egui::ComboBox::from_label("Class")

@@ -28,13 +28,14 @@ use crate::util::fs::write_atomic;
 const MAGNIFICATION_SLACK: f64 = 1.02;
 
 /// The model in use, loaded once, with the identity of its file's bytes.
-struct LoadedModel {
+pub(crate) struct LoadedModel {
     path: PathBuf,
     id: String,
     model: Option<Arc<DmslModel>>,
 }
 
-type ModelCache = Arc<std::sync::Mutex<Option<LoadedModel>>>;
+/// Shared by the heatmap and Grad-CAM workers, so that a model file is read and built once.
+pub(crate) type ModelCache = Arc<std::sync::Mutex<Option<LoadedModel>>>;
 
 /// The identity of the model file (FNV of its bytes), computed once per file.
 fn model_id(cache: &ModelCache, path: &Path) -> Result<String, String> {
@@ -57,7 +58,10 @@ fn model_id(cache: &ModelCache, path: &Path) -> Result<String, String> {
     Ok(id)
 }
 
-fn load_model(cache: &ModelCache, path: &Path) -> Result<(Arc<DmslModel>, String), String> {
+pub(crate) fn load_model(
+    cache: &ModelCache,
+    path: &Path,
+) -> Result<(Arc<DmslModel>, String), String> {
     let mut guard = cache
         .lock()
         .map_err(|_| "model cache poisoned".to_string())?;
@@ -160,6 +164,20 @@ impl Default for HeatmapState {
 }
 
 impl HeatmapState {
+    /// The DMSL model cache (shared with the Grad-CAM worker).
+    pub(crate) fn model_cache(&self) -> ModelCache {
+        self.cache.clone()
+    }
+
+    /// The class names of the model in use, once a worker has loaded it.
+    pub(crate) fn loaded_classes(&self) -> Option<Vec<String>> {
+        let guard = self.cache.lock().ok()?;
+        let m = guard.as_ref()?;
+        (Some(m.path.as_path()) == self.model_path.as_deref())
+            .then(|| m.model.as_ref().map(|d| d.classes().to_vec()))
+            .flatten()
+    }
+
     pub fn new(model_path: Option<PathBuf>, data_dir: PathBuf) -> Self {
         HeatmapState {
             model_path,
