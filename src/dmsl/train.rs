@@ -464,6 +464,8 @@ pub fn train(
         let bytes = std::fs::read(&files.last).map_err(io(&files.last))?;
         load_into(&bytes, &vars, &LoadOptions::default())?;
     } else {
+        // A run from scratch is reproducible: the seed draws the initial weights too.
+        vars::reseed(&vars, cfg.seed)?;
         load_start(&cfg.start, cfg.arch, branches, &vars)?;
     }
     // Frozen backbones run on detached copies of their weights (no gradient, the fast CPU path).

@@ -226,6 +226,8 @@ pub fn train(
         let bytes = std::fs::read(last_path).map_err(io(last_path))?;
         load_into(&bytes, &vars, &LoadOptions::default())?;
     } else {
+        // A run from scratch is reproducible: the seed draws the initial weights too.
+        crate::nn::vars::reseed(&vars, cfg.seed)?;
         match &cfg.start {
             Start::Random => {}
             Start::Imagenet(p) => {

@@ -165,7 +165,9 @@ mod tests {
                 };
                 out_fn(&high).unwrap().to_vec1().unwrap()
             };
-            let eps = 1e-4f64;
+            // The head after the high tap is linear, so any ε is exact there and a large one keeps
+            // rounding out; below the low tap a small one keeps the shift from crossing ReLU kinks.
+            let eps = if tap == Tap::High { 1e-3 } else { 1e-6 };
             for ch in [0, c / 2, c - 1] {
                 let mut mask = vec![0f64; c];
                 mask[ch] = eps;
@@ -175,8 +177,7 @@ mod tests {
                 for i in 0..n {
                     let fd = (plus[i] - minus[i]) / (2.0 * eps);
                     let analytic = weights[i][ch] * (h * w) as f64;
-                    // Exact through the linear head; through the ReLU and max-pooling kinks that a
-                    // whole-channel shift crosses, 1%.
+                    // Exact through the linear head; 1% through the network's ReLUs.
                     let rel = if tap == Tap::High { 1e-6 } else { 1e-2 };
                     let tol = rel * fd.abs().max(analytic.abs()) + 1e-9;
                     assert!(
