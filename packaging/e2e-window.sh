@@ -3,7 +3,8 @@
 # Opens a slide, zooms with the wheel and keys, pans by dragging at several zoom levels, takes
 # screenshots, and writes frame-time percentiles. Usage: packaging/e2e-window.sh [SLIDE] [OUT_DIR]
 # HEATMAP=1 computes the DMSL heatmap while panning (frame times then measure the window under that
-# load); MPP=X calibrates a slide whose metadata has no µm/px (e.g. the TCGA slide in ../shared/data).
+# load); GRADCAM=1 has Grad-CAM follow the view (maps recomputed as it moves, one laid over the slide);
+# MPP=X calibrates a slide whose metadata has no µm/px (e.g. the TCGA slide in ../shared/data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 slide=${1:-assets/samples/CMU-1-Small-Region.svs}
@@ -24,6 +25,7 @@ if [ -n "${MPP:-}" ]; then
 fi
 extra=""
 [ -n "${HEATMAP:-}" ] && extra="--heatmap"
+[ -n "${GRADCAM:-}" ] && extra="$extra --gradcam"
 export SLIDE="$slide" OUT="$out" EXTRA="$extra"
 xvfb-run -a -s "-screen 0 1280x800x24" bash -euo pipefail -c '
   ./target/release/histolens --cache-mb 512 --continuous-repaint --frame-stats "$OUT/frames.json" $EXTRA "$SLIDE" >"$OUT/app.log" 2>&1 &

@@ -37,6 +37,10 @@ struct Cli {
     /// Compute the DMSL heatmap of the slide as soon as it opens.
     #[arg(long)]
     heatmap: bool,
+    /// Grad-CAM follows the view: the DMSL maps of the field under the view centre, recomputed as
+    /// the view moves, the 20x last-convolution map laid over the slide.
+    #[arg(long)]
+    gradcam: bool,
 }
 
 #[derive(Subcommand)]
@@ -120,6 +124,7 @@ fn main() -> std::process::ExitCode {
             magnification_model: cli.model,
             dmsl_model: cli.dmsl_model,
             compute_heatmap: cli.heatmap,
+            gradcam_follow: cli.gradcam,
         }),
     };
     match result {

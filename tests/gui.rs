@@ -57,6 +57,7 @@ fn harness_with_models(
                     magnification_model: model.clone(),
                     dmsl_model: dmsl_model.clone(),
                     compute_heatmap: false,
+                    gradcam_follow: false,
                 },
             )
         })
@@ -696,6 +697,8 @@ fn gradcam_panel_shows_four_maps_for_the_view_centre() {
     settle(&mut h);
     h.get_by_label("Grad-CAM").click();
     h.run_steps(2);
+    // Epithelium: what the view centre shows.
+    h.state_mut().gradcam_mut().class = 1;
     h.get_by_label("Grad-CAM of the view centre").click();
     h.step();
     let started = std::time::Instant::now();
@@ -730,4 +733,74 @@ fn gradcam_panel_shows_four_maps_for_the_view_centre() {
     assert_eq!(tiles[2].image.width(), 32);
     h.get_by_label("5x · last conv");
     h.snapshot("gradcam_panel");
+
+    // Zoomed onto the field, then a click on the 20x last-convolution map lays it over the slide:
+    // inside the field each map pixel shows its own colour, outside it the slide is untouched.
+    let tile = h.state().gradcam().tiles().unwrap()[1].clone();
+    let ([fx, fy], side) = tile.field;
+    {
+        let view = h.state_mut().view_mut().unwrap();
+        let mut vp = view.viewport.unwrap();
+        vp.center = [fx + side / 2.0, fy + side / 2.0];
+        vp.scale = 320.0 / side;
+        view.viewport = Some(vp);
+    }
+    h.run_steps(2);
+    settle(&mut h);
+    let before = h.render().unwrap();
+    h.get_by_label("Show 20x · last conv over the slide")
+        .click();
+    h.run_steps(2);
+    assert_eq!(h.state().gradcam().on_slide, Some(1));
+    h.state_mut().gradcam_mut().opacity = 1.0;
+    h.run_steps(2);
+    let after = h.render().unwrap();
+    let ppp = h.ctx.pixels_per_point();
+    let view = h.state().view().unwrap();
+    let (vp, canvas) = (view.viewport.unwrap(), view.canvas_rect.unwrap());
+    let at = |img: &image::RgbaImage, x: f64, y: f64| {
+        let s = vp.slide_to_screen([x, y]);
+        let p = img.get_pixel(
+            ((canvas.min.x + s[0] as f32) * ppp) as u32,
+            ((canvas.min.y + s[1] as f32) * ppp) as u32,
+        );
+        [p.0[0], p.0[1], p.0[2]]
+    };
+    let grid = tile.grid();
+    assert_eq!((grid.cols, grid.rows), (128, 128));
+    let mut checked = 0;
+    for row in (3..128).step_by(9) {
+        for col in (3..128).step_by(9) {
+            let x = grid.origin[0] + (col as f64 + 0.5) * grid.cell;
+            let y = grid.origin[1] + (row as f64 + 0.5) * grid.cell;
+            let want = Colormap::Magma.rgb8(tile.map[row * 128 + col]);
+            let got = at(&after, x, y);
+            assert!(
+                close(got, want, 4),
+                "map pixel ({col}, {row}): {got:?}, expected {want:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 196, "{checked}");
+    // Just outside the field, left and below: the slide as it was.
+    for (x, y) in [
+        (fx - 4.0, fy + side / 2.0),
+        (fx + side / 2.0, fy + side + 4.0),
+    ] {
+        assert_eq!(
+            at(&after, x, y),
+            at(&before, x, y),
+            "outside the field at ({x}, {y})"
+        );
+    }
+    // As one would look at it: half opaque, the weakest fifth hidden.
+    {
+        let cam = h.state_mut().gradcam_mut();
+        cam.opacity = 0.5;
+        cam.threshold = 0.2;
+    }
+    h.run_steps(2);
+    mask_status_bar(&mut h);
+    h.snapshot("gradcam_over_the_slide");
 }

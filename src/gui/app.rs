@@ -16,6 +16,7 @@ use super::side_panel::{self, SidePanelAction};
 use super::status_bar;
 use super::viewer::{OVERVIEW_SIDE, OpenedSlide, SlideView};
 use crate::slide::{CalibrationStore, Slide, SlideError};
+use crate::util::colormap::Colormap;
 
 const SETTINGS_KEY: &str = "histolens.settings";
 const MAX_RECENT: usize = 10;
@@ -42,6 +43,8 @@ pub struct LaunchOptions {
     pub dmsl_model: Option<PathBuf>,
     /// Start computing the heatmap of each slide as soon as it opens.
     pub compute_heatmap: bool,
+    /// Grad-CAM follows the view (DMSL, the first branch's last convolution laid over the slide).
+    pub gradcam_follow: bool,
 }
 
 /// Persisted across sessions through eframe's storage.
@@ -151,7 +154,7 @@ impl HistolensApp {
                 data_dir,
             ),
             compute_heatmap: options.compute_heatmap,
-            gradcam: GradcamState::default(),
+            gradcam: GradcamState::following(options.gradcam_follow),
         };
         // The heatmap overlay's pipeline, once, for the window's target format.
         if let Some(render_state) = cc.wgpu_render_state.as_ref() {
@@ -219,6 +222,10 @@ impl HistolensApp {
     /// The Grad-CAM maps of the view's centre and their settings.
     pub fn gradcam(&self) -> &GradcamState {
         &self.gradcam
+    }
+
+    pub fn gradcam_mut(&mut self) -> &mut GradcamState {
+        &mut self.gradcam
     }
 
     /// The DMSL heatmap of the open slide and how it is shown.
@@ -580,7 +587,10 @@ impl eframe::App for HistolensApp {
                 HeatmapAction::Model(p) => self.heatmap.set_model(&ctx, p, view.slide.clone(), mpp),
                 HeatmapAction::None => {}
             }
-            if let (GradcamAction::Compute, Some(vp)) = (cam_action, view.viewport) {
+            // A click, or (following the view) a worker that is free while the view has moved.
+            let follow = self.gradcam.follow && !self.gradcam.is_busy();
+            let compute = matches!(cam_action, GradcamAction::Compute) || follow;
+            if compute && let Some(vp) = view.viewport {
                 self.gradcam.start(
                     &ctx,
                     view.slide.clone(),
@@ -606,12 +616,21 @@ impl eframe::App for HistolensApp {
         }
         egui::CentralPanel::no_frame().show(ui, |ui| match self.view.as_mut() {
             Some(view) => {
-                let overlay = self.heatmap.overlay_for(view.slide.path());
-                let response = view.show(ui, overlay.as_ref());
-                if let Some(canvas) = view.canvas_rect
-                    && overlay.is_some()
-                {
-                    heatmap::canvas_legend(ui, canvas, &self.heatmap);
+                let heat = self.heatmap.overlay_for(view.slide.path());
+                let cam = self.gradcam.overlay_for(view.slide.path());
+                let overlays: Vec<_> = heat.iter().chain(cam.iter()).cloned().collect();
+                let response = view.show(ui, &overlays);
+                if let Some(canvas) = view.canvas_rect {
+                    let heat_legend = heat
+                        .is_some()
+                        .then(|| heatmap::canvas_legend(ui, canvas, &self.heatmap))
+                        .flatten();
+                    if cam.is_some()
+                        && let Some(title) = self.gradcam.overlay_title()
+                    {
+                        let slot = usize::from(heat_legend.is_some());
+                        super::overlay::legend(ui, canvas, &title, Colormap::Magma, slot);
+                    }
                 }
                 // The probabilities of the cell under the pointer.
                 if let Some([x, y]) = view.cursor

@@ -1,14 +1,17 @@
 //! Grad-CAM in the window: for the field under the view's centre, the maps of each DMSL branch at the
 //! first convolution (cells) and the last (tissue), side by side as the paper shows them, or those of
 //! the magnification model. Computed in a worker (on the model pool), cached per field and settings.
+//! The map picked for it is also laid over the slide, where its field is, by the GPU overlay.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 use image::RgbImage;
+use parking_lot::Mutex;
 
 use super::heatmap::{ModelCache, load_model};
+use super::overlay::{CellGrid, GridOverlay, Layer, OverlayData, OverlayStyle};
 use crate::data::augment::to_rgb;
 use crate::data::pairs::read_field;
 use crate::magnification::MagnificationModel;
@@ -35,20 +38,36 @@ pub struct CamKey {
     centre: [i64; 2],
 }
 
-/// One map: its title, the input it is over, and the map (input-sized, in [0, 1]).
+/// One map: its title, the input it is over, the map (input-sized, in [0, 1]) and where that input
+/// lies on the slide.
 #[derive(Debug, Clone)]
 pub struct CamTile {
     pub title: String,
     pub image: RgbImage,
     pub map: Vec<f32>,
+    /// Level-0 top-left corner and side of the square field the image shows.
+    pub field: ([f64; 2], f64),
 }
 
 impl CamTile {
-    fn new(title: String, image: RgbImage, cam: &CamMaps) -> Self {
+    fn new(title: String, image: RgbImage, cam: &CamMaps, field: ([f64; 2], f64)) -> Self {
         CamTile {
             title,
             image,
             map: cam.maps.first().cloned().unwrap_or_default(),
+            field,
+        }
+    }
+
+    /// The map's pixels as cells on the slide.
+    pub fn grid(&self) -> CellGrid {
+        let (w, h) = self.image.dimensions();
+        let (origin, side) = self.field;
+        CellGrid {
+            origin,
+            cell: side / f64::from(w.max(1)),
+            cols: w,
+            rows: h,
         }
     }
 
@@ -80,6 +99,16 @@ pub struct GradcamState {
     /// The key of the result the panel shows.
     current: Option<CamKey>,
     pub message: Option<String>,
+    /// The map (index into the tiles) laid over the slide, if any; kept for the next field.
+    pub on_slide: Option<usize>,
+    /// Recompute for the view centre whenever the view has moved and the worker is free.
+    pub follow: bool,
+    pub opacity: f32,
+    /// Map values below it are not drawn over the slide.
+    pub threshold: f32,
+    overlay: Arc<Mutex<OverlayData>>,
+    /// The result and map the overlay data holds.
+    overlay_source: Option<(CamKey, usize)>,
 }
 
 impl Default for GradcamState {
@@ -93,6 +122,12 @@ impl Default for GradcamState {
             shown: None,
             current: None,
             message: None,
+            on_slide: None,
+            follow: false,
+            opacity: 0.5,
+            threshold: 0.0,
+            overlay: Arc::default(),
+            overlay_source: None,
         }
     }
 }
@@ -104,6 +139,16 @@ pub enum GradcamAction {
 }
 
 impl GradcamState {
+    /// Following the view from the start (`--gradcam`): the first branch's last convolution over the
+    /// slide.
+    pub fn following(follow: bool) -> Self {
+        GradcamState {
+            follow,
+            on_slide: follow.then_some(1),
+            ..GradcamState::default()
+        }
+    }
+
     pub fn is_busy(&self) -> bool {
         self.job.is_some()
     }
@@ -116,6 +161,39 @@ impl GradcamState {
             .find(|(k, _)| k == key)
             .and_then(|(_, r)| r.as_ref().ok())
             .map(Vec::as_slice)
+    }
+
+    /// The map laid over `slide`, if one is picked and belongs to that slide.
+    pub fn overlay_for(&mut self, slide: &Path) -> Option<GridOverlay> {
+        let index = self.on_slide?;
+        let key = self.current.clone().filter(|k| k.slide == slide)?;
+        let tile = self.tiles()?.get(index)?;
+        let grid = tile.grid();
+        let source = Some((key, index));
+        if self.overlay_source != source {
+            let values = tile.map.clone();
+            if values.len() != grid.cols as usize * grid.rows as usize {
+                return None;
+            }
+            self.overlay.lock().reset(grid.cols, grid.rows, values);
+            self.overlay_source = source;
+        }
+        Some(GridOverlay {
+            layer: Layer::Gradcam,
+            data: self.overlay.clone(),
+            grid,
+            style: OverlayStyle {
+                colormap: Colormap::Magma,
+                opacity: self.opacity,
+                threshold: self.threshold,
+            },
+        })
+    }
+
+    /// The legend's title for the map over the slide.
+    pub fn overlay_title(&self) -> Option<String> {
+        let tile = self.tiles()?.get(self.on_slide?)?;
+        Some(format!("Grad-CAM · {}", tile.title))
     }
 
     /// Starts (or takes from the cache) the maps of the field centred on `centre` (level 0).
@@ -146,7 +224,8 @@ impl GradcamState {
             class: self.class,
             centre: [centre[0].round() as i64, centre[1].round() as i64],
         };
-        if self.cache.iter().any(|(k, _)| *k == key) {
+        if let Some((_, cached)) = self.cache.iter().find(|(k, _)| *k == key) {
+            self.message = cached.as_ref().err().cloned();
             self.current = Some(key);
             return;
         }
@@ -277,7 +356,12 @@ fn compute(
             for b in 0..m.layout.branch_magnifications.len() {
                 for (name, branches) in &per_tap {
                     let (mag, image, cam) = &branches[b];
-                    tiles.push(CamTile::new(format!("{mag}x · {name}"), image.clone(), cam));
+                    tiles.push(CamTile::new(
+                        format!("{mag}x · {name}"),
+                        image.clone(),
+                        cam,
+                        ([x, y], side),
+                    ));
                 }
             }
         }
@@ -295,6 +379,7 @@ fn compute(
                     format!("magnification · {name}"),
                     crop.clone(),
                     &cam,
+                    ([x, y], f64::from(size)),
                 ));
             }
         }
@@ -334,7 +419,7 @@ pub fn section(
             }
             ui.horizontal(|ui| {
                 let button = ui.add_enabled(
-                    !state.is_busy(),
+                    !state.is_busy() && !state.follow,
                     egui::Button::new("Grad-CAM of the view centre"),
                 );
                 if button.clicked() {
@@ -344,23 +429,65 @@ pub fn section(
                     ui.spinner();
                 }
             });
+            ui.checkbox(&mut state.follow, "Follow the view")
+                .on_hover_text("Recompute for the view centre whenever the view moves");
             if let Some(m) = &state.message {
                 ui.colored_label(ui.visuals().warn_fg_color, m);
             }
             let textures = state.textures(ui.ctx());
-            // Two maps a row: the first and the last convolution of one branch.
-            for row in textures.chunks(2) {
+            // Two maps a row: the first and the last convolution of one branch. A click lays a map
+            // over the slide (or takes it off).
+            for (r, row) in textures.chunks(2).enumerate() {
                 ui.horizontal(|ui| {
-                    for (title, tex) in row {
+                    for (c, (title, tex)) in row.iter().enumerate() {
+                        let index = 2 * r + c;
                         ui.vertical(|ui| {
                             ui.small(title);
-                            ui.image((tex.id(), egui::vec2(128.0, 128.0)));
+                            let image = egui::Image::new((tex.id(), egui::vec2(128.0, 128.0)))
+                                .sense(egui::Sense::click());
+                            let response = ui.add(image);
+                            if state.on_slide == Some(index) {
+                                ui.painter().rect_stroke(
+                                    response.rect.expand(1.0),
+                                    0.0,
+                                    egui::Stroke::new(2.0, ui.visuals().selection.stroke.color),
+                                    egui::StrokeKind::Outside,
+                                );
+                            }
+                            let response =
+                                response.on_hover_text("Click to lay this map over the slide");
+                            response.widget_info(|| {
+                                egui::WidgetInfo::labeled(
+                                    egui::Role::Button,
+                                    true,
+                                    format!("Show {title} over the slide"),
+                                )
+                            });
+                            if response.clicked() {
+                                state.on_slide = (state.on_slide != Some(index)).then_some(index);
+                            }
                         });
                     }
                 });
             }
             if !textures.is_empty() {
                 super::heatmap::colour_bar(ui, Colormap::Magma, "Grad-CAM", 200.0);
+                let shown = |i: Option<usize>| {
+                    i.and_then(|i| textures.get(i))
+                        .map_or("none".to_string(), |(t, _)| t.clone())
+                };
+                egui::ComboBox::from_label("Over the slide")
+                    .selected_text(shown(state.on_slide))
+                    .show_ui(ui, |ui| {
+                        ui.selectable_value(&mut state.on_slide, None, "none");
+                        for (i, (title, _)) in textures.iter().enumerate() {
+                            ui.selectable_value(&mut state.on_slide, Some(i), title);
+                        }
+                    });
+                if state.on_slide.is_some() {
+                    ui.add(egui::Slider::new(&mut state.opacity, 0.0..=1.0).text("Map opacity"));
+                    ui.add(egui::Slider::new(&mut state.threshold, 0.0..=1.0).text("Hide below"));
+                }
             }
         });
     action

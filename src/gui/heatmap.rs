@@ -14,7 +14,7 @@ use egui::{Color32, RichText, Sense, vec2};
 use image::RgbaImage;
 use parking_lot::Mutex;
 
-use super::overlay::{HeatmapOverlay, NO_DATA, OverlayData, OverlayStyle};
+use super::overlay::{GridOverlay, Layer, NO_DATA, OverlayData, OverlayStyle};
 use crate::dmsl::DmslModel;
 use crate::dmsl::heatmap::{
     CellState, Heatmap, HeatmapGrid, HeatmapOptions, HeatmapRun, compute, content_id, header_for,
@@ -473,15 +473,16 @@ impl HeatmapState {
     }
 
     /// The overlay to draw over `slide`, if there is one and it is shown.
-    pub fn overlay_for(&mut self, slide: &Path) -> Option<HeatmapOverlay> {
+    pub fn overlay_for(&mut self, slide: &Path) -> Option<GridOverlay> {
         if !self.visible || self.slide.as_deref() != Some(slide) {
             return None;
         }
         self.sync_overlay();
         let grid = self.heatmap.as_ref()?.header.grid;
-        Some(HeatmapOverlay {
+        Some(GridOverlay {
+            layer: Layer::Heatmap,
             data: self.overlay.clone(),
-            grid,
+            grid: grid.into(),
             style: OverlayStyle {
                 colormap: self.colormap,
                 opacity: self.opacity,
@@ -950,7 +951,7 @@ pub fn section(
     action
 }
 
-/// A small legend in the canvas's top-right corner while the overlay is shown. Returns where.
+/// The heatmap's legend in the canvas's top-right corner: the class shown and the colour bar.
 pub fn canvas_legend(
     ui: &egui::Ui,
     canvas: egui::Rect,
@@ -961,49 +962,13 @@ pub fn canvas_legend(
         return None;
     }
     let name = h.header.classes.get(state.class_index())?;
-    let size = vec2(190.0, 44.0);
-    let rect = egui::Rect::from_min_size(
-        egui::pos2(canvas.max.x - size.x - 12.0, canvas.min.y + 12.0),
-        size,
-    );
-    let painter = ui.painter_at(canvas);
-    painter.rect_filled(rect, 4.0, Color32::from_black_alpha(170));
-    let bar = egui::Rect::from_min_size(rect.min + vec2(8.0, 22.0), vec2(size.x - 16.0, 10.0));
-    let steps = 48;
-    for i in 0..steps {
-        let t = (i as f32 + 0.5) / steps as f32;
-        let [r, g, b] = state.colormap.rgb8(t);
-        let x0 = bar.min.x + bar.width() * i as f32 / steps as f32;
-        let x1 = bar.min.x + bar.width() * (i + 1) as f32 / steps as f32;
-        painter.rect_filled(
-            egui::Rect::from_min_max(egui::pos2(x0, bar.min.y), egui::pos2(x1 + 0.5, bar.max.y)),
-            0.0,
-            Color32::from_rgb(r, g, b),
-        );
-    }
-    let font = egui::FontId::proportional(12.0);
-    painter.text(
-        rect.min + vec2(8.0, 5.0),
-        egui::Align2::LEFT_TOP,
-        format!("P({name})"),
-        font.clone(),
-        Color32::WHITE,
-    );
-    painter.text(
-        egui::pos2(bar.min.x, bar.max.y + 1.0),
-        egui::Align2::LEFT_TOP,
-        "0",
-        egui::FontId::proportional(9.0),
-        Color32::WHITE,
-    );
-    painter.text(
-        egui::pos2(bar.max.x, bar.max.y + 1.0),
-        egui::Align2::RIGHT_TOP,
-        "1",
-        egui::FontId::proportional(9.0),
-        Color32::WHITE,
-    );
-    Some(rect)
+    Some(super::overlay::legend(
+        ui,
+        canvas,
+        &format!("P({name})"),
+        state.colormap,
+        0,
+    ))
 }
 
 #[cfg(test)]

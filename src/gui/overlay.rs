@@ -1,6 +1,8 @@
-//! The heatmap overlay on the GPU: an egui-wgpu paint callback drawing one value per grid cell (a
-//! class's probability) through `shaders/overlay.wgsl`, coloured by the same colormap polynomials as
-//! the CPU export, blended over the slide with an opacity and a threshold.
+//! Overlays on the GPU: an egui-wgpu paint callback drawing one value per cell of a grid anchored on
+//! the slide (a heatmap class's probability, a Grad-CAM map) through `shaders/overlay.wgsl`, coloured by
+//! the same colormap polynomials as the CPU export, blended over the slide with an opacity and a
+//! threshold. Each [`Layer`] has its own texture and parameters, so the heatmap and a Grad-CAM map can
+//! be drawn in the same frame.
 //!
 //! The values live on the CPU in [`OverlayData`] (shared with the callback); each texture row remembers
 //! the version in which it last changed, so `prepare` re-uploads only the rows that changed since the
@@ -96,11 +98,50 @@ pub struct OverlayStyle {
     pub threshold: f32,
 }
 
-/// What the viewer needs to draw the overlay in one frame.
+/// Square cells laid on the slide: `cols` x `rows` of side `cell` (level-0 pixels) from `origin`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CellGrid {
+    pub origin: [f64; 2],
+    pub cell: f64,
+    pub cols: u32,
+    pub rows: u32,
+}
+
+impl From<HeatmapGrid> for CellGrid {
+    fn from(g: HeatmapGrid) -> Self {
+        CellGrid {
+            origin: [0.0, 0.0],
+            cell: g.cell,
+            cols: g.cols,
+            rows: g.rows,
+        }
+    }
+}
+
+/// The overlays drawn together, bottom first; each keeps its own texture on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    Heatmap,
+    Gradcam,
+}
+
+const LAYERS: usize = 2;
+
+impl Layer {
+    fn index(self) -> usize {
+        match self {
+            Layer::Heatmap => 0,
+            Layer::Gradcam => 1,
+        }
+    }
+}
+
+/// What the viewer needs to draw one overlay in one frame.
 #[derive(Clone)]
-pub struct HeatmapOverlay {
+pub struct GridOverlay {
+    pub layer: Layer,
     pub data: Arc<Mutex<OverlayData>>,
-    pub grid: HeatmapGrid,
+    pub grid: CellGrid,
     pub style: OverlayStyle,
 }
 
@@ -117,16 +158,15 @@ pub struct OverlayPlacement {
 }
 
 /// Places `grid` (level-0 cells) over a slide of `dims` level-0 pixels on a canvas at `canvas` viewing
-/// `vp`; the last row and column, which overhang the slide, are cut at its edge. None when nothing is
-/// on screen.
+/// `vp`; cells overhanging the slide are cut at its edge. None when nothing is on screen.
 pub fn placement(
-    grid: &HeatmapGrid,
+    grid: &CellGrid,
     dims: (u64, u64),
     canvas: ERect,
     vp: &Viewport,
 ) -> Option<OverlayPlacement> {
     let positive = |v: f64| v > 0.0; // false for NaN too
-    if grid.is_empty() || !positive(grid.cell) || !positive(vp.scale) {
+    if grid.cols == 0 || grid.rows == 0 || !positive(grid.cell) || !positive(vp.scale) {
         return None;
     }
     let at = |p: [f64; 2]| {
@@ -136,10 +176,11 @@ pub fn placement(
             f64::from(canvas.min.y) + s[1],
         ]
     };
-    let a = at([0.0, 0.0]);
+    let [ox, oy] = grid.origin;
+    let a = at([ox.max(0.0), oy.max(0.0)]);
     let b = at([
-        (f64::from(grid.cols) * grid.cell).min(dims.0 as f64),
-        (f64::from(grid.rows) * grid.cell).min(dims.1 as f64),
+        (ox + f64::from(grid.cols) * grid.cell).min(dims.0 as f64),
+        (oy + f64::from(grid.rows) * grid.cell).min(dims.1 as f64),
     ]);
     let covered = ERect::from_min_max(
         pos2(a[0] as f32, a[1] as f32),
@@ -151,13 +192,13 @@ pub fn placement(
     }
     // The first visible cell, computed in f64 so that the corner stays precise at any zoom.
     let r = vp.visible_rect();
-    let c0 = (r.x0 / grid.cell)
+    let c0 = ((r.x0 - ox) / grid.cell)
         .floor()
         .clamp(0.0, f64::from(grid.cols - 1));
-    let r0 = (r.y0 / grid.cell)
+    let r0 = ((r.y0 - oy) / grid.cell)
         .floor()
         .clamp(0.0, f64::from(grid.rows - 1));
-    let corner = at([c0 * grid.cell, r0 * grid.cell]);
+    let corner = at([ox + c0 * grid.cell, oy + r0 * grid.cell]);
     Some(OverlayPlacement {
         rect: covered,
         first: [c0 as i32, r0 as i32],
@@ -166,7 +207,7 @@ pub fn placement(
     })
 }
 
-impl HeatmapOverlay {
+impl GridOverlay {
     /// Adds the paint callback to `painter` (clipped to the canvas and the slide of `dims`).
     pub fn paint(&self, painter: &egui::Painter, canvas: ERect, vp: &Viewport, dims: (u64, u64)) {
         let Some(place) = placement(&self.grid, dims, canvas, vp) else {
@@ -178,6 +219,7 @@ impl HeatmapOverlay {
         painter.add(egui_wgpu::Callback::new_paint_callback(
             place.rect,
             OverlayCallback {
+                layer: self.layer,
                 data: self.data.clone(),
                 place,
                 style: self.style,
@@ -187,6 +229,7 @@ impl HeatmapOverlay {
 }
 
 struct OverlayCallback {
+    layer: Layer,
     data: Arc<Mutex<OverlayData>>,
     place: OverlayPlacement,
     style: OverlayStyle,
@@ -196,13 +239,14 @@ struct OverlayCallback {
 pub struct OverlayGpu {
     pipeline: wgpu::RenderPipeline,
     layout: wgpu::BindGroupLayout,
-    params: wgpu::Buffer,
     srgb_target: bool,
     max_side: u32,
-    texture: Option<GpuValues>,
+    layers: [Option<GpuValues>; LAYERS],
 }
 
 struct GpuValues {
+    /// The layer's `Params` uniform (each layer has its own: all callbacks prepare before any paints).
+    params: wgpu::Buffer,
     texture: wgpu::Texture,
     bind_group: wgpu::BindGroup,
     cols: u32,
@@ -287,19 +331,12 @@ pub fn install(render_state: &egui_wgpu::RenderState) {
         multiview_mask: None,
         cache: None,
     });
-    let params = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("histolens-overlay-params"),
-        size: PARAMS_SIZE,
-        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
     let gpu = OverlayGpu {
         pipeline,
         layout,
-        params,
         srgb_target: format.is_srgb(),
         max_side: device.limits().max_texture_dimension_2d,
-        texture: None,
+        layers: [None, None],
     };
     render_state.renderer.write().callback_resources.insert(gpu);
 }
@@ -373,15 +410,21 @@ impl egui_wgpu::CallbackTrait for OverlayCallback {
         };
         let data = self.data.lock();
         let (cols, rows) = (data.cols, data.rows);
+        let slot = &mut gpu.layers[self.layer.index()];
         if cols == 0 || rows == 0 || cols > gpu.max_side || rows > gpu.max_side {
-            gpu.texture = None;
+            *slot = None;
             return Vec::new();
         }
-        let fresh = !gpu
-            .texture
+        let fresh = !slot
             .as_ref()
             .is_some_and(|t| t.cols == cols && t.rows == rows);
         if fresh {
+            let params = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("histolens-overlay-params"),
+                size: PARAMS_SIZE,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
             let texture = device.create_texture(&wgpu::TextureDescriptor {
                 label: Some("histolens-overlay-values"),
                 size: wgpu::Extent3d {
@@ -403,7 +446,7 @@ impl egui_wgpu::CallbackTrait for OverlayCallback {
                 entries: &[
                     wgpu::BindGroupEntry {
                         binding: 0,
-                        resource: gpu.params.as_entire_binding(),
+                        resource: params.as_entire_binding(),
                     },
                     wgpu::BindGroupEntry {
                         binding: 1,
@@ -412,6 +455,7 @@ impl egui_wgpu::CallbackTrait for OverlayCallback {
                 ],
             });
             let values = GpuValues {
+                params,
                 texture,
                 bind_group,
                 cols,
@@ -419,11 +463,11 @@ impl egui_wgpu::CallbackTrait for OverlayCallback {
                 version: 0,
             };
             upload_rows(queue, &values, &data, (0, rows - 1));
-            gpu.texture = Some(GpuValues {
+            *slot = Some(GpuValues {
                 version: data.version(),
                 ..values
             });
-        } else if let Some(values) = gpu.texture.as_mut()
+        } else if let Some(values) = slot.as_mut()
             && values.version != data.version()
         {
             if let Some(span) = data.dirty_rows(values.version) {
@@ -439,7 +483,9 @@ impl egui_wgpu::CallbackTrait for OverlayCallback {
             screen.pixels_per_point,
             gpu.srgb_target,
         );
-        queue.write_buffer(&gpu.params, 0, &bytes);
+        if let Some(values) = &gpu.layers[self.layer.index()] {
+            queue.write_buffer(&values.params, 0, &bytes);
+        }
         Vec::new()
     }
 
@@ -452,11 +498,62 @@ impl egui_wgpu::CallbackTrait for OverlayCallback {
         let Some(gpu) = resources.get::<OverlayGpu>() else {
             return;
         };
-        let Some(values) = &gpu.texture else { return };
+        let Some(values) = &gpu.layers[self.layer.index()] else {
+            return;
+        };
         render_pass.set_pipeline(&gpu.pipeline);
         render_pass.set_bind_group(0, &values.bind_group, &[]);
         render_pass.draw(0..3, 0..1);
     }
+}
+
+/// A legend in the canvas's top-right corner: `title` over the colour bar of `colormap` from 0 to 1.
+/// Legends of several overlays stack downwards by `slot`.
+pub fn legend(ui: &egui::Ui, canvas: ERect, title: &str, colormap: Colormap, slot: usize) -> ERect {
+    use egui::{Color32, vec2};
+    let size = vec2(190.0, 44.0);
+    let rect = ERect::from_min_size(
+        pos2(
+            canvas.max.x - size.x - 12.0,
+            canvas.min.y + 12.0 + slot as f32 * (size.y + 6.0),
+        ),
+        size,
+    );
+    let painter = ui.painter_at(canvas);
+    painter.rect_filled(rect, 4.0, Color32::from_black_alpha(170));
+    let bar = ERect::from_min_size(rect.min + vec2(8.0, 22.0), vec2(size.x - 16.0, 10.0));
+    let steps = 48;
+    for i in 0..steps {
+        let t = (i as f32 + 0.5) / steps as f32;
+        let [r, g, b] = colormap.rgb8(t);
+        let x0 = bar.min.x + bar.width() * i as f32 / steps as f32;
+        let x1 = bar.min.x + bar.width() * (i + 1) as f32 / steps as f32;
+        painter.rect_filled(
+            ERect::from_min_max(pos2(x0, bar.min.y), pos2(x1 + 0.5, bar.max.y)),
+            0.0,
+            Color32::from_rgb(r, g, b),
+        );
+    }
+    painter.text(
+        rect.min + vec2(8.0, 5.0),
+        egui::Align2::LEFT_TOP,
+        title,
+        egui::FontId::proportional(12.0),
+        Color32::WHITE,
+    );
+    for (x, align, label) in [
+        (bar.min.x, egui::Align2::LEFT_TOP, "0"),
+        (bar.max.x, egui::Align2::RIGHT_TOP, "1"),
+    ] {
+        painter.text(
+            pos2(x, bar.max.y + 1.0),
+            align,
+            label,
+            egui::FontId::proportional(9.0),
+            Color32::WHITE,
+        );
+    }
+    rect
 }
 
 #[cfg(test)]
@@ -549,7 +646,7 @@ mod tests {
 
     #[test]
     fn placement_follows_the_viewport() {
-        let grid = HeatmapGrid::new((1000, 500), 100.0);
+        let grid = CellGrid::from(HeatmapGrid::new((1000, 500), 100.0));
         let canvas = ERect::from_min_size(pos2(10.0, 20.0), egui::vec2(400.0, 300.0));
         let vp = Viewport {
             center: [500.0, 250.0],
@@ -578,7 +675,7 @@ mod tests {
         };
         assert!(placement(&grid, (1000, 500), canvas, &vp).is_none());
         // A grid overhanging its slide is cut at the slide's edge.
-        let grid = HeatmapGrid::new((950, 480), 100.0);
+        let grid = CellGrid::from(HeatmapGrid::new((950, 480), 100.0));
         let vp = Viewport {
             center: [500.0, 250.0],
             scale: 0.4,
@@ -587,5 +684,43 @@ mod tests {
         let p = placement(&grid, (950, 480), canvas, &vp).unwrap();
         assert!((p.rect.max.x - (10.0 + 380.0)).abs() < 1e-3, "{:?}", p.rect);
         assert!((p.rect.max.y - (70.0 + 192.0)).abs() < 1e-3, "{:?}", p.rect);
+    }
+
+    /// A grid anchored away from the slide's origin (a Grad-CAM field) lands where its origin is, and
+    /// its first visible cell counts from that origin.
+    #[test]
+    fn placement_of_a_grid_with_an_origin() {
+        let grid = CellGrid {
+            origin: [300.0, 200.0],
+            cell: 2.0,
+            cols: 64,
+            rows: 64,
+        };
+        let canvas = ERect::from_min_size(pos2(0.0, 0.0), egui::vec2(400.0, 300.0));
+        let vp = Viewport {
+            center: [500.0, 250.0],
+            scale: 0.4,
+            size: [400.0, 300.0],
+        };
+        let p = placement(&grid, (1000, 500), canvas, &vp).unwrap();
+        assert_eq!(p.first, [0, 0]);
+        // Level-0 x 300 is 200 px left of the centre, 80 points at 0.4.
+        assert!((p.corner.x - 120.0).abs() < 1e-3 && (p.corner.y - 130.0).abs() < 1e-3);
+        assert!((p.rect.width() - 128.0 * 0.4).abs() < 1e-3, "{:?}", p.rect);
+        // Zoomed in on level-0 (350, 260): the view starts at (330, 245), inside cell (15, 22).
+        let vp = Viewport {
+            center: [350.0, 260.0],
+            scale: 10.0,
+            size: [400.0, 300.0],
+        };
+        let p = placement(&grid, (1000, 500), canvas, &vp).unwrap();
+        assert_eq!(p.first, [15, 22]);
+        // Cell 15 starts at level-0 x 330, the view's left edge; cell 22's top, 244, is 1 px above it.
+        assert!(
+            p.corner.x.abs() < 1e-3 && (p.corner.y + 10.0).abs() < 1e-3,
+            "{:?}",
+            p.corner
+        );
+        assert_eq!(p.rect, canvas);
     }
 }

@@ -1,5 +1,5 @@
 //! The slide canvas: tiles drawn at the level the zoom needs (coarser tiles stand in while sharp ones
-//! load), pan and zoom by mouse and keyboard, a heatmap overlay (drawn on the GPU), the overview
+//! load), pan and zoom by mouse and keyboard, overlays (heatmap, Grad-CAM; drawn on the GPU), the overview
 //! (minimap) and the scale bar.
 
 use std::sync::Arc;
@@ -7,7 +7,7 @@ use std::sync::Arc;
 use egui::{Color32, Key, Pos2, Rect as ERect, Sense, Stroke, TextureHandle, Vec2, pos2, vec2};
 use image::RgbaImage;
 
-use super::overlay::HeatmapOverlay;
+use super::overlay::GridOverlay;
 use super::textures::TileTextures;
 use crate::slide::{Calibration, Mpp, Slide};
 use crate::tiles::{self, TilePlan, TileStreamer, Viewport, plan_tiles};
@@ -129,9 +129,9 @@ impl SlideView {
         self.streamer.pending() > 0 || self.textures.backlog() > 0
     }
 
-    /// The canvas: input, tile drawing, the heatmap overlay when given, overview and scale bar. Returns
-    /// the canvas's response (for tooltips).
-    pub fn show(&mut self, ui: &mut egui::Ui, overlay: Option<&HeatmapOverlay>) -> egui::Response {
+    /// The canvas: input, tile drawing, the overlays given (bottom first), overview and scale bar.
+    /// Returns the canvas's response (for tooltips).
+    pub fn show(&mut self, ui: &mut egui::Ui, overlays: &[GridOverlay]) -> egui::Response {
         let rect = ui.available_rect_before_wrap();
         self.canvas_rect = Some(rect);
         let response = ui.allocate_rect(rect, Sense::click_and_drag());
@@ -171,7 +171,7 @@ impl SlideView {
         let painter = ui.painter_at(rect);
         painter.rect_filled(rect, 0.0, Color32::from_gray(40));
         self.draw_tiles(&painter, rect, &vp, &plan, ppp as f32);
-        if let Some(o) = overlay {
+        for o in overlays {
             o.paint(&painter, rect, &vp, dims);
         }
         self.draw_scale_bar(&painter, rect, &vp);
