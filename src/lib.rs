@@ -6,15 +6,20 @@
 //! - [`tiles`]: tile grid, byte-bounded cache, view planning, loader pool.
 //! - [`nn`]: candle model code (backbones, pooling with gradients, checkpoints, Hagnifinder); no I/O.
 //! - [`data`]: tissue detection, dataset manifests and builders, augmentation, images to tensors.
+//! - [`labels`]: the labelling project (classes or magnifications, groups, splits; undo; exports to
+//!   the dataset manifests); uses `data`, `slide` and `util` only.
 //! - [`magnification`]: the magnification task: training, evaluation metrics, estimates.
 //! - [`dmsl`]: two-magnification classification: training, evaluation, slide heatmaps.
+//! - [`runs`]: training run folders of either task, shared by the CLI and the window.
 //! - [`gui`]: the eframe application (knows the layers above; nothing above knows it).
 
 pub mod data;
 pub mod dmsl;
 pub mod gui;
+pub mod labels;
 pub mod magnification;
 pub mod nn;
+pub mod runs;
 pub mod slide;
 pub mod tiles;
 pub mod util;

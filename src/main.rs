@@ -41,6 +41,13 @@ struct Cli {
     /// the view moves, the 20x last-convolution map laid over the slide.
     #[arg(long)]
     gradcam: bool,
+    /// Add these folders or images to the label set and show the labelling view.
+    #[arg(long = "label", value_name = "PATH")]
+    label: Vec<PathBuf>,
+    /// Open this run folder (made by the panel or by histolens train) in the training panel and
+    /// start or resume it.
+    #[arg(long, value_name = "DIR")]
+    train_run: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -68,6 +75,9 @@ enum Command {
     /// Grad-CAM maps at the first and the last convolution of each branch (DMSL) or of the
     /// magnification model, as PNG overlays and .npy arrays.
     Gradcam(cli::gradcam::GradcamArgs),
+    /// Training runs (of `histolens train` and of the window's panel): list and compare, resume, evaluate.
+    #[command(subcommand)]
+    Runs(cli::runs::RunsCommand),
     /// Measure performance.
     #[command(subcommand)]
     Bench(cli::bench::BenchCommand),
@@ -114,6 +124,7 @@ fn main() -> std::process::ExitCode {
         Some(Command::Heatmap(a)) => cli::dmsl::heatmap(a),
         Some(Command::Gradcam(a)) => cli::gradcam::run(a),
         Some(Command::Predict(a)) => cli::magnification::predict(a),
+        Some(Command::Runs(r)) => cli::runs::run(r),
         Some(Command::Bench(b)) => cli::bench::run(b),
         None => run_window(histolens::gui::LaunchOptions {
             path: cli.file,
@@ -125,6 +136,8 @@ fn main() -> std::process::ExitCode {
             dmsl_model: cli.dmsl_model,
             compute_heatmap: cli.heatmap,
             gradcam_follow: cli.gradcam,
+            label_paths: cli.label,
+            train_run: cli.train_run,
         }),
     };
     match result {

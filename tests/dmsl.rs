@@ -50,7 +50,7 @@ fn pairs() -> &'static (tempfile::TempDir, Manifest<PairRecord>) {
             seed: 3,
             ..Default::default()
         };
-        let (manifest, _) = build(&slides, &[], dir.path(), &cfg, |_| {}).unwrap();
+        let (manifest, _) = build(&slides, &[], &[], dir.path(), &cfg, |_| {}).unwrap();
         (dir, manifest)
     })
 }
@@ -269,7 +269,7 @@ fn demo_model_reaches_its_reported_accuracy() {
         seed: 1,
         ..Default::default()
     };
-    build(&slides, &[], dir.path(), &cfg, |_| {}).unwrap();
+    build(&slides, &[], &[], dir.path(), &cfg, |_| {}).unwrap();
     let report = evaluate(
         &path,
         &dir.path().join("pairs.csv"),

@@ -58,6 +58,8 @@ fn harness_with_models(
                     dmsl_model: dmsl_model.clone(),
                     compute_heatmap: false,
                     gradcam_follow: false,
+                    label_paths: Vec::new(),
+                    train_run: None,
                 },
             )
         })
@@ -803,4 +805,228 @@ fn gradcam_panel_shows_four_maps_for_the_view_centre() {
     h.run_steps(2);
     mask_status_bar(&mut h);
     h.snapshot("gradcam_over_the_slide");
+}
+
+/// A magnification dataset of generated images: brighter images are labelled at a higher
+/// magnification, a few per split, each its own source.
+fn tiny_magnification_dataset(dir: &Path) -> PathBuf {
+    use histolens::data::manifest::{MagnificationRecord, Manifest, Split};
+    let mut records = Vec::new();
+    for i in 0..12u32 {
+        let magnification = [5.0, 10.0, 20.0][(i % 3) as usize];
+        let level = (60.0 + 8.0 * magnification) as u8;
+        let img = image::RgbImage::from_fn(80, 80, |x, y| {
+            let n = ((x * 7 + y * 13 + i * 31) % 23) as u8;
+            image::Rgb([level.saturating_add(n), level / 2 + n, level])
+        });
+        let name = format!("img-{i:02}.png");
+        img.save(dir.join(&name)).unwrap();
+        records.push(MagnificationRecord {
+            path: name,
+            magnification,
+            mpp: 10.0 / magnification,
+            source: format!("source-{i}"),
+            region: "0,0,80,80".into(),
+            split: match i % 4 {
+                0 => Split::Val,
+                1 => Split::Test,
+                _ => Split::Train,
+            },
+        });
+    }
+    let manifest = Manifest {
+        root: dir.to_path_buf(),
+        records,
+    };
+    let path = dir.join("manifest.csv");
+    manifest.save(&path).unwrap();
+    path
+}
+
+/// Steps frames until `done` holds, failing after `limit`.
+fn step_until(
+    h: &mut Harness<'_, HistolensApp>,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&HistolensApp) -> bool,
+) {
+    let started = std::time::Instant::now();
+    while !done(h.state()) {
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        h.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The training panel runs a real (short) magnification training: the curve gets points while it
+/// runs, it pauses and continues, stops on request with its checkpoint on disk, its run folder is
+/// listed, and "Use this model" makes the viewer use the trained model.
+#[test]
+fn training_panel_trains_stops_and_uses_the_model() {
+    let data = tempfile::tempdir().unwrap();
+    let manifest = tiny_magnification_dataset(data.path());
+    let run_dir = data.path().join("runs").join("panel-run");
+    let mut h = harness(None, data.path());
+    h.run_steps(2);
+    h.get_by_label("Training").click();
+    h.run_steps(2);
+    assert_eq!(h.state().mode(), histolens::gui::Mode::Training);
+    {
+        let f = &mut h.state_mut().training_mut().form;
+        f.task = histolens::gui::training::Task::Magnification;
+        f.data = manifest.display().to_string();
+        f.run_dir = run_dir.display().to_string();
+        f.arch = histolens::nn::Arch::Resnet18;
+        f.input_size = 64;
+        f.batch = 4;
+        f.epochs = 50;
+        f.steps_per_epoch = 1;
+    }
+    h.run_steps(2);
+    h.get_by_label("Start training").click();
+    h.run_steps(2);
+    assert!(
+        h.state().training().is_running(),
+        "{:?}",
+        h.state().training().message
+    );
+    step_until(&mut h, Duration::from_secs(300), "two epochs", |a| {
+        a.training().curve.len() >= 2
+    });
+    let points = h.state().training().curve.clone();
+    assert!(
+        points
+            .iter()
+            .all(|p| p.train_loss.is_finite() && p.val_loss.is_some())
+    );
+    // Pause holds the run between steps; Continue lets it go on.
+    h.get_by_label("Pause").click();
+    h.run_steps(2);
+    assert!(h.state().training().is_paused());
+    h.get_by_label("Continue").click();
+    h.run_steps(2);
+    assert!(!h.state().training().is_paused());
+    h.get_by_label("Stop").click();
+    step_until(&mut h, Duration::from_secs(300), "the run to stop", |a| {
+        !a.training().is_running()
+    });
+    let state = h.state().training();
+    assert_eq!(state.message, None);
+    assert!(
+        state.log.iter().any(|l| l.starts_with("stopped after")),
+        "{:?}",
+        state.log
+    );
+    assert!(run_dir.join("last.safetensors").is_file());
+    assert!(run_dir.join("run.json").is_file());
+    let model = state.model.clone().expect("a model");
+    assert!(model.is_file());
+    // The same run, read as the CLI reads it.
+    let summary = histolens::runs::read_run(&run_dir).unwrap();
+    assert_eq!(summary.config.task(), "magnification");
+    assert!(summary.epochs_done() >= 2 && summary.epochs_done() < 50);
+    h.get_by_label("Use this model").click();
+    h.run_steps(2);
+    assert_eq!(h.state().mode(), histolens::gui::Mode::Viewer);
+    assert_eq!(h.state().magnification_model(), Some(model.as_path()));
+}
+
+/// Writes `n` small images named `{stem}-{i}.png` into `dir`, each a different colour.
+fn write_images(dir: &Path, stem: &str, n: u32, tint: [u8; 3]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..n {
+        let img = image::RgbImage::from_fn(64, 48, |x, y| {
+            let v = ((x + y + i * 20) % 64) as u8;
+            image::Rgb([
+                tint[0].saturating_add(v),
+                tint[1].saturating_add(v),
+                tint[2],
+            ])
+        });
+        img.save(dir.join(format!("{stem}-{i}.png"))).unwrap();
+    }
+}
+
+/// Dropping folders: class sub-folders come labelled, a folder of loose images gets its name
+/// proposed; number keys label image by image, Ctrl+Z undoes, and the manifest on disk says the same
+/// as the window.
+#[test]
+fn dropped_folders_are_labelled_by_keyboard_with_undo() {
+    use histolens::labels::{Label, LabelSet};
+    let data = tempfile::tempdir().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let tiles = images.path().join("tiles");
+    write_images(&tiles.join("epithelium"), "epi", 2, [200, 80, 120]);
+    write_images(&tiles.join("stroma"), "str", 2, [230, 150, 190]);
+    let loose = images.path().join("case-7");
+    write_images(&loose, "loose", 4, [120, 60, 160]);
+    let mut h = harness(None, data.path());
+    h.run_steps(2);
+    for p in [&tiles, &loose] {
+        h.input_mut()
+            .dropped_files
+            .push(Arc::new(Dropped(p.clone())));
+    }
+    h.step();
+    assert_eq!(h.state().mode(), histolens::gui::Mode::Labels);
+    step_until(&mut h, Duration::from_secs(60), "thumbnails", |a| {
+        !a.labels().is_busy()
+    });
+    h.run_steps(3);
+    let set = h.state().labels().label_set().expect("a label set");
+    assert_eq!(set.entries().len(), 8);
+    assert_eq!(set.classes(), ["epithelium", "stroma"]);
+    assert_eq!(set.counts().unlabelled, 4);
+    h.get_by_label("Label \"case-7\" (4 images) as case-7");
+
+    // Click the first loose image, then 2 (stroma), 1 (epithelium): each key labels the image under
+    // the cursor and moves on.
+    h.get_by_label("loose-0.png: —").click();
+    h.run_steps(2);
+    h.key_press(egui::Key::Num2);
+    h.run_steps(2);
+    h.key_press(egui::Key::Num1);
+    h.run_steps(2);
+    let label_of = |h: &Harness<'_, HistolensApp>, name: &str| {
+        let set = h.state().labels().label_set().unwrap();
+        set.entries()
+            .iter()
+            .find(|e| e.path.ends_with(name))
+            .and_then(|e| e.label.clone())
+    };
+    assert_eq!(
+        label_of(&h, "loose-0.png"),
+        Some(Label::Class("stroma".into()))
+    );
+    assert_eq!(
+        label_of(&h, "loose-1.png"),
+        Some(Label::Class("epithelium".into()))
+    );
+    // Undo takes the last label off; the arrow keys move without labelling.
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Z);
+    h.run_steps(2);
+    assert_eq!(label_of(&h, "loose-1.png"), None);
+    // The cursor stayed on loose-2; the arrow moves it on without labelling.
+    h.key_press(egui::Key::ArrowRight);
+    h.run_steps(2);
+    h.key_press(egui::Key::Num1);
+    h.run_steps(2);
+    assert_eq!(label_of(&h, "loose-2.png"), None);
+    assert_eq!(
+        label_of(&h, "loose-3.png"),
+        Some(Label::Class("epithelium".into()))
+    );
+
+    // The manifest on disk, read afresh, holds exactly what the window shows.
+    let manifest = h.state().labels().manifest.clone();
+    let on_disk = LabelSet::open_or_create(&manifest).unwrap();
+    let in_window = h.state().labels().label_set().unwrap();
+    assert_eq!(on_disk.entries(), in_window.entries());
+    h.get_by_label("loose-3.png: epithelium");
+    // The bottom strip (the status bar's frame time varies between runs).
+    h.mask(egui::Rect::from_min_max(
+        egui::pos2(0.0, 670.0),
+        egui::pos2(1100.0, 700.0),
+    ));
+    h.snapshot("labels_view");
 }

@@ -108,7 +108,7 @@ pub fn dataset(args: DatasetArgs) -> anyhow::Result<()> {
         seed: args.seed,
         ..Default::default()
     };
-    let (manifest, dataset) = build(&slides, &folders, &args.out, &cfg, |s| {
+    let (manifest, dataset) = build(&slides, &folders, &[], &args.out, &cfg, |s| {
         eprintln!("reading {s}")
     })?;
     let g = dataset.geometry;
@@ -223,6 +223,11 @@ pub fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
             Some((i, _)) => args.run.join(format!("fold-{i}")),
             None => args.run.clone(),
         };
+        histolens::runs::write_info(
+            &dir,
+            &histolens::runs::RunConfig::Dmsl(cfg.clone()),
+            &args.data,
+        )?;
         let stop = AtomicBool::new(false);
         let pb = bar(cfg.epochs as u64, "epochs");
         let outcome = train(&args.data, &cfg, &dir, &device, &stop, |e| match e {

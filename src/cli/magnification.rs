@@ -5,12 +5,12 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
+use histolens::data::Split;
 use histolens::data::augment::AugmentConfig;
 use histolens::data::magnification::{BuildConfig, Source, build};
-use histolens::data::{Manifest, Split};
+use histolens::magnification::MagnificationModel;
 use histolens::magnification::estimate::{check_slide, estimate_snapshot};
 use histolens::magnification::train::{Start, TrainConfig, TrainEvent, train};
-use histolens::magnification::{MagnificationMetrics, MagnificationModel};
 use histolens::nn::Arch;
 use histolens::nn::device::{DeviceChoice, select};
 use histolens::nn::hagnifinder::Target;
@@ -299,6 +299,11 @@ pub fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
         };
     }
     let device = select(args.device)?;
+    histolens::runs::write_info(
+        &args.run,
+        &histolens::runs::RunConfig::Magnification(cfg.clone()),
+        &args.data,
+    )?;
     let stop = AtomicBool::new(false);
     let pb = bar(cfg.total_epochs() as u64, "epochs");
     let outcome = train(&args.data, &cfg, &args.run, &device, &stop, |e| match e {
@@ -373,32 +378,13 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let split =
         Split::parse(&args.split).with_context(|| format!("unknown split {}", args.split))?;
     let model = load_model(args.model.as_deref(), args.device)?;
-    let manifest: Manifest = Manifest::load(&args.data)?;
-    let records = manifest.split(split);
-    if records.is_empty() {
-        bail!(
-            "the {} split of {} is empty",
-            split.name(),
-            args.data.display()
-        );
-    }
-    let size = model.input_size();
-    let pb = bar(records.len() as u64, "images");
-    let mut pairs = Vec::with_capacity(records.len());
-    for chunk in records.chunks(32) {
-        let mut crops = Vec::with_capacity(chunk.len());
-        for r in chunk {
-            let path = manifest.resolve(r);
-            let img = image::open(&path).with_context(|| format!("reading {}", path.display()))?;
-            crops.push(histolens::data::augment::center_crop(&img.to_rgb8(), size));
-        }
-        for (r, p) in chunk.iter().zip(model.predict(&crops)?) {
-            pairs.push((r.magnification, p));
-        }
-        pb.inc(chunk.len() as u64);
-    }
+    let pb = bar(0, "images");
+    let metrics =
+        histolens::magnification::train::evaluate(&model, &args.data, split, |done, total| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        })?;
     pb.finish_and_clear();
-    let metrics = MagnificationMetrics::compute(&pairs);
     print!("{}", metrics.table());
     if let Some(out) = args.json {
         let json = serde_json::to_string_pretty(&metrics)?;

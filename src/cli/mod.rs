@@ -8,3 +8,4 @@ pub mod dmsl;
 pub mod gradcam;
 pub mod info;
 pub mod magnification;
+pub mod runs;

@@ -330,6 +330,39 @@ pub struct FolderSource {
     pub magnification: f64,
 }
 
+impl FolderSource {
+    /// The files of its class sub-folders (sorted), each its own group. Files that are not images
+    /// are found out (and skipped) when the fields are cut.
+    pub fn images(&self) -> Result<Vec<ImageSource>, PairError> {
+        let mut images = Vec::new();
+        for dir in sorted_entries(&self.path, Path::is_dir)? {
+            let class = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            for file in sorted_entries(&dir, Path::is_file)? {
+                images.push(ImageSource {
+                    group: file.display().to_string(),
+                    path: file,
+                    class: class.clone(),
+                    magnification: self.magnification,
+                });
+            }
+        }
+        Ok(images)
+    }
+}
+
+/// One labelled image at a known magnification, tiled whole into fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSource {
+    pub path: PathBuf,
+    pub class: String,
+    /// The split unit: images of one group are dealt to the same split.
+    pub group: String,
+    pub magnification: f64,
+}
+
 /// One field before it is written: where it came from and its image at the high magnification.
 struct Field {
     class: String,
@@ -338,11 +371,14 @@ struct Field {
     high: RgbImage,
 }
 
-/// Cuts pairs into `out/pairs/<class>/` and writes `out/pairs.csv` and `out/dataset.json`
-/// (atomically). Groups (a slide's region, a loose image) are dealt whole to the splits, per class.
+/// Cuts pairs from labelled slide regions, class folders and single labelled images into
+/// `out/pairs/<class>/` and writes `out/pairs.csv` and `out/dataset.json` (atomically). Groups (a
+/// slide's region, an image of a class folder, an [`ImageSource`]'s group) are dealt whole to the
+/// splits, per class.
 pub fn build(
     slides: &[SlideSource],
     folders: &[FolderSource],
+    images: &[ImageSource],
     out: &Path,
     cfg: &PairConfig,
     mut progress: impl FnMut(&str),
@@ -354,9 +390,19 @@ pub fn build(
         progress(&s.path.display().to_string());
         fields.extend(slide_fields(s, cfg)?);
     }
+    for image in images {
+        check_resolution(&image.path, image.magnification, &g)?;
+    }
     for f in folders {
+        check_resolution(&f.path, f.magnification, &g)?;
         progress(&f.path.display().to_string());
-        fields.extend(folder_fields(f, &g)?);
+        for image in f.images()? {
+            fields.extend(image_fields(&image, &g)?);
+        }
+    }
+    for image in images {
+        progress(&image.path.display().to_string());
+        fields.extend(image_fields(image, &g)?);
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     if let Some(cap) = cfg.max_per_group {
@@ -502,76 +548,71 @@ fn slide_fields(s: &SlideSource, cfg: &PairConfig) -> Result<Vec<Field>, PairErr
     Ok(fields)
 }
 
-/// Fields of `side` px tiled over an image that is at the high magnification (after downsampling).
-fn folder_fields(f: &FolderSource, g: &PairGeometry) -> Result<Vec<Field>, PairError> {
-    if f.magnification.is_nan() || f.magnification < g.high_magnification * 0.98 {
+/// Pairs are never cut from images below the high magnification (they would need upsampling).
+fn check_resolution(path: &Path, magnification: f64, g: &PairGeometry) -> Result<(), PairError> {
+    if magnification.is_nan() || magnification < g.high_magnification * 0.98 {
         return Err(PairError::TooLowResolution {
-            path: f.path.clone(),
-            native: f.magnification,
+            path: path.to_path_buf(),
+            native: magnification,
             wanted: g.high_magnification,
         });
     }
-    let io = |path: &Path, e: std::io::Error| PairError::Io {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    };
-    let mut class_dirs: Vec<PathBuf> = std::fs::read_dir(&f.path)
-        .map_err(|e| io(&f.path, e))?
+    Ok(())
+}
+
+/// The entries of `dir` that pass `keep`, sorted.
+fn sorted_entries(dir: &Path, keep: fn(&Path) -> bool) -> Result<Vec<PathBuf>, PairError> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| PairError::Io {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
+        .filter(|p| keep(p))
         .collect();
-    class_dirs.sort();
-    let scale = g.high_magnification / f.magnification;
+    paths.sort();
+    Ok(paths)
+}
+
+/// Whole fields tiled over an image (after downsampling it to the high magnification), centred.
+/// A file that is not an image is skipped: a folder of images often holds a stray note.
+fn image_fields(image: &ImageSource, g: &PairGeometry) -> Result<Vec<Field>, PairError> {
+    check_resolution(&image.path, image.magnification, g)?;
+    let file = &image.path;
+    let Ok(slide) = Slide::open(file) else {
+        log::warn!("skipped {}: not an image", file.display());
+        return Ok(Vec::new());
+    };
     let out = g.high_px();
-    let mut fields = Vec::new();
-    for dir in class_dirs {
-        let class = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map_err(|e| io(&dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect();
-        files.sort();
-        for file in files {
-            // Unreadable files are skipped: a folder of images often holds a stray note or thumbnail.
-            let Ok(slide) = Slide::open(&file) else {
-                log::warn!("skipped {}: not an image", file.display());
-                continue;
-            };
-            let (w, h) = slide.info().dimensions();
-            let side = f64::from(out) / scale;
-            let (nx, ny) = ((w as f64 / side) as u64, (h as f64 / side) as u64);
-            if nx == 0 || ny == 0 {
-                log::warn!(
-                    "skipped {}: smaller than a {} µm field",
-                    file.display(),
-                    g.field_um
-                );
-                continue;
-            }
-            // Centre the grid of whole fields in the image.
-            let mx = (w as f64 - nx as f64 * side) / 2.0;
-            let my = (h as f64 - ny as f64 * side) / 2.0;
-            for j in 0..ny {
-                for i in 0..nx {
-                    let (x, y) = (mx + i as f64 * side, my + j as f64 * side);
-                    fields.push(Field {
-                        class: class.clone(),
-                        group: file.display().to_string(),
-                        region: format!(
-                            "{},{},{},{}",
-                            x.round(),
-                            y.round(),
-                            side.round(),
-                            side.round()
-                        ),
-                        high: read_field(&slide, x, y, side, out)?,
-                    });
-                }
-            }
+    let side = f64::from(out) * image.magnification / g.high_magnification;
+    let (w, h) = slide.info().dimensions();
+    let (nx, ny) = ((w as f64 / side) as u64, (h as f64 / side) as u64);
+    if nx == 0 || ny == 0 {
+        log::warn!(
+            "skipped {}: smaller than a {} µm field",
+            file.display(),
+            g.field_um
+        );
+        return Ok(Vec::new());
+    }
+    let mx = (w as f64 - nx as f64 * side) / 2.0;
+    let my = (h as f64 - ny as f64 * side) / 2.0;
+    let mut fields = Vec::with_capacity((nx * ny) as usize);
+    for j in 0..ny {
+        for i in 0..nx {
+            let (x, y) = (mx + i as f64 * side, my + j as f64 * side);
+            fields.push(Field {
+                class: image.class.clone(),
+                group: image.group.clone(),
+                region: format!(
+                    "{},{},{},{}",
+                    x.round(),
+                    y.round(),
+                    side.round(),
+                    side.round()
+                ),
+                high: read_field(&slide, x, y, side, out)?,
+            });
         }
     }
     Ok(fields)
@@ -618,6 +659,56 @@ mod tests {
             field_um: 300.0,
         };
         assert!(bad.validate(32).is_err());
+    }
+
+    #[test]
+    fn class_folders_and_image_sources_cut_the_same_pairs() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("classes");
+        for (class, shade) in [("stroma", 40u8), ("tumour", 200)] {
+            for i in 0..3u32 {
+                let img = RgbImage::from_fn(200, 150, |x, y| {
+                    image::Rgb([shade, (x + i) as u8, (y * 2) as u8])
+                });
+                let path = root.join(class).join(format!("{i}.png"));
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                img.save(&path).unwrap();
+            }
+        }
+        std::fs::write(root.join("tumour/readme.txt"), "not an image").unwrap();
+        let cfg = PairConfig {
+            geometry: PairGeometry {
+                high_magnification: 20.0,
+                low_magnification: 10.0,
+                field_um: 32.0,
+            },
+            seed: 4,
+            ..Default::default()
+        };
+        let folder = FolderSource {
+            path: root.clone(),
+            magnification: 40.0,
+        };
+        let images = folder.images().unwrap();
+        assert_eq!(images.len(), 7);
+        assert_eq!(images[0].class, "stroma");
+        let (from_folder, _) =
+            build(&[], &[folder], &[], &dir.path().join("a"), &cfg, |_| {}).unwrap();
+        let (from_images, ds) =
+            build(&[], &[], &images, &dir.path().join("b"), &cfg, |_| {}).unwrap();
+        assert_eq!(from_folder.records, from_images.records);
+        // 200 x 150 px at 40x is 100 x 75 px at 20x: 1 x 1 field of 64 px, centred.
+        assert_eq!(from_images.records.len(), 6);
+        assert_eq!(from_images.records[0].region, "36,11,128,128");
+        assert_eq!(ds.classes, ["stroma", "tumour"]);
+        let too_coarse = ImageSource {
+            magnification: 10.0,
+            ..images[0].clone()
+        };
+        assert!(matches!(
+            build(&[], &[], &[too_coarse], &dir.path().join("c"), &cfg, |_| {}),
+            Err(PairError::TooLowResolution { .. })
+        ));
     }
 
     #[test]

@@ -11,9 +11,11 @@ use serde::{Deserialize, Serialize};
 use super::frame_stats::FrameStats;
 use super::gradcam::{self, GradcamAction, GradcamState};
 use super::heatmap::{self, HeatmapAction, HeatmapState};
+use super::labels::{self, LabelsAction, LabelsState};
 use super::magnification::{self, MagnificationAction, MagnificationState};
 use super::side_panel::{self, SidePanelAction};
 use super::status_bar;
+use super::training::{self, Task, TrainingAction, TrainingState};
 use super::viewer::{OVERVIEW_SIDE, OpenedSlide, SlideView};
 use crate::slide::{CalibrationStore, Slide, SlideError};
 use crate::util::colormap::Colormap;
@@ -45,6 +47,10 @@ pub struct LaunchOptions {
     pub compute_heatmap: bool,
     /// Grad-CAM follows the view (DMSL, the first branch's last convolution laid over the slide).
     pub gradcam_follow: bool,
+    /// Folders or files to add to the label set; the labelling view opens.
+    pub label_paths: Vec<PathBuf>,
+    /// A run folder to open in the training panel and start (or resume).
+    pub train_run: Option<PathBuf>,
 }
 
 /// Persisted across sessions through eframe's storage.
@@ -91,6 +97,17 @@ pub struct HistolensApp {
     heatmap: HeatmapState,
     compute_heatmap: bool,
     gradcam: GradcamState,
+    training: TrainingState,
+    labels: LabelsState,
+    mode: Mode,
+}
+
+/// What the central area shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Viewer,
+    Labels,
+    Training,
 }
 
 /// Opens the slide and prepares what the window shows first, off the UI thread.
@@ -127,6 +144,8 @@ impl HistolensApp {
         }
         let mut errors = Vec::new();
         let data_dir = options.data_dir.clone().unwrap_or_else(crate::data_dir);
+        let runs_root = data_dir.join("runs");
+        let labels = LabelsState::new(&data_dir);
         let store_path = options
             .data_dir
             .map(|d| d.join("calibrations.json"))
@@ -155,6 +174,9 @@ impl HistolensApp {
             ),
             compute_heatmap: options.compute_heatmap,
             gradcam: GradcamState::following(options.gradcam_follow),
+            training: TrainingState::new(runs_root),
+            labels,
+            mode: Mode::Viewer,
         };
         // The heatmap overlay's pipeline, once, for the window's target format.
         if let Some(render_state) = cc.wgpu_render_state.as_ref() {
@@ -165,6 +187,15 @@ impl HistolensApp {
         }
         if let Some(p) = options.path {
             app.open(&cc.egui_ctx, p);
+        }
+        if !options.label_paths.is_empty() {
+            app.labels.add(&options.label_paths);
+            app.mode = Mode::Labels;
+        }
+        if let Some(run) = options.train_run {
+            app.training.open_run(&run);
+            app.training.start(&cc.egui_ctx);
+            app.mode = Mode::Training;
         }
         app
     }
@@ -226,6 +257,36 @@ impl HistolensApp {
 
     pub fn gradcam_mut(&mut self) -> &mut GradcamState {
         &mut self.gradcam
+    }
+
+    pub fn training(&self) -> &TrainingState {
+        &self.training
+    }
+
+    pub fn training_mut(&mut self) -> &mut TrainingState {
+        &mut self.training
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn labels(&self) -> &LabelsState {
+        &self.labels
+    }
+
+    pub fn labels_mut(&mut self) -> &mut LabelsState {
+        &mut self.labels
+    }
+
+    /// The magnification model the viewer uses.
+    pub fn magnification_model(&self) -> Option<&Path> {
+        self.magnification.model_path.as_deref()
+    }
+
+    /// The DMSL model the viewer uses.
+    pub fn dmsl_model(&self) -> Option<&Path> {
+        self.heatmap.model_path.as_deref()
     }
 
     /// The DMSL heatmap of the open slide and how it is shown.
@@ -330,7 +391,14 @@ impl HistolensApp {
                 .map(|f| f.path().to_path_buf())
                 .collect()
         });
-        if let Some(first) = dropped.into_iter().next() {
+        if dropped.is_empty() {
+            return;
+        }
+        // Folders (or anything dropped on the labelling view) are for labelling; a file opens.
+        if self.mode == Mode::Labels || dropped.iter().any(|p| p.is_dir()) {
+            self.labels.add(&dropped);
+            self.mode = Mode::Labels;
+        } else if let Some(first) = dropped.into_iter().next() {
             self.open(ctx, first);
         }
     }
@@ -414,12 +482,36 @@ impl HistolensApp {
             act(ui, "Zoom out", "Zoom out (- or mouse wheel)", &|v| {
                 v.zoom_by(0.5)
             });
+            ui.separator();
+            ui.selectable_value(&mut self.mode, Mode::Viewer, "Viewer");
+            ui.selectable_value(&mut self.mode, Mode::Labels, "Labels");
+            let training = if self.training.is_running() {
+                "Training (running)"
+            } else {
+                "Training"
+            };
+            ui.selectable_value(&mut self.mode, Mode::Training, training);
             if let Some(job) = &self.opening {
                 ui.separator();
                 ui.spinner();
                 ui.label(format!("Opening {}…", job.path.display()));
             }
         });
+    }
+
+    /// Makes the viewer use a model the training panel produced, and goes back to the viewer.
+    fn use_model(&mut self, ctx: &egui::Context, task: Task, path: PathBuf) {
+        match task {
+            Task::Magnification => self.magnification.model_path = Some(path),
+            Task::Dmsl => match &self.view {
+                Some(v) => {
+                    let mpp = v.mpp().map(|m| m.mean());
+                    self.heatmap.set_model(ctx, path, v.slide.clone(), mpp);
+                }
+                None => self.heatmap.model_path = Some(path),
+            },
+        }
+        self.mode = Mode::Viewer;
     }
 
     fn shortcuts(&mut self, ctx: &egui::Context) {
@@ -532,6 +624,7 @@ impl eframe::App for HistolensApp {
         self.poll_open_job(&ctx);
         self.magnification.poll();
         self.gradcam.poll();
+        self.training.poll();
         self.heatmap.poll(
             self.view
                 .as_ref()
@@ -553,6 +646,37 @@ impl eframe::App for HistolensApp {
         egui::Panel::bottom("status").show(ui, |ui| {
             status_bar::show(ui, self.view.as_ref(), frame_ms, hover.as_deref())
         });
+        if self.mode == Mode::Labels {
+            let action = egui::CentralPanel::default()
+                .show(ui, |ui| labels::show(ui, &mut self.labels))
+                .inner;
+            if let LabelsAction::Train(task, data) = action {
+                let f = &mut self.training.form;
+                f.task = task;
+                f.data = data.display().to_string();
+                f.run_dir.clear();
+                self.mode = Mode::Training;
+            }
+            self.error_window(&ctx);
+            self.drop_hint(&ctx);
+            return;
+        }
+        if self.mode == Mode::Training {
+            let action = egui::CentralPanel::default()
+                .show(ui, |ui| {
+                    egui::ScrollArea::vertical()
+                        .auto_shrink([false, false])
+                        .show(ui, |ui| training::show(ui, &mut self.training))
+                        .inner
+                })
+                .inner;
+            if let TrainingAction::UseModel(task, path) = action {
+                self.use_model(&ctx, task, path);
+            }
+            self.error_window(&ctx);
+            self.drop_hint(&ctx);
+            return;
+        }
         if self.settings.show_side_panel
             && let Some(view) = self.view.as_mut()
         {

@@ -5,14 +5,17 @@ mod app;
 mod frame_stats;
 pub mod gradcam;
 pub mod heatmap;
+pub mod labels;
 pub mod magnification;
 pub mod overlay;
 mod side_panel;
 mod status_bar;
 mod textures;
+mod thumbnails;
+pub mod training;
 mod viewer;
 
-pub use app::{HistolensApp, LaunchOptions};
+pub use app::{HistolensApp, LaunchOptions, Mode};
 pub use frame_stats::{FrameStats, FrameSummary};
 pub use viewer::{SlideView, scale_bar_length};
 

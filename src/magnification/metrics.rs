@@ -4,12 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The four levels of the paper's Table 3.
 pub const FOUR_LEVELS: [f64; 4] = [4.0, 10.0, 20.0, 40.0];
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PerMagnification {
     pub n: usize,
     pub acc1: f64,
@@ -17,7 +17,7 @@ pub struct PerMagnification {
     pub mean_prediction: f64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MagnificationMetrics {
     pub n: usize,
     pub mae: f64,
@@ -35,7 +35,7 @@ pub struct MagnificationMetrics {
     pub four_level: Option<FourLevel>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FourLevel {
     pub n: usize,
     pub accuracy: f64,

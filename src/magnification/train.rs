@@ -593,3 +593,43 @@ impl Ctx<'_> {
         ))
     }
 }
+
+/// Evaluates a magnification model on one split of a manifest (each image's centre crop), calling
+/// `progress(done, total)` as it goes.
+pub fn evaluate(
+    model: &super::MagnificationModel,
+    manifest_path: &Path,
+    split: Split,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<MagnificationMetrics, TrainError> {
+    let manifest: Manifest = Manifest::load(manifest_path)?;
+    let records = manifest.split(split);
+    if records.is_empty() {
+        return Err(TrainError::Config(format!(
+            "the {} split of {} is empty",
+            split.name(),
+            manifest_path.display()
+        )));
+    }
+    let size = model.input_size();
+    let mut pairs = Vec::with_capacity(records.len());
+    for chunk in records.chunks(32) {
+        let mut crops = Vec::with_capacity(chunk.len());
+        for r in chunk {
+            let path = manifest.resolve(r);
+            let img = image::open(&path).map_err(|e| TrainError::Image {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            crops.push(center_crop(&img.to_rgb8(), size));
+        }
+        let predictions = model
+            .predict(&crops)
+            .map_err(|e| TrainError::Config(e.to_string()))?;
+        for (r, p) in chunk.iter().zip(predictions) {
+            pairs.push((r.magnification, p));
+        }
+        progress(pairs.len(), records.len());
+    }
+    Ok(MagnificationMetrics::compute(&pairs))
+}

@@ -6,6 +6,17 @@ use std::path::Path;
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder is written, flushed to disk,
 /// then renamed over `path`. A crash at any point leaves the previous file intact.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_with(path, bytes, |_| Ok(()))
+}
+
+/// [`write_atomic`] with a hook run on the flushed temporary file just before the rename. When the hook
+/// fails, the rename never happens (as after a crash): `path` keeps its previous content and the
+/// temporary file is removed.
+pub fn write_atomic_with(
+    path: &Path,
+    bytes: &[u8],
+    before_rename: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -27,6 +38,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     }
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
+    before_rename(tmp.path())?;
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
@@ -42,6 +54,21 @@ mod tests {
         write_atomic(&p, b"one").unwrap();
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_failure_before_the_rename_keeps_the_old_file_and_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("labels.csv");
+        write_atomic(&p, b"old").unwrap();
+        let err = write_atomic_with(&p, b"new", |tmp| {
+            assert_eq!(std::fs::read(tmp).unwrap(), b"new");
+            Err(std::io::Error::other("crash"))
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "crash");
+        assert_eq!(std::fs::read(&p).unwrap(), b"old");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
