@@ -371,6 +371,17 @@ struct Field {
     high: RgbImage,
 }
 
+/// The "x,y,w,h" of a level-0 square, rounded.
+fn square_region(x: f64, y: f64, side: f64) -> String {
+    format!(
+        "{},{},{},{}",
+        x.round(),
+        y.round(),
+        side.round(),
+        side.round()
+    )
+}
+
 /// Cuts pairs from labelled slide regions, class folders and single labelled images into
 /// `out/pairs/<class>/` and writes `out/pairs.csv` and `out/dataset.json` (atomically). Groups (a
 /// slide's region, an image of a class folder, an [`ImageSource`]'s group) are dealt whole to the
@@ -530,13 +541,7 @@ fn slide_fields(s: &SlideSource, cfg: &PairConfig) -> Result<Vec<Field>, PairErr
                     fields.push(Field {
                         class: region.class.clone(),
                         group: format!("{}#region{ri}", s.path.display()),
-                        region: format!(
-                            "{},{},{},{}",
-                            x.round(),
-                            y.round(),
-                            side.round(),
-                            side.round()
-                        ),
+                        region: square_region(x, y, side),
                         high: read_field(&slide, x, y, side, g.high_px())?,
                     });
                 }
@@ -604,13 +609,7 @@ fn image_fields(image: &ImageSource, g: &PairGeometry) -> Result<Vec<Field>, Pai
             fields.push(Field {
                 class: image.class.clone(),
                 group: image.group.clone(),
-                region: format!(
-                    "{},{},{},{}",
-                    x.round(),
-                    y.round(),
-                    side.round(),
-                    side.round()
-                ),
+                region: square_region(x, y, side),
                 high: read_field(&slide, x, y, side, out)?,
             });
         }

@@ -696,22 +696,7 @@ pub fn colour_bar(ui: &mut egui::Ui, map: Colormap, title: &str, width: f32) {
     ui.horizontal(|ui| {
         ui.vertical(|ui| {
             let (rect, _) = ui.allocate_exact_size(vec2(width, 12.0), Sense::hover());
-            let painter = ui.painter_at(rect);
-            let steps = 64;
-            for i in 0..steps {
-                let t = (i as f32 + 0.5) / steps as f32;
-                let [r, g, b] = map.rgb8(t);
-                let x0 = rect.min.x + rect.width() * i as f32 / steps as f32;
-                let x1 = rect.min.x + rect.width() * (i + 1) as f32 / steps as f32;
-                painter.rect_filled(
-                    egui::Rect::from_min_max(
-                        egui::pos2(x0, rect.min.y),
-                        egui::pos2(x1 + 0.5, rect.max.y),
-                    ),
-                    0.0,
-                    Color32::from_rgb(r, g, b),
-                );
-            }
+            super::overlay::paint_colour_bar(&ui.painter_at(rect), rect, map);
             ui.horizontal(|ui| {
                 ui.set_width(width);
                 ui.small("0");

@@ -27,11 +27,31 @@ where
     R: Send,
 {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
-    let pool = POOL.get_or_init(|| {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    run_low_priority(&POOL, cores.saturating_sub(1).max(1), "model", work)
+}
+
+/// Runs training on every core at a lower priority: as fast as `histolens train` when the window is
+/// idle, while the window's own thread, at normal priority, is served first when it needs the CPU.
+pub(crate) fn run_training_work<R>(work: impl FnOnce() -> R + Send) -> R
+where
+    R: Send,
+{
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    run_low_priority(&POOL, cores, "train", work)
+}
+
+fn run_low_priority<R: Send>(
+    pool: &std::sync::OnceLock<Option<rayon::ThreadPool>>,
+    threads: usize,
+    name: &'static str,
+    work: impl FnOnce() -> R + Send,
+) -> R {
+    let pool = pool.get_or_init(|| {
         rayon::ThreadPoolBuilder::new()
-            .num_threads(cores.saturating_sub(1).max(1))
-            .thread_name(|i| format!("model-{i}"))
+            .num_threads(threads)
+            .thread_name(move |i| format!("{name}-{i}"))
             .start_handler(|_| lower_thread_priority())
             .build()
             .ok()

@@ -507,6 +507,22 @@ impl egui_wgpu::CallbackTrait for OverlayCallback {
     }
 }
 
+/// `colormap` from 0 (left) to 1 (right) across `bar`.
+pub fn paint_colour_bar(painter: &egui::Painter, bar: ERect, colormap: Colormap) {
+    let steps = 64;
+    for i in 0..steps {
+        let t = (i as f32 + 0.5) / steps as f32;
+        let [r, g, b] = colormap.rgb8(t);
+        let x0 = bar.min.x + bar.width() * i as f32 / steps as f32;
+        let x1 = bar.min.x + bar.width() * (i + 1) as f32 / steps as f32;
+        painter.rect_filled(
+            ERect::from_min_max(pos2(x0, bar.min.y), pos2(x1 + 0.5, bar.max.y)),
+            0.0,
+            egui::Color32::from_rgb(r, g, b),
+        );
+    }
+}
+
 /// A legend in the canvas's top-right corner: `title` over the colour bar of `colormap` from 0 to 1.
 /// Legends of several overlays stack downwards by `slot`.
 pub fn legend(ui: &egui::Ui, canvas: ERect, title: &str, colormap: Colormap, slot: usize) -> ERect {
@@ -522,18 +538,7 @@ pub fn legend(ui: &egui::Ui, canvas: ERect, title: &str, colormap: Colormap, slo
     let painter = ui.painter_at(canvas);
     painter.rect_filled(rect, 4.0, Color32::from_black_alpha(170));
     let bar = ERect::from_min_size(rect.min + vec2(8.0, 22.0), vec2(size.x - 16.0, 10.0));
-    let steps = 48;
-    for i in 0..steps {
-        let t = (i as f32 + 0.5) / steps as f32;
-        let [r, g, b] = colormap.rgb8(t);
-        let x0 = bar.min.x + bar.width() * i as f32 / steps as f32;
-        let x1 = bar.min.x + bar.width() * (i + 1) as f32 / steps as f32;
-        painter.rect_filled(
-            ERect::from_min_max(pos2(x0, bar.min.y), pos2(x1 + 0.5, bar.max.y)),
-            0.0,
-            Color32::from_rgb(r, g, b),
-        );
-    }
+    paint_colour_bar(&painter, bar, colormap);
     painter.text(
         rect.min + vec2(8.0, 5.0),
         egui::Align2::LEFT_TOP,

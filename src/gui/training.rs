@@ -300,7 +300,7 @@ impl TrainingState {
         let spawned = std::thread::Builder::new()
             .name("training".into())
             .spawn(move || {
-                let result = super::run_model_work(|| {
+                let result = super::run_training_work(|| {
                     run_job(
                         &job_config,
                         &data,

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Issue 7's benchmarks, in a real window under Xvfb (software Vulkan), release build:
+#  1. the labelling grid: 10,000 images (three class folders) added with --label, then scrolled with
+#     the mouse wheel for about 30 s: frame-time percentiles while scrolling;
+#  2. training: the same DMSL run (ResNet-18, batch 8) made by `histolens train dmsl` (the baseline)
+#     and by the window's panel (--train-run on a copy of the CLI run's config): UI frame times during
+#     the run and the panel's samples/s as a ratio of the CLI's, from each run's log.jsonl.
+# Usage: benches/labels-training.sh [OUT_DIR]; IMAGES=N (default 10000), EPOCHS, STEPS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-target/bench-labels-training}
+images=${IMAGES:-10000}
+epochs=${EPOCHS:-2}
+steps=${STEPS:-12}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cargo build --release --locked -q
+bin=$PWD/target/release/histolens
+export XDG_RUNTIME_DIR; XDG_RUNTIME_DIR=$(mktemp -d); chmod 700 "$XDG_RUNTIME_DIR"
+
+# 10,000 textured 160x160 JPEGs in three class folders (made once).
+if [ "$(find "$out/tiles" -name '*.jpg' 2>/dev/null | wc -l)" -lt "$images" ]; then
+  rm -rf "$out/tiles"
+  python3 - "$out/tiles" "$images" <<'PY'
+import sys, os, numpy as np
+from PIL import Image
+root, n = sys.argv[1], int(sys.argv[2])
+rng = np.random.default_rng(0)
+classes = {"epithelium": (200, 90, 140), "stroma": (235, 160, 200), "background": (240, 238, 240)}
+for c in classes:
+    os.makedirs(os.path.join(root, c), exist_ok=True)
+for i in range(n):
+    c = list(classes)[i % 3]
+    base = np.array(classes[c], dtype=np.float32)
+    noise = rng.normal(0, 25, (160, 160, 1)).astype(np.float32)
+    img = np.clip(base + noise * np.array([1.0, 0.8, 0.9]), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(os.path.join(root, c, f"{c}-{i:05d}.jpg"), quality=85)
+PY
+fi
+
+window() { # window NAME ARGS...: runs the app, waits for its window, runs $ACTIONS, quits
+  local name=$1; shift
+  export HISTOLENS_DATA_DIR="$out/data-$name" APP_ARGS="$*" OUT="$out" NAME="$name" BIN="$bin"
+  rm -rf "$HISTOLENS_DATA_DIR"; mkdir -p "$HISTOLENS_DATA_DIR"
+  xvfb-run -a -s "-screen 0 1280x800x24" bash -euo pipefail -c '
+    $BIN --continuous-repaint --frame-stats "$OUT/$NAME-frames.json" $APP_ARGS >"$OUT/$NAME.log" 2>&1 &
+    app=$!
+    wid=""
+    for _ in $(seq 240); do
+      wid=$(xdotool search --name "^histolens" 2>/dev/null | head -n1 || true)
+      [ -n "$wid" ] && break
+      sleep 0.5
+    done
+    [ -n "$wid" ] || { echo "no window appeared"; cat "$OUT/$NAME.log"; exit 1; }
+    xdotool windowsize "$wid" 1280 800 windowmove "$wid" 0 0 windowfocus "$wid" 2>/dev/null || true
+    eval "$ACTIONS"
+    grep -E "VmHWM" /proc/$app/status > "$OUT/$NAME-rss.txt" || true
+    xdotool key ctrl+q
+    for _ in $(seq 120); do kill -0 $app 2>/dev/null || break; sleep 0.5; done
+    kill $app 2>/dev/null || true
+  '
+}
+
+# 1. Scrolling the grid of 10,000 thumbnails.
+export ACTIONS='
+  sleep 8
+  import -window root "$OUT/labels-top.png"
+  xdotool mousemove 400 400
+  for i in $(seq 300); do xdotool click 5; sleep 0.05; done
+  import -window root "$OUT/labels-scrolled.png"
+  for i in $(seq 150); do xdotool click 4; sleep 0.05; done
+'
+window labels --label "$out/tiles"
+
+# 2. Training: the CLI's run, then the same configuration in the panel.
+pairs="$out/pairs"
+if [ ! -f "$pairs/pairs.csv" ]; then
+  $bin dataset dmsl --folder "$out/tiles@20" --field-um 64 --out "$pairs" --max-per-region 1 >/dev/null
+fi
+rm -rf "$out/run-cli" "$out/run-panel"
+$bin train dmsl --data "$pairs/pairs.csv" --run "$out/run-cli" --arch resnet18 --epochs "$epochs" \
+  --batch 8 --steps-per-epoch "$steps" --device cpu 2>/dev/null | tail -1
+mkdir -p "$out/run-panel"
+cp "$out/run-cli/config.json" "$out/run-cli/run.json" "$out/run-panel/"
+export ACTIONS='
+  for _ in $(seq 1200); do
+    [ -f "$OUT/run-panel/log.jsonl" ] && [ "$(wc -l < "$OUT/run-panel/log.jsonl")" -ge 1 ] && break
+    sleep 0.5
+  done
+  import -window root "$OUT/training-running.png"
+  for _ in $(seq 2400); do [ -f "$OUT/run-panel/report.json" ] && break; sleep 0.5; done
+  sleep 2
+  import -window root "$OUT/training-done.png"
+'
+window training --train-run "$out/run-panel"
+
+python3 - "$out" <<'PY'
+import json, sys, os
+out = sys.argv[1]
+def rate(run):
+    lines = [json.loads(l) for l in open(os.path.join(out, run, "log.jsonl")) if l.strip()]
+    return sum(l["pairs_per_second"] for l in lines) / len(lines), len(lines)
+cli, n_cli = rate("run-cli")
+panel, n_panel = rate("run-panel")
+for name in ("labels", "training"):
+    f = json.load(open(os.path.join(out, f"{name}-frames.json")))
+    print(f"{name}: {f['frames']} frames, CPU p50 {f['cpu_p50_ms']:.1f} ms p99 {f['cpu_p99_ms']:.1f} ms, "
+          f"interval p50 {f['interval_p50_ms']:.1f} ms p99 {f['interval_p99_ms']:.1f} ms")
+print(f"training throughput: panel {panel:.2f} pairs/s ({n_panel} epochs) vs CLI {cli:.2f} ({n_cli} epochs): x{panel / cli:.3f}")
+PY
+echo "screenshots in $out"
