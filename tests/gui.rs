@@ -1030,3 +1030,104 @@ fn dropped_folders_are_labelled_by_keyboard_with_undo() {
     ));
     h.snapshot("labels_view");
 }
+
+/// Drags a rectangle on the canvas from `a` to `b` (screen points).
+fn drag(h: &mut Harness<'_, HistolensApp>, a: egui::Pos2, b: egui::Pos2) {
+    h.hover_at(a);
+    h.step();
+    h.drag_at(a);
+    h.step();
+    for t in [0.25, 0.5, 0.75, 1.0] {
+        h.hover_at(a + (b - a) * t);
+        h.step();
+    }
+    h.drop_at(b);
+    h.run_steps(2);
+}
+
+/// Rectangles drawn on a slide with a class are saved beside it as GeoJSON (QuPath's form), where
+/// the drag put them, and once the slide is in the label set they become DMSL pairs inside them.
+#[test]
+fn regions_drawn_on_a_slide_become_dmsl_pairs() {
+    use histolens::data::pairs::{PairConfig, PairGeometry, read_regions, regions_sidecar};
+    let data = tempfile::tempdir().unwrap();
+    // A copy of the sample, so that the regions file goes beside it in a temporary folder.
+    let slide = data.path().join("sample.svs");
+    std::fs::copy(common::sample_slide(), &slide).unwrap();
+    let mut h = harness(Some(slide.clone()), data.path());
+    settle(&mut h);
+    h.get_by_label("Regions").click();
+    h.run_steps(2);
+    h.get_by_label("Rectangle").click();
+    h.run_steps(2);
+    let canvas = h.state().view().unwrap().canvas_rect.unwrap();
+    let at = |fx: f32, fy: f32| canvas.min + egui::vec2(canvas.width() * fx, canvas.height() * fy);
+    let drags = [
+        ("epithelium", at(0.30, 0.25), at(0.45, 0.45)),
+        ("stroma", at(0.55, 0.50), at(0.40, 0.70)),
+    ];
+    for (class, a, b) in drags {
+        h.state_mut().regions_mut().class = class.into();
+        drag(&mut h, a, b);
+    }
+    let vp = h.state().view().unwrap().viewport.unwrap();
+    let to_slide = |p: egui::Pos2| {
+        vp.screen_to_slide([f64::from(p.x - canvas.min.x), f64::from(p.y - canvas.min.y)])
+    };
+    let regions = read_regions(&regions_sidecar(&slide)).expect("the regions file");
+    assert_eq!(regions, h.state().regions().regions);
+    assert_eq!(regions.len(), 2);
+    for (r, (class, a, b)) in regions.iter().zip(drags) {
+        assert_eq!(r.class, class);
+        let ([ax, ay], [bx, by]) = (to_slide(a), to_slide(b));
+        let (xs, ys): (Vec<f64>, Vec<f64>) = r.polygon.iter().map(|p| (p[0], p[1])).unzip();
+        let span = |v: &[f64]| {
+            (
+                v.iter().copied().fold(f64::MAX, f64::min),
+                v.iter().copied().fold(f64::MIN, f64::max),
+            )
+        };
+        let close = |u: f64, v: f64| (u - v).abs() < 1.0 / vp.scale + 1e-6;
+        let ((x0, x1), (y0, y1)) = (span(&xs), span(&ys));
+        assert!(
+            close(x0, ax.min(bx)) && close(x1, ax.max(bx)),
+            "{class}: x {x0}..{x1} vs {ax}..{bx}"
+        );
+        assert!(
+            close(y0, ay.min(by)) && close(y1, ay.max(by)),
+            "{class}: y {y0}..{y1} vs {ay}..{by}"
+        );
+    }
+    mask_status_bar(&mut h);
+    h.snapshot("regions_on_the_slide");
+
+    // Into the label set, then pairs: two classes, every field inside its class's rectangle.
+    h.get_by_label("Add this slide to the labels").click();
+    h.run_steps(2);
+    let set = h.state().labels().label_set().expect("a label set");
+    assert!(set.entries().iter().any(|e| e.path == slide));
+    let cfg = PairConfig {
+        geometry: PairGeometry {
+            high_magnification: 20.0,
+            low_magnification: 5.0,
+            field_um: 64.0,
+        },
+        ..PairConfig::default()
+    };
+    let out = data.path().join("pairs");
+    let (manifest, dataset) = set.to_dmsl_pairs(&out, &cfg, 20.0, |_| {}).unwrap();
+    assert_eq!(dataset.classes, ["epithelium", "stroma"]);
+    assert!(
+        manifest.records.len() >= 4,
+        "{} pairs",
+        manifest.records.len()
+    );
+    for rec in &manifest.records {
+        let v: Vec<f64> = rec.region.split(',').map(|s| s.parse().unwrap()).collect();
+        let r = regions.iter().find(|r| r.class == rec.class).unwrap();
+        assert!(
+            r.contains_square(v[0] + 0.5, v[1] + 0.5, v[2] - 1.0),
+            "{rec:?}"
+        );
+    }
+}

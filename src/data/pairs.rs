@@ -242,6 +242,10 @@ pub fn parse_regions(bytes: &[u8]) -> Result<Vec<Region>, String> {
                     _ => return Err(format!("feature {i}: a point is not two numbers")),
                 }
             }
+            // GeoJSON closes a ring by repeating its first point; the polygon keeps it once.
+            if points.len() > 3 && points.first() == points.last() {
+                points.pop();
+            }
             if points.len() < 3 {
                 return Err(format!("feature {i}: a polygon needs three points"));
             }
@@ -255,6 +259,50 @@ pub fn parse_regions(bytes: &[u8]) -> Result<Vec<Region>, String> {
         return Err("no labelled polygon".into());
     }
     Ok(regions)
+}
+
+/// Where histolens keeps the regions drawn on a slide: `SLIDE.regions.geojson` beside it.
+pub fn regions_sidecar(slide: &Path) -> PathBuf {
+    let mut name = slide.as_os_str().to_os_string();
+    name.push(".regions.geojson");
+    PathBuf::from(name)
+}
+
+/// Regions as GeoJSON in QuPath's form (a FeatureCollection of annotations whose class is
+/// `properties.classification.name`), so that QuPath and [`parse_regions`] read them back.
+pub fn regions_geojson(regions: &[Region]) -> String {
+    let features: Vec<serde_json::Value> = regions
+        .iter()
+        .map(|r| {
+            let mut ring: Vec<[f64; 2]> = r.polygon.clone();
+            if let (Some(first), Some(last)) = (ring.first().copied(), ring.last())
+                && first != *last
+            {
+                ring.push(first);
+            }
+            serde_json::json!({
+                "type": "Feature",
+                "geometry": { "type": "Polygon", "coordinates": [ring] },
+                "properties": { "objectType": "annotation", "classification": { "name": r.class } },
+            })
+        })
+        .collect();
+    serde_json::json!({ "type": "FeatureCollection", "features": features }).to_string()
+}
+
+/// Writes regions atomically (an empty list removes the file).
+pub fn write_regions(path: &Path, regions: &[Region]) -> Result<(), PairError> {
+    let io = |message: String| PairError::Io {
+        path: path.to_path_buf(),
+        message,
+    };
+    if regions.is_empty() {
+        return match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(e.to_string())),
+            _ => Ok(()),
+        };
+    }
+    write_atomic(path, regions_geojson(regions).as_bytes()).map_err(|e| io(e.to_string()))
 }
 
 /// A square of a slide's level 0, read at `out` px with an area filter from the coarsest level that is
@@ -729,5 +777,36 @@ mod tests {
         assert!(r[1].contains_square(0.5, 0.5, 4.0));
         assert!(parse_regions(b"{}").is_err());
         assert!(parse_regions(br#"{"features":[{"geometry":{"type":"Point","coordinates":[1,2]},"properties":{"class":"a"}}]}"#).is_err());
+    }
+
+    /// Regions written as GeoJSON (rings closed, as GeoJSON wants them) read back the same, and an
+    /// empty list removes the file.
+    #[test]
+    fn regions_round_trip_through_geojson() {
+        let dir = tempfile::tempdir().unwrap();
+        let regions = vec![
+            Region {
+                class: "tumour".into(),
+                polygon: vec![[0.0, 0.0], [100.0, 0.0], [100.0, 50.0], [0.0, 50.0]],
+            },
+            Region {
+                class: "stroma".into(),
+                polygon: vec![[10.0, 10.0], [40.0, 12.5], [20.0, 30.0]],
+            },
+        ];
+        let json: serde_json::Value = serde_json::from_str(&regions_geojson(&regions)).unwrap();
+        let ring = &json["features"][0]["geometry"]["coordinates"][0];
+        assert_eq!(
+            ring.as_array().map(Vec::len),
+            Some(5),
+            "a closed ring: {ring}"
+        );
+        let path = regions_sidecar(&dir.path().join("a.svs"));
+        assert!(path.ends_with("a.svs.regions.geojson"));
+        write_regions(&path, &regions).unwrap();
+        let back = read_regions(&path).unwrap();
+        assert_eq!(back, regions);
+        write_regions(&path, &[]).unwrap();
+        assert!(!path.exists());
     }
 }

@@ -13,6 +13,7 @@ use super::gradcam::{self, GradcamAction, GradcamState};
 use super::heatmap::{self, HeatmapAction, HeatmapState};
 use super::labels::{self, LabelsAction, LabelsState};
 use super::magnification::{self, MagnificationAction, MagnificationState};
+use super::regions::{self, RegionsAction, RegionsState};
 use super::side_panel::{self, SidePanelAction};
 use super::status_bar;
 use super::training::{self, Task, TrainingAction, TrainingState};
@@ -99,6 +100,7 @@ pub struct HistolensApp {
     gradcam: GradcamState,
     training: TrainingState,
     labels: LabelsState,
+    regions: RegionsState,
     mode: Mode,
 }
 
@@ -176,6 +178,7 @@ impl HistolensApp {
             gradcam: GradcamState::following(options.gradcam_follow),
             training: TrainingState::new(runs_root),
             labels,
+            regions: RegionsState::default(),
             mode: Mode::Viewer,
         };
         // The heatmap overlay's pipeline, once, for the window's target format.
@@ -277,6 +280,14 @@ impl HistolensApp {
 
     pub fn labels_mut(&mut self) -> &mut LabelsState {
         &mut self.labels
+    }
+
+    pub fn regions(&self) -> &RegionsState {
+        &self.regions
+    }
+
+    pub fn regions_mut(&mut self) -> &mut RegionsState {
+        &mut self.regions
     }
 
     /// The magnification model the viewer uses.
@@ -685,6 +696,12 @@ impl eframe::App for HistolensApp {
             let mut mag_action = MagnificationAction::None;
             let mut heat_action = HeatmapAction::None;
             let mut cam_action = GradcamAction::None;
+            let mut region_action = RegionsAction::None;
+            let classes: Vec<String> = self
+                .labels
+                .label_set()
+                .map(|s| s.classes().to_vec())
+                .unwrap_or_default();
             let mpp = view.mpp().map(|m| m.mean());
             egui::Panel::right("side")
                 .resizable(true)
@@ -702,6 +719,7 @@ impl eframe::App for HistolensApp {
                                 self.heatmap.model_path.as_deref(),
                                 self.heatmap.loaded_classes(),
                             );
+                            region_action = regions::section(ui, &mut self.regions, &classes);
                             action = side_panel::show(ui, view, store_ok, &mut self.property_filter)
                         });
                 });
@@ -710,6 +728,9 @@ impl eframe::App for HistolensApp {
                 HeatmapAction::Cancel => self.heatmap.cancel(),
                 HeatmapAction::Model(p) => self.heatmap.set_model(&ctx, p, view.slide.clone(), mpp),
                 HeatmapAction::None => {}
+            }
+            if let RegionsAction::AddSlideToLabels(slide) = region_action {
+                self.labels.add(&[slide]);
             }
             // A click, or (following the view) a worker that is free while the view has moved.
             let follow = self.gradcam.follow && !self.gradcam.is_busy();
@@ -743,7 +764,14 @@ impl eframe::App for HistolensApp {
                 let heat = self.heatmap.overlay_for(view.slide.path());
                 let cam = self.gradcam.overlay_for(view.slide.path());
                 let overlays: Vec<_> = heat.iter().chain(cam.iter()).cloned().collect();
+                self.regions.slide_opened(view.slide.path());
+                view.drawing = self.regions.is_drawing();
                 let response = view.show(ui, &overlays);
+                if let (Some(canvas), Some(vp)) = (view.canvas_rect, view.viewport) {
+                    self.regions.handle_canvas(ui, &response, canvas, &vp);
+                    let classes = self.labels.label_set().map_or(&[][..], |s| s.classes());
+                    self.regions.paint(ui, canvas, &vp, classes);
+                }
                 if let Some(canvas) = view.canvas_rect {
                     let heat_legend = heat
                         .is_some()

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::{Receiver, Sender};
-use egui::{Color32, RichText, Sense, vec2};
+use egui::{RichText, Sense, vec2};
 use image::RgbaImage;
 use parking_lot::Mutex;
 

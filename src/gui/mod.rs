@@ -8,6 +8,7 @@ pub mod heatmap;
 pub mod labels;
 pub mod magnification;
 pub mod overlay;
+pub mod regions;
 mod side_panel;
 mod status_bar;
 mod textures;

@@ -38,6 +38,8 @@ pub struct SlideView {
     fit_requested: bool,
     one_to_one_requested: bool,
     zoom_requested: f64,
+    /// Drags draw regions instead of panning (a drawing tool is active).
+    pub drawing: bool,
 }
 
 /// What the open job hands to the window.
@@ -98,6 +100,7 @@ impl SlideView {
             fit_requested: true,
             one_to_one_requested: false,
             zoom_requested: 1.0,
+            drawing: false,
         }
     }
 
@@ -193,7 +196,7 @@ impl SlideView {
         min_scale: f64,
     ) {
         let local = |p: Pos2| [f64::from(p.x - rect.min.x), f64::from(p.y - rect.min.y)];
-        if response.dragged() {
+        if response.dragged() && !self.drawing {
             let d = response.drag_delta();
             vp.pan_by([f64::from(d.x), f64::from(d.y)]);
         }
@@ -206,6 +209,7 @@ impl SlideView {
             }
         }
         if response.double_clicked()
+            && !self.drawing
             && let Some(p) = response.interact_pointer_pos()
         {
             vp.zoom_about(local(p), 2.0, min_scale);

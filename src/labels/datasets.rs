@@ -69,8 +69,9 @@ impl LabelSet {
         Ok(manifest)
     }
 
-    /// The class-labelled images, all at `magnification`, through the DMSL pair builder into
-    /// `out_dir` (`pairs.csv`, `dataset.json`, `pairs/`). Each image is tiled whole into fields; an
+    /// The class-labelled images, all at `magnification`, and the slides with regions drawn on them
+    /// (`pairs::regions_sidecar`), through the DMSL pair builder into `out_dir` (`pairs.csv`,
+    /// `dataset.json`, `pairs/`). Each image is tiled whole into fields; an
     /// entry's group is its split unit, and the builder deals the groups of each class to the splits
     /// itself (`cfg.fractions`, `cfg.seed`): the project's own splits are not used here.
     pub fn to_dmsl_pairs(
@@ -81,13 +82,21 @@ impl LabelSet {
         progress: impl FnMut(&str),
     ) -> Result<(Manifest<PairRecord>, PairDataset), LabelError> {
         let mut images = Vec::new();
+        let mut slides = Vec::new();
         for e in &self.entries {
+            // A slide contributes the regions drawn on it (whatever its own label).
+            if is_slide_path(&e.path) {
+                let regions = pairs::regions_sidecar(&e.path);
+                if regions.is_file() {
+                    slides.push(slide_source(&e.path, &regions)?);
+                } else if e.label.is_some() {
+                    return Err(LabelError::SlideNotSupported(e.path.clone()));
+                }
+                continue;
+            }
             let Some(Label::Class(class)) = &e.label else {
                 continue;
             };
-            if is_slide_path(&e.path) {
-                return Err(LabelError::SlideNotSupported(e.path.clone()));
-            }
             if !e.path.exists() {
                 return Err(LabelError::Missing(e.path.clone()));
             }
@@ -98,7 +107,15 @@ impl LabelSet {
                 magnification,
             });
         }
-        let classes: BTreeSet<&str> = images.iter().map(|i| i.class.as_str()).collect();
+        let classes: BTreeSet<&str> = images
+            .iter()
+            .map(|i| i.class.as_str())
+            .chain(
+                slides
+                    .iter()
+                    .flat_map(|s: &pairs::SlideSource| s.regions.iter().map(|r| r.class.as_str())),
+            )
+            .collect();
         if classes.len() < 2 {
             return Err(LabelError::NothingToExport(format!(
                 "a classifier needs images of at least two classes; the class-labelled images have {}",
@@ -109,6 +126,27 @@ impl LabelSet {
                 }
             )));
         }
-        Ok(pairs::build(&[], &[], &images, out_dir, cfg, progress)?)
+        Ok(pairs::build(&slides, &[], &images, out_dir, cfg, progress)?)
     }
+}
+
+/// A slide with the regions drawn on it, at the µm/px its metadata gives.
+fn slide_source(path: &Path, regions: &Path) -> Result<pairs::SlideSource, LabelError> {
+    let slide = crate::slide::Slide::open(path).map_err(|e| LabelError::Image {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mpp = slide
+        .info()
+        .mpp
+        .map(|m| (m.x + m.y) / 2.0)
+        .ok_or_else(|| LabelError::Image {
+            path: path.to_path_buf(),
+            message: "its µm/px is unknown: pairs need it".into(),
+        })?;
+    Ok(pairs::SlideSource {
+        path: path.to_path_buf(),
+        mpp,
+        regions: pairs::read_regions(regions)?,
+    })
 }
