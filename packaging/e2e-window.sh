@@ -28,7 +28,7 @@ extra=""
 [ -n "${GRADCAM:-}" ] && extra="$extra --gradcam"
 export SLIDE="$slide" OUT="$out" EXTRA="$extra"
 xvfb-run -a -s "-screen 0 1280x800x24" bash -euo pipefail -c '
-  ./target/release/histolens --cache-mb 512 --continuous-repaint --frame-stats "$OUT/frames.json" $EXTRA "$SLIDE" >"$OUT/app.log" 2>&1 &
+  RUST_LOG=${RUST_LOG:-warn,histolens=info} ./target/release/histolens --cache-mb 512 --continuous-repaint --frame-stats "$OUT/frames.json" $EXTRA "$SLIDE" >"$OUT/app.log" 2>&1 &
   app=$!
   wid=""
   for _ in $(seq 120); do

@@ -93,7 +93,7 @@ pub struct GradcamState {
     pub target: CamTarget,
     pub class: usize,
     classes: Option<(PathBuf, Vec<String>)>,
-    job: Option<(CamKey, Receiver<CamResult>)>,
+    job: Option<(CamKey, Receiver<CamResult>, std::time::Instant)>,
     cache: Vec<(CamKey, CamResult)>,
     shown: Option<(CamKey, Vec<(String, egui::TextureHandle)>)>,
     /// The key of the result the panel shows.
@@ -241,18 +241,23 @@ impl GradcamState {
                 repaint.request_repaint();
             });
         match spawned {
-            Ok(_) => self.job = Some((key, rx)),
+            Ok(_) => self.job = Some((key, rx, std::time::Instant::now())),
             Err(e) => self.message = Some(format!("cannot start a worker: {e}")),
         }
     }
 
     /// Collects a finished job.
     pub fn poll(&mut self) {
-        let Some((_, rx)) = &self.job else { return };
+        let Some((_, rx, _)) = &self.job else { return };
         let Ok(result) = rx.try_recv() else { return };
-        let Some((key, _)) = self.job.take() else {
+        let Some((key, _, started)) = self.job.take() else {
             return;
         };
+        log::info!(
+            "Grad-CAM of the field at {:?} in {} ms",
+            key.centre,
+            started.elapsed().as_millis()
+        );
         if let Err(e) = &result {
             self.message = Some(e.clone());
         }
