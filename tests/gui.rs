@@ -807,42 +807,6 @@ fn gradcam_panel_shows_four_maps_for_the_view_centre() {
     h.snapshot("gradcam_over_the_slide");
 }
 
-/// A magnification dataset of generated images: brighter images are labelled at a higher
-/// magnification, a few per split, each its own source.
-fn tiny_magnification_dataset(dir: &Path) -> PathBuf {
-    use histolens::data::manifest::{MagnificationRecord, Manifest, Split};
-    let mut records = Vec::new();
-    for i in 0..12u32 {
-        let magnification = [5.0, 10.0, 20.0][(i % 3) as usize];
-        let level = (60.0 + 8.0 * magnification) as u8;
-        let img = image::RgbImage::from_fn(80, 80, |x, y| {
-            let n = ((x * 7 + y * 13 + i * 31) % 23) as u8;
-            image::Rgb([level.saturating_add(n), level / 2 + n, level])
-        });
-        let name = format!("img-{i:02}.png");
-        img.save(dir.join(&name)).unwrap();
-        records.push(MagnificationRecord {
-            path: name,
-            magnification,
-            mpp: 10.0 / magnification,
-            source: format!("source-{i}"),
-            region: "0,0,80,80".into(),
-            split: match i % 4 {
-                0 => Split::Val,
-                1 => Split::Test,
-                _ => Split::Train,
-            },
-        });
-    }
-    let manifest = Manifest {
-        root: dir.to_path_buf(),
-        records,
-    };
-    let path = dir.join("manifest.csv");
-    manifest.save(&path).unwrap();
-    path
-}
-
 /// Steps frames until `done` holds, failing after `limit`.
 fn step_until(
     h: &mut Harness<'_, HistolensApp>,
@@ -858,28 +822,64 @@ fn step_until(
     }
 }
 
-/// The training panel runs a real (short) magnification training: the curve gets points while it
-/// runs, it pauses and continues, stops on request with its checkpoint on disk, its run folder is
-/// listed, and "Use this model" makes the viewer use the trained model.
+/// From dropped folders to a trained model, as a user goes: three folders of images are dropped,
+/// all labelled 20x (Ctrl+A, "Set magnification"), dealt to splits by folder, and built into a
+/// magnification dataset, which opens in the training panel. There a real (short) training runs: the
+/// curve gets points, it pauses and continues, stops on request with its checkpoint on disk, the run
+/// folder reads back as the CLI reads it, and "Use this model" makes the viewer use the trained model.
 #[test]
 fn training_panel_trains_stops_and_uses_the_model() {
     let data = tempfile::tempdir().unwrap();
-    let manifest = tiny_magnification_dataset(data.path());
-    let run_dir = data.path().join("runs").join("panel-run");
+    let images = tempfile::tempdir().unwrap();
+    let folders: Vec<PathBuf> = (1..=3)
+        .map(|k| images.path().join(format!("case-{k}")))
+        .collect();
+    for (k, f) in folders.iter().enumerate() {
+        write_images(f, &format!("c{k}"), 4, [120 + 40 * k as u8, 70, 150]);
+    }
     let mut h = harness(None, data.path());
     h.run_steps(2);
-    h.get_by_label("Training").click();
+    for f in &folders {
+        h.input_mut()
+            .dropped_files
+            .push(Arc::new(Dropped(f.clone())));
+    }
+    h.step();
+    step_until(&mut h, Duration::from_secs(60), "thumbnails", |a| {
+        !a.labels().is_busy()
+    });
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
     h.run_steps(2);
-    assert_eq!(h.state().mode(), histolens::gui::Mode::Training);
+    assert_eq!(h.state().labels().selected.len(), 12);
+    h.get_by_label("Set magnification").click();
+    h.run_steps(2);
+    h.get_by_label("Assign splits").click();
+    h.run_steps(2);
+    h.get_by_label("Build magnification dataset").click();
+    h.run_steps(2);
+    assert_eq!(
+        h.state().mode(),
+        histolens::gui::Mode::Training,
+        "{:?}",
+        h.state().labels().message
+    );
+    let manifest = PathBuf::from(&h.state().training().form.data);
+    let records: histolens::data::manifest::Manifest =
+        histolens::data::manifest::Manifest::load(&manifest).unwrap();
+    assert_eq!(records.records.len(), 12);
+    assert!(records.records.iter().all(|r| r.magnification == 20.0));
+    records.check_disjoint().unwrap();
+    let run_dir = data.path().join("runs").join("panel-run");
     {
         let f = &mut h.state_mut().training_mut().form;
-        f.task = histolens::gui::training::Task::Magnification;
-        f.data = manifest.display().to_string();
+        assert_eq!(f.task, histolens::gui::training::Task::Magnification);
         f.run_dir = run_dir.display().to_string();
         f.arch = histolens::nn::Arch::Resnet18;
-        f.input_size = 64;
+        f.input_size = 40;
         f.batch = 4;
-        f.epochs = 50;
+        // Six epochs with the ASM, then three with the constant m: stopped in round 2, the model is
+        // usable (a round-1 checkpoint has no m yet, and the panel does not offer it).
+        f.epochs = 9;
         f.steps_per_epoch = 1;
     }
     h.run_steps(2);
@@ -906,6 +906,9 @@ fn training_panel_trains_stops_and_uses_the_model() {
     h.get_by_label("Continue").click();
     h.run_steps(2);
     assert!(!h.state().training().is_paused());
+    step_until(&mut h, Duration::from_secs(300), "round 2", |a| {
+        a.training().curve.len() >= 7
+    });
     h.get_by_label("Stop").click();
     step_until(&mut h, Duration::from_secs(300), "the run to stop", |a| {
         !a.training().is_running()
@@ -921,10 +924,21 @@ fn training_panel_trains_stops_and_uses_the_model() {
     assert!(run_dir.join("run.json").is_file());
     let model = state.model.clone().expect("a model");
     assert!(model.is_file());
+    // The evaluation report of the stopped run, on the test split the labels view dealt.
+    let report = state
+        .report
+        .as_ref()
+        .unwrap_or_else(|| panic!("an evaluation report: {:?}", state.log));
+    assert!(
+        report.table().starts_with("test split"),
+        "{}",
+        report.table()
+    );
+    assert!(run_dir.join("report.json").is_file());
     // The same run, read as the CLI reads it.
     let summary = histolens::runs::read_run(&run_dir).unwrap();
     assert_eq!(summary.config.task(), "magnification");
-    assert!(summary.epochs_done() >= 2 && summary.epochs_done() < 50);
+    assert!(summary.epochs_done() >= 7 && summary.epochs_done() < 9);
     h.get_by_label("Use this model").click();
     h.run_steps(2);
     assert_eq!(h.state().mode(), histolens::gui::Mode::Viewer);

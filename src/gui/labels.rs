@@ -32,6 +32,7 @@ pub struct LabelsState {
     pub magnification: f64,
     /// Side of a DMSL field in µm (the pairs are this field at the magnification and at a quarter of it).
     pub field_um: f64,
+    missing: MissingFiles,
     /// The grid's columns in the last frame (for Up/Down).
     columns: usize,
     /// Scroll the cursor into view next frame.
@@ -59,6 +60,7 @@ impl LabelsState {
             new_class: String::new(),
             magnification: 20.0,
             field_um: 64.0,
+            missing: MissingFiles::default(),
             columns: 1,
             reveal: false,
         }
@@ -278,6 +280,43 @@ impl LabelsState {
     }
 }
 
+/// How many listed files are missing, counted off the UI thread (a stat per file: 10,000 of them
+/// would cost a frame its budget) every few seconds.
+#[derive(Default)]
+struct MissingFiles {
+    last: usize,
+    job: Option<crossbeam_channel::Receiver<usize>>,
+    counted: Option<std::time::Instant>,
+}
+
+impl MissingFiles {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(3);
+
+    fn count(&mut self, set: &LabelSet) -> usize {
+        if let Some(rx) = &self.job
+            && let Ok(n) = rx.try_recv()
+        {
+            self.last = n;
+            self.job = None;
+        }
+        let due = self.counted.is_none_or(|t| t.elapsed() > Self::EVERY);
+        if self.job.is_none() && due {
+            let paths: Vec<PathBuf> = set.entries().iter().map(|e| e.path.clone()).collect();
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let spawned = std::thread::Builder::new()
+                .name("missing-files".into())
+                .spawn(move || {
+                    let _ = tx.send(paths.iter().filter(|p| !p.exists()).count());
+                });
+            if spawned.is_ok() {
+                self.job = Some(rx);
+            }
+            self.counted = Some(std::time::Instant::now());
+        }
+        self.last
+    }
+}
+
 fn label_text(label: Option<&Label>) -> String {
     match label {
         None => "—".into(),
@@ -349,7 +388,7 @@ fn side(ui: &mut egui::Ui, state: &mut LabelsState) -> LabelsAction {
         return action;
     };
     let counts = set.counts();
-    let missing = set.missing().len();
+    let missing = state.missing.count(set);
     let (can_undo, can_redo) = (set.can_undo(), set.can_redo());
     let n = set.entries().len();
     ui.heading("Labels");
@@ -661,10 +700,11 @@ fn grid(ui: &mut egui::Ui, state: &mut LabelsState) {
                         .path
                         .file_name()
                         .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+                    // The label under the image; the file's name in the tooltip.
                     painter.text(
                         rect.center_bottom() - vec2(0.0, 2.0),
                         egui::Align2::CENTER_BOTTOM,
-                        format!("{} · {}", truncate(&name, 12), label_text(label)),
+                        truncate(&label_text(label), 18),
                         egui::FontId::proportional(10.0),
                         ui.visuals().text_color(),
                     );
@@ -675,6 +715,7 @@ fn grid(ui: &mut egui::Ui, state: &mut LabelsState) {
                             format!("{name}: {}", label_text(label)),
                         )
                     });
+                    let response = response.on_hover_text(&name);
                     if response.clicked() {
                         clicked = Some((i, ui.input(|inp| inp.modifiers)));
                     }

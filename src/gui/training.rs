@@ -171,10 +171,20 @@ pub struct StepProgress {
     pub samples_per_second: f64,
 }
 
+/// How the model of a finished run fared in its evaluation.
+enum Evaluation {
+    Report(Report),
+    /// The model loads, but no evaluation could be made (e.g. no test or validation split).
+    NotEvaluated(String),
+    /// The model cannot be loaded for inference (e.g. a magnification model stopped before its
+    /// second round, which has no scale factor m yet): not offered to the viewer.
+    Unusable(String),
+}
+
 enum JobMessage {
     Event(RunEvent),
     /// The run ended: its outcome and the evaluation of its model (or why not).
-    Done(Result<(RunOutcome, Result<Report, String>), String>),
+    Done(Result<(RunOutcome, Evaluation), String>),
 }
 
 struct Job {
@@ -387,6 +397,7 @@ impl TrainingState {
             self.job = None;
             match result {
                 Ok((outcome, report)) => {
+                    self.model = None;
                     self.push_log(format!(
                         "{} after {} epochs; model {}",
                         if outcome.stopped {
@@ -398,10 +409,18 @@ impl TrainingState {
                         outcome.model.display()
                     ));
                     match report {
-                        Ok(r) => self.report = Some(r),
-                        Err(e) => self.push_log(format!("no evaluation: {e}")),
+                        Evaluation::Report(r) => {
+                            self.report = Some(r);
+                            self.model = Some(outcome.model);
+                        }
+                        Evaluation::NotEvaluated(e) => {
+                            self.push_log(format!("no evaluation: {e}"));
+                            self.model = Some(outcome.model);
+                        }
+                        Evaluation::Unusable(e) => {
+                            self.push_log(format!("{e}: resume the run to make a usable model"))
+                        }
                     }
-                    self.model = Some(outcome.model);
                 }
                 Err(e) => self.message = Some(e),
             }
@@ -478,7 +497,7 @@ fn run_job(
     pause: &AtomicBool,
     tx: &Sender<JobMessage>,
     repaint: &egui::Context,
-) -> Result<(RunOutcome, Result<Report, String>), String> {
+) -> Result<(RunOutcome, Evaluation), String> {
     let device = crate::nn::device::select(device).map_err(|e| e.to_string())?;
     let outcome = crate::runs::train(config, data, dir, &device, stop, |e| {
         let _ = tx.send(JobMessage::Event(e));
@@ -490,10 +509,13 @@ fn run_job(
     })
     .map_err(|e| e.to_string())?;
     // The report: the test split, or the validation split when there is no test split.
-    let report = crate::runs::evaluate(config, &outcome.model, data, Split::Test, dir, &device)
-        .or_else(|_| crate::runs::evaluate(config, &outcome.model, data, Split::Val, dir, &device))
-        .map_err(|e| e.to_string());
-    Ok((outcome, report))
+    let evaluate = |split| crate::runs::evaluate(config, &outcome.model, data, split, dir, &device);
+    let evaluation = match evaluate(Split::Test).or_else(|_| evaluate(Split::Val)) {
+        Ok(r) => Evaluation::Report(r),
+        Err(e @ crate::runs::RunsError::Model { .. }) => Evaluation::Unusable(e.to_string()),
+        Err(e) => Evaluation::NotEvaluated(e.to_string()),
+    };
+    Ok((outcome, evaluation))
 }
 
 /// The training view.
