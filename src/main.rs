@@ -75,6 +75,8 @@ enum Command {
     /// Grad-CAM maps at the first and the last convolution of each branch (DMSL) or of the
     /// magnification model, as PNG overlays and .npy arrays.
     Gradcam(cli::gradcam::GradcamArgs),
+    /// Combine the outputs of `--shard K/N` runs (JSON or CSV rows) into one, as one run writes it.
+    Merge(cli::shard::MergeArgs),
     /// Training runs (of `histolens train` and of the window's panel): list and compare, resume, evaluate.
     #[command(subcommand)]
     Runs(cli::runs::RunsCommand),
@@ -125,6 +127,7 @@ fn main() -> std::process::ExitCode {
         Some(Command::Gradcam(a)) => cli::gradcam::run(a),
         Some(Command::Predict(a)) => cli::magnification::predict(a),
         Some(Command::Runs(r)) => cli::runs::run(r),
+        Some(Command::Merge(m)) => cli::shard::merge(m),
         Some(Command::Bench(b)) => cli::bench::run(b),
         None => run_window(histolens::gui::LaunchOptions {
             path: cli.file,

@@ -414,6 +414,12 @@ pub struct PredictArgs {
     pub crops: usize,
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
+    /// Only shard K of N of the inputs (0-based; see `histolens merge`).
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<super::shard::Shard>,
+    /// Write the JSON or CSV rows to this file (atomically) instead of standard output.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// One line of `predict`'s output.
@@ -434,7 +440,13 @@ struct PredictRow {
 
 pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
     let model = load_model(args.model.as_deref(), args.device)?;
-    let files = expand_inputs(&args.paths)?;
+    if args.out.is_some() && !args.json && !args.csv {
+        bail!("--out writes rows: add --json or --csv");
+    }
+    let mut files = expand_inputs(&args.paths)?;
+    if let Some(shard) = args.shard {
+        files = shard.take(files);
+    }
     let pb = bar(files.len() as u64, "files");
     let mut rows = Vec::with_capacity(files.len());
     for f in &files {
@@ -442,14 +454,25 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
         pb.inc(1);
     }
     pb.finish_and_clear();
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+    let structured = if args.json {
+        let mut v = serde_json::to_vec_pretty(&rows)?;
+        v.push(b'\n');
+        Some(v)
     } else if args.csv {
-        let mut w = csv::Writer::from_writer(std::io::stdout());
+        let mut w = csv::Writer::from_writer(Vec::new());
         for r in &rows {
             w.serialize(r)?;
         }
-        w.flush()?;
+        Some(w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)
+    } else {
+        None
+    };
+    if let Some(bytes) = structured {
+        match &args.out {
+            Some(out) => histolens::util::fs::write_atomic(out, &bytes)
+                .with_context(|| format!("writing {}", out.display()))?,
+            None => std::io::Write::write_all(&mut std::io::stdout(), &bytes)?,
+        }
     } else {
         for r in &rows {
             match (&r.error, r.magnification) {

@@ -9,3 +9,4 @@ pub mod gradcam;
 pub mod info;
 pub mod magnification;
 pub mod runs;
+pub mod shard;
