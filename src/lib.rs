@@ -55,18 +55,21 @@ pub fn default_dmsl_model() -> Option<PathBuf> {
 /// A bundled file, looked for beside the sources, beside the executable, and where the Debian package
 /// installs it.
 fn bundled_asset(folder: &str, name: &str) -> Option<PathBuf> {
-    let mut candidates = vec![
+    // The installed layout first (BIN/../share/histolens, as the .deb lays it out), so that an
+    // installed binary uses its own files; then a copy beside the binary; then the source tree.
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        candidates.push(dir.join("../share/histolens").join(folder).join(name));
+        candidates.push(dir.join("assets").join(folder).join(name));
+    }
+    candidates.push(
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("assets")
             .join(folder)
             .join(name),
-    ];
-    if let Ok(exe) = std::env::current_exe()
-        && let Some(dir) = exe.parent()
-    {
-        candidates.push(dir.join("assets").join(folder).join(name));
-        candidates.push(dir.join("../share/histolens").join(folder).join(name));
-    }
+    );
     candidates.push(
         PathBuf::from("/usr/share/histolens")
             .join(folder)

@@ -75,6 +75,8 @@ enum Command {
     /// Grad-CAM maps at the first and the last convolution of each branch (DMSL) or of the
     /// magnification model, as PNG overlays and .npy arrays.
     Gradcam(cli::gradcam::GradcamArgs),
+    /// Where histolens keeps its state and finds its bundled sample and models.
+    Paths,
     /// Combine the outputs of `--shard K/N` runs (JSON or CSV rows) into one, as one run writes it.
     Merge(cli::shard::MergeArgs),
     /// Training runs (of `histolens train` and of the window's panel): list and compare, resume, evaluate.
@@ -128,6 +130,19 @@ fn main() -> std::process::ExitCode {
         Some(Command::Predict(a)) => cli::magnification::predict(a),
         Some(Command::Runs(r)) => cli::runs::run(r),
         Some(Command::Merge(m)) => cli::shard::merge(m),
+        Some(Command::Paths) => {
+            let show = |p: Option<PathBuf>| {
+                p.map_or("(not found)".to_string(), |p| p.display().to_string())
+            };
+            println!("data folder: {}", histolens::data_dir().display());
+            println!("sample slide: {}", show(histolens::bundled_sample()));
+            println!(
+                "magnification model: {}",
+                show(histolens::default_magnification_model())
+            );
+            println!("DMSL demo model: {}", show(histolens::default_dmsl_model()));
+            Ok(())
+        }
         Some(Command::Bench(b)) => cli::bench::run(b),
         None => run_window(histolens::gui::LaunchOptions {
             path: cli.file,
