@@ -325,8 +325,9 @@ fn label_text(label: Option<&Label>) -> String {
     }
 }
 
-/// A colour per class, stable across frames.
-fn class_colour(classes: &[String], label: Option<&Label>) -> Color32 {
+/// The colour of a class: its place in the class list, in a palette for colour-blind eyes (Okabe–Ito);
+/// a class not in the list (e.g. a slide region's, before the label set knows it) by its name's length.
+pub(crate) fn class_colour_of(classes: &[String], class: &str) -> Color32 {
     const PALETTE: [Color32; 8] = [
         Color32::from_rgb(230, 159, 0),
         Color32::from_rgb(86, 180, 233),
@@ -337,11 +338,17 @@ fn class_colour(classes: &[String], label: Option<&Label>) -> Color32 {
         Color32::from_rgb(204, 121, 167),
         Color32::from_rgb(200, 200, 200),
     ];
+    let i = classes
+        .iter()
+        .position(|x| x == class)
+        .unwrap_or(class.len());
+    PALETTE[i % PALETTE.len()]
+}
+
+/// A colour per label, stable across frames.
+fn class_colour(classes: &[String], label: Option<&Label>) -> Color32 {
     match label {
-        Some(Label::Class(c)) => classes
-            .iter()
-            .position(|x| x == c)
-            .map_or(Color32::GRAY, |i| PALETTE[i % PALETTE.len()]),
+        Some(Label::Class(c)) => class_colour_of(classes, c),
         Some(Label::Magnification { .. }) => Color32::from_rgb(180, 180, 255),
         None => Color32::DARK_GRAY,
     }

@@ -182,7 +182,7 @@ impl RegionsState {
             Pos2::new(canvas.min.x + s[0] as f32, canvas.min.y + s[1] as f32)
         };
         for r in &self.regions {
-            let colour = class_colour(classes, &r.class);
+            let colour = super::labels::class_colour_of(classes, &r.class);
             let points: Vec<Pos2> = r.polygon.iter().map(|&p| to_screen(p)).collect();
             painter.add(egui::Shape::closed_line(
                 points.clone(),
@@ -220,23 +220,6 @@ impl RegionsState {
             _ => {}
         }
     }
-}
-
-/// The class's colour: its place in the label set's class list, as the labelling view colours it.
-fn class_colour(classes: &[String], class: &str) -> Color32 {
-    const PALETTE: [Color32; 6] = [
-        Color32::from_rgb(230, 159, 0),
-        Color32::from_rgb(86, 180, 233),
-        Color32::from_rgb(0, 158, 115),
-        Color32::from_rgb(240, 228, 66),
-        Color32::from_rgb(0, 114, 178),
-        Color32::from_rgb(213, 94, 0),
-    ];
-    let i = classes
-        .iter()
-        .position(|c| c == class)
-        .unwrap_or(class.len());
-    PALETTE[i % PALETTE.len()]
 }
 
 /// The side panel's "Regions" section.
