@@ -4,7 +4,8 @@
 # follows the view. Samples the process's RSS every 10 s (rss.csv), and reports its peak and its growth
 # after the first five minutes against the tile cache budget, the frame-time percentiles, and every
 # error or panic the app logged.
-# Usage: [MINUTES=30] [CACHE_MB=512] [MPP=X] packaging/soak.sh [SLIDE] [OUT_DIR]
+# Usage: [MINUTES=30] [CACHE_MB=512] [MPP=X] [WORK="--heatmap --gradcam"] packaging/soak.sh [SLIDE] [OUT_DIR]
+# (WORK: the background work; "" soaks the viewer alone, "--heatmap" the heatmap alone)
 # (default slide: bench-data/large-pyramid.tiff from benches/make-large-pyramid.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,10 +26,10 @@ slide="$out/slide/$(basename "$slide")"
 if [ -n "${MPP:-}" ]; then
   printf '{"%s": {"mpp": %s, "objective_power": null}}\n' "$(realpath "$slide")" "$MPP" > "$HISTOLENS_DATA_DIR/calibrations.json"
 fi
-export SLIDE="$slide" OUT="$out" SECONDS_TOTAL=$((minutes * 60)) CACHE_MB="$cache_mb"
+export SLIDE="$slide" OUT="$out" SECONDS_TOTAL=$((minutes * 60)) CACHE_MB="$cache_mb" WORK="${WORK---heatmap --gradcam}"
 xvfb-run -a -s "-screen 0 1280x800x24" bash -euo pipefail -c '
   RUST_LOG=warn,histolens=info ./target/release/histolens --cache-mb "$CACHE_MB" --continuous-repaint \
-    --frame-stats "$OUT/frames.json" --heatmap --gradcam "$SLIDE" >"$OUT/app.log" 2>&1 &
+    --frame-stats "$OUT/frames.json" $WORK "$SLIDE" >"$OUT/app.log" 2>&1 &
   app=$!
   wid=""
   for _ in $(seq 120); do

@@ -521,7 +521,6 @@ fn run_job(
 /// The training view.
 pub fn show(ui: &mut egui::Ui, state: &mut TrainingState) -> TrainingAction {
     let mut action = TrainingAction::None;
-    state.refresh_runs();
     let running = state.is_running();
     ui.heading("Training");
     egui::Grid::new("training-form")
@@ -752,6 +751,8 @@ pub fn show(ui: &mut egui::Ui, state: &mut TrainingState) -> TrainingAction {
     egui::CollapsingHeader::new(format!("Runs in {}", state.runs_root.display()))
         .default_open(false)
         .show(ui, |ui| {
+            // Listed only while shown (each run's log is read), and again every few seconds.
+            state.refresh_runs();
             let mut open = None;
             for r in &state.runs {
                 ui.horizontal(|ui| {
