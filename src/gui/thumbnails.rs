@@ -19,10 +19,11 @@ const KEPT: usize = 1500;
 
 type Made = (PathBuf, Result<egui::ColorImage, String>);
 
-/// The queue the workers take from: the latest frame's wish list, nearest first.
+/// The queue the workers take from: the latest frame's wish list, nearest first, the number of
+/// thumbnails being made, and whether to shut down.
 #[derive(Default)]
 struct Wanted {
-    list: Mutex<(Vec<PathBuf>, bool)>,
+    list: Mutex<(Vec<PathBuf>, usize, bool)>,
     ready: Condvar,
 }
 
@@ -32,8 +33,6 @@ pub struct Thumbnails {
     textures: HashMap<PathBuf, Result<egui::TextureHandle, String>>,
     /// Use order, oldest first, for eviction.
     order: VecDeque<PathBuf>,
-    /// Made but not yet uploaded.
-    in_flight: usize,
 }
 
 impl Thumbnails {
@@ -57,7 +56,6 @@ impl Thumbnails {
             done_rx,
             textures: HashMap::new(),
             order: VecDeque::new(),
-            in_flight: 0,
         }
     }
 
@@ -86,7 +84,6 @@ impl Thumbnails {
             });
             self.order.push_back(path.clone());
             self.textures.insert(path, entry);
-            self.in_flight = self.in_flight.saturating_sub(1);
         }
         while self.textures.len() > KEPT {
             let Some(old) = self.order.pop_front() else {
@@ -101,16 +98,18 @@ impl Thumbnails {
         self.textures.get(path)
     }
 
-    /// Whether workers still have thumbnails to make for the current wish list.
+    /// Whether workers still have thumbnails to make for the current wish list, or are making one,
+    /// or one is made but not yet uploaded.
     pub fn is_busy(&self) -> bool {
-        !self.wanted.list.lock().0.is_empty()
+        let w = self.wanted.list.lock();
+        !w.0.is_empty() || w.1 > 0 || !self.done_rx.is_empty()
     }
 }
 
 impl Drop for Thumbnails {
     fn drop(&mut self) {
         let mut w = self.wanted.list.lock();
-        w.1 = true;
+        w.2 = true;
         self.wanted.ready.notify_all();
     }
 }
@@ -120,17 +119,21 @@ fn worker(wanted: &Wanted, done: &Sender<Made>, cache_dir: &Path, repaint: &egui
         let path = {
             let mut w = wanted.list.lock();
             loop {
-                if w.1 {
+                if w.2 {
                     return;
                 }
                 if !w.0.is_empty() {
+                    w.1 += 1;
                     break w.0.remove(0);
                 }
                 wanted.ready.wait(&mut w);
             }
         };
         let made = thumbnail(&path, cache_dir);
-        if done.send((path, made)).is_err() {
+        // Sent before the count drops, so that `is_busy` never sees neither.
+        let sent = done.send((path, made));
+        wanted.list.lock().1 -= 1;
+        if sent.is_err() {
             return;
         }
         repaint.request_repaint();

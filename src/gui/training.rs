@@ -287,7 +287,7 @@ impl TrainingState {
             return;
         }
         if self.form.run_dir.trim().is_empty() {
-            let stamp = chrono_free_stamp();
+            let stamp = unix_seconds();
             let name = format!("{}-{}-{stamp}", config.task(), self.form.arch.name());
             self.form.run_dir = self.runs_root.join(name).display().to_string();
         }
@@ -480,8 +480,8 @@ impl TrainingState {
     }
 }
 
-/// A sortable time stamp without a date library: seconds since the epoch.
-fn chrono_free_stamp() -> u64 {
+/// Seconds since the Unix epoch: a sortable run-folder stamp.
+fn unix_seconds() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
