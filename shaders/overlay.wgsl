@@ -24,7 +24,10 @@ struct Params {
     srgb_target: u32,
 };
 
-@group(0) @binding(0) var<uniform> params: Params;
+// A read-only storage buffer where the device has them (see `PARAMS_BINDING` in src/gui/overlay.rs:
+// lavapipe compiles a new shader variant for every new set of values of a uniform buffer that steers
+// branches, and never frees them); a uniform buffer elsewhere (WebGL-class devices).
+@group(0) @binding(0) var<PARAMS_SPACE> params: Params;
 @group(0) @binding(1) var values: texture_2d<f32>;
 
 // A triangle covering the whole viewport.

@@ -11,10 +11,13 @@
 //! - [`magnification`]: the magnification task: training, evaluation metrics, estimates.
 //! - [`dmsl`]: two-magnification classification: training, evaluation, slide heatmaps.
 //! - [`runs`]: training run folders of either task, shared by the CLI and the window.
+//! - `fuzzing`: byte-level entry points for the fuzz targets and their regression test.
 //! - [`gui`]: the eframe application (knows the layers above; nothing above knows it).
 
 pub mod data;
 pub mod dmsl;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gui;
 pub mod labels;
 pub mod magnification;

@@ -223,3 +223,110 @@ fn sharded_predictions_merge_into_the_unsharded_run() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("below N"));
 }
+
+/// `heatmap --shard K/N` over three slides (crops of the sample's tissue), with `--summary`: the
+/// merged summaries equal one unsharded run's, and each slide's heatmap is the same bytes whichever
+/// run computed it. Two slides with one file name are refused before any work.
+#[test]
+fn sharded_heatmaps_merge_into_the_unsharded_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let slides = dir.path().join("slides");
+    std::fs::create_dir_all(&slides).unwrap();
+    let sample = histolens::slide::Slide::open(common::sample_slide()).unwrap();
+    let mut list = String::new();
+    for (i, (x, y)) in [(600, 900), (900, 1500), (700, 2200)]
+        .into_iter()
+        .enumerate()
+    {
+        let crop = sample.read_region(0, x, y, 448, 448).unwrap();
+        let path = slides.join(format!("crop-{i}.png"));
+        image::DynamicImage::ImageRgba8(crop)
+            .to_rgb8()
+            .save(&path)
+            .unwrap();
+        list.push_str(&format!("{}\n", path.display()));
+    }
+    let list_file = dir.path().join("slides.txt");
+    std::fs::write(&list_file, &list).unwrap();
+    let out = dir.path().join("out");
+    let run = |extra: &[&str], summary: &Path| {
+        let o = histolens()
+            .env("HISTOLENS_DATA_DIR", dir.path().join("data"))
+            .args(["heatmap", "--mpp", "0.5", "--device", "cpu", "--fresh"])
+            .arg("--list")
+            .arg(&list_file)
+            .arg("--out")
+            .arg(&out)
+            .arg("--summary")
+            .arg(summary)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let npys = || -> Vec<Vec<u8>> {
+        (0..3)
+            .map(|i| std::fs::read(out.join(format!("crop-{i}/heatmap.npy"))).unwrap())
+            .collect()
+    };
+    let mut shards = Vec::new();
+    for k in 0..2 {
+        let s = dir.path().join(format!("shard-{k}.json"));
+        run(&["--shard", &format!("{k}/2")], &s);
+        shards.push(s);
+    }
+    let from_shards = npys();
+    let whole = dir.path().join("whole.json");
+    run(&[], &whole);
+    assert_eq!(npys(), from_shards, "the same heatmaps from the shards");
+    let merged = dir.path().join("merged.json");
+    let o = histolens()
+        .arg("merge")
+        .args(&shards)
+        .arg("--out")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let rows = read(&whole);
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(read(&merged), read(&whole));
+    let shard_rows: Vec<usize> = shards
+        .iter()
+        .map(|s| read(s).as_array().unwrap().len())
+        .collect();
+    assert_eq!(shard_rows, [2, 1], "every second slide from K");
+    for r in rows {
+        assert!(r["error"].is_null(), "{r}");
+        let tissue = r["tissue_fields"].as_u64().unwrap();
+        assert!(tissue > 0, "{r}");
+        let (mut mean, mut share) = (0.0, 0.0);
+        for (k, v) in r.as_object().unwrap() {
+            if k.starts_with("mean_") {
+                mean += v.as_f64().unwrap();
+            } else if k.starts_with("share_") {
+                share += v.as_f64().unwrap();
+            }
+        }
+        assert!((mean - 1.0).abs() < 1e-4, "class means sum to 1: {r}");
+        assert!((share - 1.0).abs() < 1e-9, "class shares sum to 1: {r}");
+    }
+    // Two inputs named alike would write one folder: refused, with both names.
+    let twin = dir.path().join("twin");
+    std::fs::create_dir_all(&twin).unwrap();
+    std::fs::copy(slides.join("crop-0.png"), twin.join("crop-0.png")).unwrap();
+    let o = histolens()
+        .args(["heatmap", "--mpp", "0.5"])
+        .arg(slides.join("crop-0.png"))
+        .arg(twin.join("crop-0.png"))
+        .arg("--out")
+        .arg(dir.path().join("twins"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("share the output folder"));
+}

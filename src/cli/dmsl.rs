@@ -346,14 +346,20 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
 
 #[derive(Args)]
 pub struct HeatmapArgs {
-    pub slide: PathBuf,
+    /// Slides, or folders searched recursively for slides and images.
+    #[arg(required_unless_present = "list")]
+    pub slides: Vec<PathBuf>,
+    /// A text file listing slides, one path per line (for thousands of slides).
+    #[arg(long)]
+    pub list: Option<PathBuf>,
     /// A DMSL model (default: the bundled demo).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Folder for heatmap.png, heatmap.npy and heatmap.geojson.
+    /// Folder for heatmap.png, heatmap.npy and heatmap.geojson; with several slides, one sub-folder per
+    /// slide, named after its file.
     #[arg(long)]
     pub out: PathBuf,
-    /// µm/px of the slide's level 0 (overrides its metadata; needed when it has none).
+    /// µm/px of the slides' level 0 (overrides their metadata; needed where they have none).
     #[arg(long)]
     pub mpp: Option<f64>,
     /// The class drawn in the PNG (name or index; default: the last class).
@@ -372,6 +378,136 @@ pub struct HeatmapArgs {
     pub fresh: bool,
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
+    /// Only shard K of N of the slides (0-based; see `histolens merge`).
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<super::shard::Shard>,
+    /// One row per slide (JSON or CSV, by the extension; written atomically): where its outputs are,
+    /// how many fields were classified, and each class's mean probability and share of the tissue.
+    /// The shards' summaries combine with `histolens merge`.
+    #[arg(long)]
+    pub summary: Option<PathBuf>,
+}
+
+/// A slide's line of `--summary`.
+struct HeatmapRow {
+    path: String,
+    outputs: Option<String>,
+    mpp: Option<f64>,
+    fields: Option<usize>,
+    tissue_fields: Option<usize>,
+    background_fields: Option<usize>,
+    /// Per class: (name, mean probability over the tissue fields, share of the tissue fields where it
+    /// is the most probable class).
+    classes: Vec<(String, f64, f64)>,
+    error: Option<String>,
+}
+
+impl HeatmapRow {
+    fn failed(path: &Path, error: String) -> Self {
+        HeatmapRow {
+            path: path.display().to_string(),
+            outputs: None,
+            mpp: None,
+            fields: None,
+            tissue_fields: None,
+            background_fields: None,
+            classes: Vec::new(),
+            error: Some(error),
+        }
+    }
+
+    /// The columns in order; the class columns are `mean_CLASS` and `share_CLASS`.
+    fn columns(&self, classes: &[String]) -> Vec<(String, serde_json::Value)> {
+        use serde_json::Value;
+        let num = |v: Option<f64>| v.map_or(Value::Null, Value::from);
+        let count = |v: Option<usize>| v.map_or(Value::Null, Value::from);
+        let text = |v: &Option<String>| v.clone().map_or(Value::Null, Value::from);
+        let mut cols = vec![
+            ("path".to_string(), Value::from(self.path.clone())),
+            ("outputs".into(), text(&self.outputs)),
+            ("mpp".into(), num(self.mpp)),
+            ("fields".into(), count(self.fields)),
+            ("tissue_fields".into(), count(self.tissue_fields)),
+            ("background_fields".into(), count(self.background_fields)),
+        ];
+        for c in classes {
+            let found = self.classes.iter().find(|(n, _, _)| n == c);
+            cols.push((format!("mean_{c}"), num(found.map(|f| f.1))));
+            cols.push((format!("share_{c}"), num(found.map(|f| f.2))));
+        }
+        cols.push(("error".into(), text(&self.error)));
+        cols
+    }
+}
+
+/// Each class's mean probability over the classified fields and the share of them it wins.
+fn class_summary(heatmap: &Heatmap, classes: &[String]) -> Vec<(String, f64, f64)> {
+    use histolens::dmsl::heatmap::CellState;
+    let k = heatmap.classes();
+    let mut sums = vec![0.0f64; k];
+    let mut wins = vec![0usize; k];
+    let mut n = 0usize;
+    for (cell, state) in heatmap.state.iter().enumerate() {
+        if *state != CellState::Done {
+            continue;
+        }
+        let p = &heatmap.probs[cell * k..(cell + 1) * k];
+        for (s, v) in sums.iter_mut().zip(p) {
+            *s += f64::from(*v);
+        }
+        if let Some((best, _)) = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)) {
+            wins[best] += 1;
+        }
+        n += 1;
+    }
+    let d = n.max(1) as f64;
+    classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.clone(), sums[i] / d, wins[i] as f64 / d))
+        .collect()
+}
+
+/// The slides named on the command line and in `--list`, folders expanded, in a fixed order.
+fn heatmap_inputs(args: &HeatmapArgs) -> anyhow::Result<Vec<PathBuf>> {
+    let mut named = args.slides.clone();
+    if let Some(list) = &args.list {
+        let text = std::fs::read_to_string(list)
+            .with_context(|| format!("reading the list {}", list.display()))?;
+        named.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(PathBuf::from),
+        );
+    }
+    super::magnification::expand_inputs(&named)
+}
+
+/// Each slide's output folder: `--out` itself for one slide, else `--out/STEM`. Decided on all the
+/// inputs before sharding, so that every shard names folders alike; two slides with one file stem
+/// are refused rather than written over each other.
+fn output_folders(out: &Path, slides: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    if slides.len() == 1 {
+        return Ok(vec![out.to_path_buf()]);
+    }
+    let mut seen: std::collections::HashMap<String, &Path> = std::collections::HashMap::new();
+    let mut folders = Vec::with_capacity(slides.len());
+    for s in slides {
+        let stem = s
+            .file_stem()
+            .map(|x| x.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "slide".into());
+        if let Some(other) = seen.insert(stem.clone(), s) {
+            bail!(
+                "{} and {} would share the output folder {stem}: rename one, or run them separately",
+                other.display(),
+                s.display()
+            );
+        }
+        folders.push(out.join(stem));
+    }
+    Ok(folders)
 }
 
 pub fn heatmap(args: HeatmapArgs) -> anyhow::Result<()> {
@@ -381,7 +517,81 @@ pub fn heatmap(args: HeatmapArgs) -> anyhow::Result<()> {
     let device = select(args.device)?;
     let model = DmslModel::from_bytes(&bytes, &device)
         .with_context(|| format!("loading the model {}", model_file.display()))?;
-    let slide = Slide::open(&args.slide)?;
+    let id = content_id(&bytes);
+    let all = heatmap_inputs(&args)?;
+    if all.is_empty() {
+        bail!("no slides or images among the inputs");
+    }
+    let folders = output_folders(&args.out, &all)?;
+    let mut work: Vec<(PathBuf, PathBuf)> = all.into_iter().zip(folders).collect();
+    let single = work.len() == 1 && args.shard.is_none();
+    if let Some(shard) = args.shard {
+        work = shard.take(work);
+    }
+    let mut rows = Vec::with_capacity(work.len());
+    for (slide, out) in &work {
+        match heatmap_one(&args, &model, &id, slide, out) {
+            Ok(row) => rows.push(row),
+            // One slide: its error is the command's. Several: it is reported in its row.
+            Err(e) if single => return Err(e),
+            Err(e) => {
+                eprintln!("{}: {e:#}", slide.display());
+                rows.push(HeatmapRow::failed(slide, format!("{e:#}")));
+            }
+        }
+    }
+    if let Some(path) = &args.summary {
+        write_summary(path, &rows, model.classes())?;
+    }
+    let failed = rows.iter().filter(|r| r.error.is_some()).count();
+    if rows.len() > 1 || failed > 0 {
+        eprintln!(
+            "{} slides: {} heatmaps, {failed} failed",
+            rows.len(),
+            rows.len() - failed
+        );
+    }
+    Ok(())
+}
+
+/// The summary rows as JSON (an array of objects) or CSV, by the file's extension.
+fn write_summary(path: &Path, rows: &[HeatmapRow], classes: &[String]) -> anyhow::Result<()> {
+    let csv = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    let bytes = if csv {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        let header = HeatmapRow::failed(Path::new(""), String::new()).columns(classes);
+        w.write_record(header.iter().map(|(k, _)| k.as_str()))?;
+        for r in rows {
+            w.write_record(r.columns(classes).iter().map(|(_, v)| match v {
+                serde_json::Value::Null => String::new(),
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            }))?;
+        }
+        w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?
+    } else {
+        let values: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| serde_json::Value::Object(r.columns(classes).into_iter().collect()))
+            .collect();
+        let mut v = serde_json::to_vec_pretty(&values)?;
+        v.push(b'\n');
+        v
+    };
+    write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// One slide's heatmap: computed (or resumed from its sidecar) and exported into `out`.
+fn heatmap_one(
+    args: &HeatmapArgs,
+    model: &DmslModel,
+    id: &str,
+    slide_path: &Path,
+    out: &Path,
+) -> anyhow::Result<HeatmapRow> {
+    let slide = Slide::open(slide_path)?;
     let mpp = match args.mpp {
         Some(m) if m.is_finite() && m > 0.0 => m,
         Some(m) => bail!("--mpp {m} is not a positive number"),
@@ -389,14 +599,14 @@ pub fn heatmap(args: HeatmapArgs) -> anyhow::Result<()> {
             .info()
             .effective_mpp(
                 &CalibrationStore::load(CalibrationStore::default_path())
-                    .map(|s| s.get(&args.slide))
+                    .map(|s| s.get(slide_path))
                     .unwrap_or_default(),
             )
             .map(|m| m.mean())
             .with_context(|| {
                 format!(
                     "{}: its µm/px is unknown; give it with --mpp",
-                    args.slide.display()
+                    slide_path.display()
                 )
             })?,
     };
@@ -404,13 +614,12 @@ pub fn heatmap(args: HeatmapArgs) -> anyhow::Result<()> {
     if model.geometry().high_magnification > native * 1.02 {
         bail!(
             "{} is {native:.1}x; the model needs {}x fields, which would be upsampled",
-            args.slide.display(),
+            slide_path.display(),
             model.geometry().high_magnification
         );
     }
-    let id = content_id(&bytes);
-    let header = header_for(&slide, mpp, &model, &id);
-    let sidecar = sidecar_path(&args.slide, &id, &histolens::data_dir());
+    let header = header_for(&slide, mpp, model, id);
+    let sidecar = sidecar_path(slide_path, id, &histolens::data_dir());
     let mut heatmap = match Heatmap::load_matching(&sidecar, &header)? {
         Some(h) if !args.fresh => {
             eprintln!(
@@ -434,7 +643,7 @@ pub fn heatmap(args: HeatmapArgs) -> anyhow::Result<()> {
     let stop = AtomicBool::new(false);
     let run = compute(
         &slide,
-        &model,
+        model,
         &mut heatmap,
         &opts,
         Some(&sidecar),
@@ -443,8 +652,7 @@ pub fn heatmap(args: HeatmapArgs) -> anyhow::Result<()> {
         |_, cells| pb.inc(cells.len() as u64),
     )?;
     pb.finish_and_clear();
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let classes = model.classes();
     let class = match &args.class {
         None => classes.len() - 1,
@@ -461,7 +669,7 @@ pub fn heatmap(args: HeatmapArgs) -> anyhow::Result<()> {
     let thumb = slide.thumbnail(1024)?;
     let png = heatmap.to_png(class, map, px, Some(&thumb));
     let write = |name: &str, bytes: &[u8]| -> anyhow::Result<()> {
-        let p = args.out.join(name);
+        let p = out.join(name);
         write_atomic(&p, bytes).with_context(|| format!("writing {}", p.display()))
     };
     let mut png_bytes = Vec::new();
@@ -475,10 +683,13 @@ pub fn heatmap(args: HeatmapArgs) -> anyhow::Result<()> {
         "heatmap.geojson",
         serde_json::to_string(&heatmap.to_geojson())?.as_bytes(),
     )?;
+    let background = heatmap.count(histolens::dmsl::heatmap::CellState::Background);
+    let done = heatmap.count(histolens::dmsl::heatmap::CellState::Done);
     println!(
-        "{} fields classified, {} skipped as background ({:.1} s: reading {:.1} s, model {:.1} s; {:.2} fields/s); grid {}x{} of {:.0} µm; sidecar {}; outputs in {}",
+        "{}: {} fields classified, {} skipped as background ({:.1} s: reading {:.1} s, model {:.1} s; {:.2} fields/s); grid {}x{} of {:.0} µm; sidecar {}; outputs in {}",
+        slide_path.display(),
         run.computed,
-        heatmap.count(histolens::dmsl::heatmap::CellState::Background),
+        background,
         run.seconds,
         run.read_seconds,
         run.model_seconds,
@@ -487,7 +698,16 @@ pub fn heatmap(args: HeatmapArgs) -> anyhow::Result<()> {
         g.rows,
         heatmap.header.field_um,
         sidecar.display(),
-        args.out.display()
+        out.display()
     );
-    Ok(())
+    Ok(HeatmapRow {
+        path: slide_path.display().to_string(),
+        outputs: Some(out.display().to_string()),
+        mpp: Some(mpp),
+        fields: Some(g.len()),
+        tissue_fields: Some(done),
+        background_fields: Some(background),
+        classes: class_summary(&heatmap, classes),
+        error: None,
+    })
 }

@@ -355,7 +355,7 @@ impl HeatmapState {
             .name(name.into())
             .spawn(move || match kind {
                 JobKind::Probe => worker.probe(),
-                JobKind::Compute => super::run_model_work(|| worker.compute()),
+                JobKind::Compute => super::run_background_model_work(|| worker.compute()),
             });
         match spawned {
             Ok(_) => self.job = Some(Job { kind, rx, stop }),
@@ -627,7 +627,11 @@ impl Worker {
             sidecar: sidecar.clone(),
         });
         let k = heatmap.classes();
-        let focus = || self.focus.lock().ok().and_then(|f| *f);
+        // Asked for before each batch: the place to step aside for work the user waits for.
+        let focus = || {
+            super::yield_to_interactive_work(&self.stop);
+            self.focus.lock().ok().and_then(|f| *f)
+        };
         compute(
             &self.slide,
             &model,

@@ -20,16 +20,53 @@ pub use app::{HistolensApp, LaunchOptions, Mode};
 pub use frame_stats::{FrameStats, FrameSummary};
 pub use viewer::{SlideView, scale_bar_length};
 
-/// Runs model work (heatmaps, estimates) on a thread pool one core smaller than the machine, at a lower
-/// priority, so that the window, which renders on the CPU too without a GPU, keeps a core while
-/// models run.
+/// Model work the user waits for (magnification estimates, Grad-CAM maps) now running or queued.
+static INTERACTIVE_MODEL_WORK: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// Runs model work the user waits for (estimates, Grad-CAM) on a thread pool one core smaller than the
+/// machine, at a lower priority, so that the window, which renders on the CPU too without a GPU, keeps
+/// a core while models run. A heatmap computing in the background steps aside meanwhile (see
+/// [`run_background_model_work`]).
 pub(crate) fn run_model_work<R>(work: impl FnOnce() -> R + Send) -> R
 where
     R: Send,
 {
+    use std::sync::atomic::Ordering;
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    INTERACTIVE_MODEL_WORK.fetch_add(1, Ordering::SeqCst);
+    struct Done;
+    impl Drop for Done {
+        fn drop(&mut self) {
+            INTERACTIVE_MODEL_WORK.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let _done = Done;
+    run_low_priority(&POOL, model_threads(), "model", work)
+}
+
+/// Runs long background model work (a slide's heatmap) on a pool of its own, the size of
+/// [`run_model_work`]'s. The work calls [`yield_to_interactive_work`] between its batches.
+pub(crate) fn run_background_model_work<R>(work: impl FnOnce() -> R + Send) -> R
+where
+    R: Send,
+{
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    run_low_priority(&POOL, model_threads(), "background", work)
+}
+
+/// Waits while interactive model work runs or waits (or until `stop`), so that a Grad-CAM map or an
+/// estimate asked for during a long heatmap is not queued behind it nor shares the CPU with it.
+pub(crate) fn yield_to_interactive_work(stop: &std::sync::atomic::AtomicBool) {
+    use std::sync::atomic::Ordering;
+    while INTERACTIVE_MODEL_WORK.load(Ordering::SeqCst) > 0 && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn model_threads() -> usize {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    run_low_priority(&POOL, cores.saturating_sub(1).max(1), "model", work)
+    cores.saturating_sub(1).max(1)
 }
 
 /// Runs training on every core at a lower priority: as fast as `histolens train` when the window is
@@ -73,8 +110,23 @@ fn lower_thread_priority() {
     }
 }
 
+/// Keeps glibc's heap from growing over a long session. By default every thread that allocates may get
+/// an arena of its own (up to 8 per core), and the threshold above which blocks are mapped rather than
+/// taken from an arena rises to the largest block freed (up to 32 MiB): the model's activations then
+/// come from the arenas, and what tile loaders, thumbnail makers and model workers free is scattered
+/// over many of them. A soak of 30 minutes (packaging/soak.sh) grew 290 MiB after its fifth minute.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before the window starts any thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// Opens the main window and runs until it is closed.
 pub fn run(options: LaunchOptions) -> eframe::Result<()> {
+    tune_allocator();
     let native = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("histolens")

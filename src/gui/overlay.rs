@@ -19,10 +19,23 @@ use crate::dmsl::heatmap::HeatmapGrid;
 use crate::tiles::Viewport;
 use crate::util::colormap::Colormap;
 
-/// The overlay's WGSL source.
-pub const SHADER: &str = include_str!("../../shaders/overlay.wgsl");
+/// The overlay's WGSL source, with `PARAMS_SPACE` still to be replaced (see [`shader_source`]).
+const SHADER_TEMPLATE: &str = include_str!("../../shaders/overlay.wgsl");
 
-/// Size of the shader's `Params` uniform in bytes.
+/// The overlay's WGSL with its parameters in a read-only storage buffer (`storage`) or a uniform one.
+///
+/// Storage wherever the device allows it in fragment shaders: Mesa's lavapipe (the software Vulkan of
+/// machines without a GPU) inlines the values of uniform buffers that steer branches into a new
+/// compiled shader variant each time they are written, and keeps every variant: with a uniform buffer
+/// written each frame, the window grew by about 15 MiB/s while an overlay was shown.
+pub fn shader_source(storage: bool) -> String {
+    SHADER_TEMPLATE.replace(
+        "PARAMS_SPACE",
+        if storage { "storage, read" } else { "uniform" },
+    )
+}
+
+/// Size of the shader's `Params` buffer in bytes.
 const PARAMS_SIZE: u64 = 48;
 
 /// A cell with this value (or any negative one) is transparent: no result is known.
@@ -240,13 +253,17 @@ pub struct OverlayGpu {
     pipeline: wgpu::RenderPipeline,
     layout: wgpu::BindGroupLayout,
     srgb_target: bool,
+    /// STORAGE or UNIFORM: how the parameters reach the shader (see [`shader_source`]).
+    params_usage: wgpu::BufferUsages,
     max_side: u32,
     layers: [Option<GpuValues>; LAYERS],
 }
 
 struct GpuValues {
-    /// The layer's `Params` uniform (each layer has its own: all callbacks prepare before any paints).
+    /// The layer's `Params` buffer (each layer has its own: all callbacks prepare before any paints).
     params: wgpu::Buffer,
+    /// What `params` holds, so that it is written only when the view or the style changed.
+    params_written: Option<[u8; PARAMS_SIZE as usize]>,
     texture: wgpu::Texture,
     bind_group: wgpu::BindGroup,
     cols: u32,
@@ -260,9 +277,10 @@ struct GpuValues {
 pub fn install(render_state: &egui_wgpu::RenderState) {
     let device = &render_state.device;
     let format = render_state.target_format;
+    let storage = device.limits().max_storage_buffers_per_shader_stage > 0;
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some("histolens-overlay"),
-        source: wgpu::ShaderSource::Wgsl(SHADER.into()),
+        source: wgpu::ShaderSource::Wgsl(shader_source(storage).into()),
     });
     let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
         label: Some("histolens-overlay-layout"),
@@ -271,7 +289,11 @@ pub fn install(render_state: &egui_wgpu::RenderState) {
                 binding: 0,
                 visibility: wgpu::ShaderStages::FRAGMENT,
                 ty: wgpu::BindingType::Buffer {
-                    ty: wgpu::BufferBindingType::Uniform,
+                    ty: if storage {
+                        wgpu::BufferBindingType::Storage { read_only: true }
+                    } else {
+                        wgpu::BufferBindingType::Uniform
+                    },
                     has_dynamic_offset: false,
                     min_binding_size: wgpu::BufferSize::new(PARAMS_SIZE),
                 },
@@ -335,6 +357,11 @@ pub fn install(render_state: &egui_wgpu::RenderState) {
         pipeline,
         layout,
         srgb_target: format.is_srgb(),
+        params_usage: if storage {
+            wgpu::BufferUsages::STORAGE
+        } else {
+            wgpu::BufferUsages::UNIFORM
+        },
         max_side: device.limits().max_texture_dimension_2d,
         layers: [None, None],
     };
@@ -422,7 +449,7 @@ impl egui_wgpu::CallbackTrait for OverlayCallback {
             let params = device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("histolens-overlay-params"),
                 size: PARAMS_SIZE,
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                usage: gpu.params_usage | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             });
             let texture = device.create_texture(&wgpu::TextureDescriptor {
@@ -456,6 +483,7 @@ impl egui_wgpu::CallbackTrait for OverlayCallback {
             });
             let values = GpuValues {
                 params,
+                params_written: None,
                 texture,
                 bind_group,
                 cols,
@@ -483,8 +511,11 @@ impl egui_wgpu::CallbackTrait for OverlayCallback {
             screen.pixels_per_point,
             gpu.srgb_target,
         );
-        if let Some(values) = &gpu.layers[self.layer.index()] {
+        if let Some(values) = &mut gpu.layers[self.layer.index()]
+            && values.params_written != Some(bytes)
+        {
             queue.write_buffer(&values.params, 0, &bytes);
+            values.params_written = Some(bytes);
         }
         Vec::new()
     }
@@ -565,25 +596,28 @@ pub fn legend(ui: &egui::Ui, canvas: ERect, title: &str, colormap: Colormap, slo
 mod tests {
     use super::*;
 
-    /// The shader compiles (naga's WGSL front end and validator, as wgpu runs them).
+    /// The shader compiles in both forms (naga's WGSL front end and validator, as wgpu runs them).
     #[test]
     fn shader_is_valid_wgsl() {
         use wgpu::naga;
-        let module = naga::front::wgsl::parse_str(SHADER).expect("the overlay shader parses");
-        naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::empty(),
-        )
-        .validate(&module)
-        .expect("the overlay shader validates");
+        for storage in [true, false] {
+            let module = naga::front::wgsl::parse_str(&shader_source(storage))
+                .expect("the overlay shader parses");
+            naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::empty(),
+            )
+            .validate(&module)
+            .expect("the overlay shader validates");
+        }
     }
 
     /// The coefficient table named `name` in the WGSL source.
     fn wgsl_table(name: &str) -> Vec<[f32; 3]> {
-        let start = SHADER
+        let start = SHADER_TEMPLATE
             .find(&format!("const {name} = array<vec3<f32>, 7>("))
             .expect("table present");
-        let body = &SHADER[start..];
+        let body = &SHADER_TEMPLATE[start..];
         let body = &body[body.find('(').unwrap() + 1..body.find(");").unwrap()];
         body.split("vec3<f32>(")
             .skip(1)
@@ -630,7 +664,7 @@ mod tests {
             "0.865, 0.865, 0.865",
             "0.706, 0.016, 0.150",
         ] {
-            assert!(SHADER.contains(anchor), "{anchor}");
+            assert!(SHADER_TEMPLATE.contains(anchor), "{anchor}");
         }
         assert_eq!(Colormap::Magma.shader_index(), 1);
         assert_eq!(Colormap::Diverging.shader_index(), 2);

@@ -13,8 +13,15 @@ use super::{Level, SlideError};
 /// Levels are added by halving until the coarsest fits in this many pixels per side.
 const PYRAMID_TOP_SIDE: u32 = 1024;
 
-/// Decoded bytes (RGBA8) allowed for one snapshot: a third of available memory, at most 16 GiB.
+/// The most memory one decoded snapshot may take: a third of the available RAM, at most 16 GiB, or
+/// `HISTOLENS_MAX_DECODE_MB` when set (for small machines and the fuzzers).
 fn decode_limit_bytes() -> u64 {
+    if let Some(mb) = std::env::var("HISTOLENS_MAX_DECODE_MB")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        return mb.saturating_mul(1 << 20);
+    }
     let avail = crate::util::memory::available_ram_bytes().unwrap_or(8 << 30);
     (avail / 3).min(16 << 30)
 }
