@@ -3,7 +3,7 @@
 # MINUTES of scripted panning and zooming on a large slide while the DMSL heatmap computes and Grad-CAM
 # follows the view. Samples the process's RSS every 10 s (rss.csv), and reports its peak and its growth
 # after the first five minutes against the tile cache budget, the frame-time percentiles, and every
-# error or panic the app logged.
+# error or panic the app logged, and the app's own minute-by-minute RSS against its tile caches' fill.
 # Usage: [MINUTES=30] [CACHE_MB=512] [MPP=X] [WORK="--heatmap --gradcam"] packaging/soak.sh [SLIDE] [OUT_DIR]
 # (WORK: the background work; "" soaks the viewer alone, "--heatmap" the heatmap alone)
 # (default slide: bench-data/large-pyramid.tiff from benches/make-large-pyramid.sh)
@@ -86,4 +86,22 @@ cams = sum("Grad-CAM of" in l for l in log)
 print(f"Grad-CAM fields computed: {cams}; errors or panics logged: {len(bad)}")
 for l in bad[:10]:
     print("  " + l)
+# The app's own once-a-minute memory lines: RSS against how full the tile caches are.
+import re
+mem = [l.split("memory: ", 1)[1] for l in log if "memory: RSS" in l]
+if mem:
+    print(f"memory reports ({len(mem)}), first, middle and last:")
+    for l in sorted({0, len(mem) // 2, len(mem) - 1}):
+        print(f"  minute {l + 1}: {mem[l]}")
+    # What is not tile cache: RSS minus decoded tiles minus textures. Bounded memory means this stays
+    # level while the caches fill up to their budget.
+    margins = []
+    for m in mem:
+        n = [int(x) for x in re.findall(r"(\d+) (?:of \d+ )?MiB", m)]
+        if len(n) == 3:
+            margins.append(n[0] - n[1] - n[2])
+    if len(margins) > 2:
+        later = margins[2:]
+        print(f"RSS outside the tile caches from minute 3: {min(later)} to {max(later)} MiB "
+              f"(first {later[0]}, last {later[-1]})")
 PY

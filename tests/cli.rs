@@ -147,6 +147,18 @@ fn gradcam_writes_both_depths_for_both_branches() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown --layer"));
 }
 
+/// `histolens merge SHARDS --out MERGED`, which must succeed.
+fn merge(shards: &[std::path::PathBuf], merged: &Path) {
+    let o = histolens()
+        .arg("merge")
+        .args(shards)
+        .arg("--out")
+        .arg(merged)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// `predict --shard K/N` over three shards, merged, gives the rows of one unsharded run (JSON and
 /// CSV), and each input lands in exactly one shard.
 #[test]
@@ -189,14 +201,7 @@ fn sharded_predictions_merge_into_the_unsharded_run() {
             shards.push(out);
         }
         let merged = dir.path().join(format!("merged.{format}"));
-        let o = histolens()
-            .arg("merge")
-            .args(&shards)
-            .arg("--out")
-            .arg(&merged)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        merge(&shards, &merged);
         // The same rows; the merge orders them by path.
         let rows = |p: &Path| -> Vec<String> {
             let text = std::fs::read_to_string(p).unwrap();
@@ -280,14 +285,7 @@ fn sharded_heatmaps_merge_into_the_unsharded_run() {
     run(&[], &whole);
     assert_eq!(npys(), from_shards, "the same heatmaps from the shards");
     let merged = dir.path().join("merged.json");
-    let o = histolens()
-        .arg("merge")
-        .args(&shards)
-        .arg("--out")
-        .arg(&merged)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    merge(&shards, &merged);
     let read = |p: &Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
     };

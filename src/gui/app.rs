@@ -92,6 +92,7 @@ pub struct HistolensApp {
     errors: Vec<String>,
     frame_stats: FrameStats,
     frame_stats_path: Option<PathBuf>,
+    last_memory_report: Option<std::time::Instant>,
     continuous_repaint: bool,
     property_filter: String,
     magnification: MagnificationState,
@@ -167,6 +168,7 @@ impl HistolensApp {
             errors,
             frame_stats: FrameStats::default(),
             frame_stats_path: options.frame_stats_path,
+            last_memory_report: None,
             continuous_repaint: options.continuous_repaint,
             property_filter: String::new(),
             magnification: MagnificationState::default(),
@@ -619,6 +621,37 @@ impl HistolensApp {
     }
 }
 
+impl HistolensApp {
+    /// Logs (at info) the process's RSS and how full the tile caches are, once a minute: a long
+    /// session's memory can then be read against the cache budget (packaging/soak.sh does).
+    fn report_memory(&mut self) {
+        const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+        let now = std::time::Instant::now();
+        if self
+            .last_memory_report
+            .is_some_and(|t| now.duration_since(t) < EVERY)
+        {
+            return;
+        }
+        self.last_memory_report = Some(now);
+        let mib = |b: u64| b >> 20;
+        let rss = crate::util::memory::current_rss_bytes().map_or(0, mib);
+        match &self.view {
+            Some(v) => {
+                let s = v.streamer.stats();
+                log::info!(
+                    "memory: RSS {rss} MiB; decoded tiles {} of {} MiB; textures {} of {} MiB",
+                    mib(s.cache_bytes as u64),
+                    mib(s.cache_budget as u64),
+                    mib(v.textures.used_bytes() as u64),
+                    mib(s.cache_budget as u64),
+                );
+            }
+            None => log::info!("memory: RSS {rss} MiB"),
+        }
+    }
+}
+
 impl eframe::App for HistolensApp {
     fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
         let ctx = ui.ctx().clone();
@@ -629,6 +662,7 @@ impl eframe::App for HistolensApp {
         });
         let busy = moving || self.is_busy() || self.continuous_repaint;
         self.frame_stats.record(frame.info().cpu_usage, busy);
+        self.report_memory();
         if self.continuous_repaint {
             ctx.request_repaint();
         }

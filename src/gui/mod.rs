@@ -110,23 +110,9 @@ fn lower_thread_priority() {
     }
 }
 
-/// Keeps glibc's heap from growing over a long session. By default every thread that allocates may get
-/// an arena of its own (up to 8 per core), and the threshold above which blocks are mapped rather than
-/// taken from an arena rises to the largest block freed (up to 32 MiB): the model's activations then
-/// come from the arenas, and what tile loaders, thumbnail makers and model workers free is scattered
-/// over many of them. A soak of 30 minutes (packaging/soak.sh) grew 290 MiB after its fifth minute.
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; called before the window starts any thread.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-    }
-}
-
 /// Opens the main window and runs until it is closed.
 pub fn run(options: LaunchOptions) -> eframe::Result<()> {
-    tune_allocator();
+    crate::util::memory::tune_allocator_for_long_sessions();
     let native = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("histolens")

@@ -46,18 +46,29 @@ pub fn default_cache_budget_bytes() -> u64 {
 /// Lets glibc's malloc keep and reuse the large blocks that inference allocates and frees on every
 /// layer (activations of up to tens of MiB). By default, blocks above a (dynamic, at most 32 MiB)
 /// threshold are mmap-ed and returned to the kernel when freed, so every layer paid page faults and
-/// page zeroing again. Freed memory above `TRIM` at the top of the heap is still given back.
+/// page zeroing again. Freed memory above 512 MiB at the top of the heap is still given back.
 pub fn tune_allocator() {
+    set_malloc_thresholds(256 << 20, 512 << 20);
+}
+
+/// For the window, which runs for hours: freed blocks are given back to the kernel once 64 MiB lie free
+/// at the top of a heap (rather than the 512 MiB that [`tune_allocator`] keeps for throughput), and
+/// blocks from 32 MiB up are mapped on their own. Called after [`tune_allocator`], before the window
+/// starts its threads.
+pub fn tune_allocator_for_long_sessions() {
+    set_malloc_thresholds(32 << 20, 64 << 20);
+}
+
+/// glibc's mmap threshold (fixed, not dynamic) and trim threshold, in bytes; nothing elsewhere.
+fn set_malloc_thresholds(mmap: i32, trim: i32) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        const MMAP_THRESHOLD: libc::c_int = 256 << 20;
-        const TRIM: libc::c_int = 512 << 20;
-        // SAFETY: mallopt only changes allocator parameters; called before other threads start.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM);
-        }
+    // SAFETY: mallopt only changes allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, mmap);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, trim);
     }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = (mmap, trim);
 }
 
 #[cfg(test)]
