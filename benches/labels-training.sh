@@ -48,14 +48,8 @@ window() { # window NAME ARGS...: runs the app, waits for its window, runs $ACTI
   xvfb-run -a -s "-screen 0 1280x800x24" bash -euo pipefail -c '
     $BIN $REPAINT --frame-stats "$OUT/$NAME-frames.json" $APP_ARGS >"$OUT/$NAME.log" 2>&1 &
     app=$!
-    wid=""
-    for _ in $(seq 240); do
-      wid=$(xdotool search --name "^histolens" 2>/dev/null | head -n1 || true)
-      [ -n "$wid" ] && break
-      sleep 0.5
-    done
-    [ -n "$wid" ] || { echo "no window appeared"; cat "$OUT/$NAME.log"; exit 1; }
-    xdotool windowsize "$wid" 1280 800 windowmove "$wid" 0 0 windowfocus "$wid" 2>/dev/null || true
+    source packaging/window-lib.sh
+    wait_for_window "$OUT/$NAME.log" 240
     eval "$ACTIONS"
     grep -E "VmHWM" /proc/$app/status > "$OUT/$NAME-rss.txt" || true
     xdotool key ctrl+q

@@ -30,14 +30,8 @@ export SLIDE="$slide" OUT="$out" EXTRA="$extra"
 xvfb-run -a -s "-screen 0 1280x800x24" bash -euo pipefail -c '
   RUST_LOG=${RUST_LOG:-warn,histolens=info} ./target/release/histolens --cache-mb 512 --continuous-repaint --frame-stats "$OUT/frames.json" $EXTRA "$SLIDE" >"$OUT/app.log" 2>&1 &
   app=$!
-  wid=""
-  for _ in $(seq 120); do
-    wid=$(xdotool search --name "^histolens" 2>/dev/null | head -n1 || true)
-    [ -n "$wid" ] && break
-    sleep 0.5
-  done
-  [ -n "$wid" ] || { echo "no window appeared"; cat "$OUT/app.log"; exit 1; }
-  xdotool windowsize "$wid" 1280 800 windowmove "$wid" 0 0 windowfocus "$wid" 2>/dev/null || true
+  source packaging/window-lib.sh
+  wait_for_window "$OUT/app.log"
   sleep 4
   import -window root "$OUT/01-open.png"
   # Zoom in with the wheel around a point on the tissue, then pan by dragging, at three zoom levels.

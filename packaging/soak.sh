@@ -31,14 +31,8 @@ xvfb-run -a -s "-screen 0 1280x800x24" bash -euo pipefail -c '
   RUST_LOG=warn,histolens=info ./target/release/histolens --cache-mb "$CACHE_MB" --continuous-repaint \
     --frame-stats "$OUT/frames.json" $WORK "$SLIDE" >"$OUT/app.log" 2>&1 &
   app=$!
-  wid=""
-  for _ in $(seq 120); do
-    wid=$(xdotool search --name "^histolens" 2>/dev/null | head -n1 || true)
-    [ -n "$wid" ] && break
-    sleep 0.5
-  done
-  [ -n "$wid" ] || { echo "no window appeared"; cat "$OUT/app.log"; exit 1; }
-  xdotool windowsize "$wid" 1280 800 windowmove "$wid" 0 0 windowfocus "$wid" 2>/dev/null || true
+  source packaging/window-lib.sh
+  wait_for_window "$OUT/app.log"
   echo "seconds,rss_kb" > "$OUT/rss.csv"
   start=$(date +%s); next_sample=0; round=0
   while :; do
