@@ -556,10 +556,7 @@ pub fn heatmap(args: HeatmapArgs) -> anyhow::Result<()> {
 
 /// The summary rows as JSON (an array of objects) or CSV, by the file's extension.
 fn write_summary(path: &Path, rows: &[HeatmapRow], classes: &[String]) -> anyhow::Result<()> {
-    let csv = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
-    let bytes = if csv {
+    let bytes = if super::shard::is_csv(path) {
         let mut w = csv::Writer::from_writer(Vec::new());
         let header = HeatmapRow::failed(Path::new(""), String::new()).columns(classes);
         w.write_record(header.iter().map(|(k, _)| k.as_str()))?;

@@ -57,7 +57,8 @@ pub struct MergeArgs {
     pub out: PathBuf,
 }
 
-fn is_csv(p: &Path) -> bool {
+/// Whether `p` names a CSV file (else JSON), by its extension.
+pub(super) fn is_csv(p: &Path) -> bool {
     p.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"))
 }
 

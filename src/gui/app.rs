@@ -619,9 +619,7 @@ impl HistolensApp {
             Err(e) => log::warn!("cannot serialise frame statistics: {e}"),
         }
     }
-}
 
-impl HistolensApp {
     /// Logs (at info) the process's RSS and how full the tile caches are, once a minute: a long
     /// session's memory can then be read against the cache budget (packaging/soak.sh does).
     fn report_memory(&mut self) {
