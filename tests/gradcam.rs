@@ -37,13 +37,13 @@ impl Backbone for BlobNet {
     fn arch(&self) -> Arch {
         Arch::Resnet18
     }
-    fn forward_low(&self, x: &Tensor, _: bool) -> Result<Tensor> {
+    fn stem(&self, x: &Tensor, _: bool, _: bool) -> Result<Tensor> {
         self.first.forward(x)?.relu()
     }
-    fn forward_body(&self, low: &Tensor, _: bool) -> Result<Tensor> {
+    fn body(&self, low: &Tensor, _: bool) -> Result<Tensor> {
         self.second.forward(&max_pool2d(low, 3, 2, 1)?)?.relu()
     }
-    fn forward_last_block(&self, body: &Tensor, _: bool) -> Result<Tensor> {
+    fn last_block(&self, body: &Tensor, _: bool) -> Result<Tensor> {
         self.last.forward(body)?.relu()
     }
     fn last_block_prefixes(&self) -> Vec<String> {

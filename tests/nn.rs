@@ -55,12 +55,12 @@ fn forward_shapes_and_taps() {
         );
         assert_eq!(f.pooled.dims(), &[1, arch.feature_dim()]);
         assert_eq!(
-            f.low.dims()[1],
+            f.low().unwrap().dims()[1],
             low_c,
             "{arch:?} first-convolution channels"
         );
         assert!(
-            f.low.dims()[2] >= h / 2 - 2,
+            f.low().unwrap().dims()[2] >= h / 2 - 2,
             "the low tap is at about half the input resolution"
         );
     }
@@ -413,11 +413,26 @@ fn inference_path_matches_the_differentiable_path() {
             let a = m.forward(&x, false).unwrap();
             let b = fast.forward(&x, false).unwrap();
             assert!(!b.pooled.track_op(), "constant weights track no gradient");
-            for (what, ta, tb) in [("low", &a.low, &b.low), ("high", &a.high, &b.high)] {
+            for (what, ta, tb) in [
+                ("low", &a.low().unwrap(), &b.low().unwrap()),
+                ("high", &a.high, &b.high),
+            ] {
                 let d = max_rel_diff(ta, tb);
                 assert!(
                     d < 1e-4,
                     "{arch:?} batch {n} {what} tap: relative difference {d}"
+                );
+            }
+            // The split passes (Grad-CAM, frozen training) leave NCHW tensors equal to the whole.
+            let low = b.low().unwrap();
+            let body = fast.forward_body(&low, false).unwrap();
+            let split = fast.forward_last_block(&body, false).unwrap();
+            let high = fast.forward_high(&low, false).unwrap();
+            for (what, t) in [("body + last block", &split), ("high", &high)] {
+                let d = max_rel_diff(&a.high, t);
+                assert!(
+                    d < 1e-4,
+                    "{arch:?} batch {n} {what}: relative difference {d}"
                 );
             }
         }

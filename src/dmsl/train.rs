@@ -747,7 +747,7 @@ impl Ctx<'_> {
                     let body = b.forward_body(&low, false)?;
                     let high = branch.backbone.forward_last_block(&body, train)?;
                     let pooled = global_avg_pool(&high)?;
-                    Features { low, high, pooled }
+                    Features::new(low, high, pooled)
                 }
                 _ => b.forward(x, false)?,
             };

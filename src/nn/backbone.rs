@@ -5,6 +5,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use super::blocked;
 use super::pool::global_avg_pool;
 
 /// The architectures of the zoo.
@@ -69,34 +70,113 @@ impl Arch {
 /// What a forward pass returns.
 #[derive(Debug, Clone)]
 pub struct Features {
-    /// Activation of the first convolution (after its BatchNorm and activation).
-    pub low: Tensor,
-    /// Activation of the last convolution: the final feature map.
+    /// Activation of the first convolution (after its BatchNorm and activation), NCHW or blocked.
+    low: Tensor,
+    /// Channels of `low`, to leave the blocked layout on demand.
+    low_channels: usize,
+    /// Activation of the last convolution: the final feature map (N, C, H, W).
     pub high: Tensor,
     /// Global average of `high`: (N, feature_dim).
     pub pooled: Tensor,
 }
 
+impl Features {
+    pub fn new(low: Tensor, high: Tensor, pooled: Tensor) -> Self {
+        let low_channels = low.dims().get(1).copied().unwrap_or(0);
+        Features {
+            low,
+            low_channels,
+            high,
+            pooled,
+        }
+    }
+
+    /// Activation of the first convolution, (N, C, H, W). Inference keeps it in the blocked layout
+    /// and converts it only here, when asked for.
+    pub fn low(&self) -> Result<Tensor> {
+        blocked::to_nchw(&self.low, self.low_channels)
+    }
+}
+
 /// A CNN feature extractor, split at its two taps so that Grad-CAM can take gradients there.
+///
+/// A backbone implements its stages on NCHW tensors and, where it supports the blocked CPU path
+/// (`blocked_channels`), on blocked ones too; the provided `forward*` methods choose the layout and
+/// always return NCHW.
 pub trait Backbone: Send + Sync {
     fn arch(&self) -> Arch;
 
-    /// Input image (N, 3, H, W), already normalised → first-convolution activation.
-    fn forward_low(&self, x: &Tensor, train: bool) -> Result<Tensor>;
+    /// Input image (N, 3, H, W), already normalised → first-convolution activation; blocked when
+    /// `blocked` is set (the caller has checked `blocked_here`).
+    fn stem(&self, x: &Tensor, train: bool, blocked: bool) -> Result<Tensor>;
 
     /// First-convolution activation → the input of the last block (what a model fine-tuned only at its
-    /// top keeps frozen).
-    fn forward_body(&self, low: &Tensor, train: bool) -> Result<Tensor>;
+    /// top keeps frozen). Keeps the layout of its input.
+    fn body(&self, low: &Tensor, train: bool) -> Result<Tensor>;
 
-    /// Input of the last block → last-convolution activation.
-    fn forward_last_block(&self, body: &Tensor, train: bool) -> Result<Tensor>;
+    /// Input of the last block → last-convolution activation. Keeps the layout of its input.
+    fn last_block(&self, body: &Tensor, train: bool) -> Result<Tensor>;
 
     /// Name prefixes (relative to the backbone) of the last block's tensors.
     fn last_block_prefixes(&self) -> Vec<String>;
 
+    /// Channels of the stem's and of the body's output where the backbone runs blocked, `None` where
+    /// it never does.
+    fn blocked_channels(&self) -> Option<(usize, usize)> {
+        None
+    }
+
+    /// Whether every weight is a constant (loaded for inference, not trained); only asked of
+    /// backbones with `blocked_channels`.
+    fn constant_weights(&self) -> bool {
+        false
+    }
+
+    /// Whether this pass over `x` runs blocked: evaluation, constant weights, an input that tracks
+    /// no gradient, a CPU with the blocked kernels, a backbone that supports it.
+    fn blocked_here(&self, x: &Tensor, train: bool) -> bool {
+        !train
+            && self.blocked_channels().is_some()
+            && blocked::applies(x)
+            && self.constant_weights()
+    }
+
+    /// Input image (N, 3, H, W), already normalised → first-convolution activation.
+    fn forward_low(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.stem(x, train, false)
+    }
+
+    /// First-convolution activation → the input of the last block.
+    fn forward_body(&self, low: &Tensor, train: bool) -> Result<Tensor> {
+        match self.blocked_channels() {
+            Some((_, body)) if self.blocked_here(low, train) => blocked::on_worker(|| {
+                blocked::to_nchw(&self.body(&blocked::to_blocked(low)?, false)?, body)
+            }),
+            _ => self.body(low, train),
+        }
+    }
+
+    /// Input of the last block → last-convolution activation.
+    fn forward_last_block(&self, body: &Tensor, train: bool) -> Result<Tensor> {
+        if self.blocked_here(body, train) {
+            return blocked::on_worker(|| {
+                let high = self.last_block(&blocked::to_blocked(body)?, false)?;
+                blocked::to_nchw(&high, self.arch().feature_dim())
+            });
+        }
+        self.last_block(body, train)
+    }
+
     /// First-convolution activation → last-convolution activation.
     fn forward_high(&self, low: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_last_block(&self.forward_body(low, train)?, train)
+        if self.blocked_here(low, train) {
+            return blocked::on_worker(|| {
+                let high =
+                    self.last_block(&self.body(&blocked::to_blocked(low)?, false)?, false)?;
+                blocked::to_nchw(&high, self.arch().feature_dim())
+            });
+        }
+        self.last_block(&self.body(low, train)?, train)
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Features> {
@@ -108,10 +188,26 @@ pub trait Backbone: Send + Sync {
                 self.arch().name()
             );
         }
+        if let (Some((low_channels, _)), true) =
+            (self.blocked_channels(), self.blocked_here(x, train))
+        {
+            return blocked::on_worker(|| {
+                let low = self.stem(x, false, true)?;
+                let high = self.last_block(&self.body(&low, false)?, false)?;
+                let dim = self.arch().feature_dim();
+                let pooled = blocked::global_avg_pool(&high, dim)?;
+                Ok(Features {
+                    low,
+                    low_channels,
+                    high: blocked::to_nchw(&high, dim)?,
+                    pooled,
+                })
+            });
+        }
         let low = self.forward_low(x, train)?;
         let high = self.forward_high(&low, train)?;
         let pooled = global_avg_pool(&high)?;
-        Ok(Features { low, high, pooled })
+        Ok(Features::new(low, high, pooled))
     }
 }
 

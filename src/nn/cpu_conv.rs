@@ -120,7 +120,7 @@ fn fast_path_applies(ts: &[&Tensor]) -> bool {
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op())
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         bail!("fast convolution: {what} must be f32")
     };
@@ -644,8 +644,19 @@ impl InplaceOp2 for AddAct {
         if a.len() != b.len() {
             bail!("fast add: {} and {} elements", a.len(), b.len())
         }
-        for (x, &y) in a.iter_mut().zip(b) {
-            *x = self.0.apply(*x + y);
+        let act = self.0;
+        let run = |(a, b): (&mut [f32], &[f32])| {
+            for (x, &y) in a.iter_mut().zip(b) {
+                *x = act.apply(*x + y);
+            }
+        };
+        const CHUNK: usize = 1 << 14;
+        if a.len() > 2 * CHUNK && rayon::current_num_threads() > 1 {
+            a.par_chunks_mut(CHUNK)
+                .zip(b.par_chunks(CHUNK))
+                .for_each(run);
+        } else {
+            run((a, b));
         }
         Ok(())
     }

@@ -225,11 +225,11 @@ mod tests {
         let dev = Device::Cpu;
         let l1 = Tensor::new(&[[0f32, 0.], [2f32.ln(), 0.]], &dev).unwrap();
         let l2 = Tensor::new(&[[3f32.ln(), 0.], [0., 0.]], &dev).unwrap();
-        let dummy = Features {
-            low: Tensor::zeros((2, 1, 1, 1), DType::F32, &dev).unwrap(),
-            high: Tensor::zeros((2, 1, 1, 1), DType::F32, &dev).unwrap(),
-            pooled: Tensor::zeros((2, 1), DType::F32, &dev).unwrap(),
-        };
+        let dummy = Features::new(
+            Tensor::zeros((2, 1, 1, 1), DType::F32, &dev).unwrap(),
+            Tensor::zeros((2, 1, 1, 1), DType::F32, &dev).unwrap(),
+            Tensor::zeros((2, 1), DType::F32, &dev).unwrap(),
+        );
         let out = DmslOutput {
             logits: vec![l1, l2],
             features: vec![dummy.clone(), dummy],

@@ -3,6 +3,8 @@
 //! `_bn0..2`, `_conv_head`, `_bn1`). TF "SAME" padding, BatchNorm eps 1e-3, ReLU6, no squeeze-excitation,
 //! fixed 32-channel stem and 1280-channel head.
 
+use std::sync::OnceLock;
+
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -64,6 +66,7 @@ pub struct EfficientNetLite0 {
     stem: ConvBn,
     blocks: Vec<MbConv>,
     head: ConvBn,
+    constant: OnceLock<bool>,
 }
 
 impl EfficientNetLite0 {
@@ -105,7 +108,12 @@ impl EfficientNetLite0 {
             }
         }
         let head = ConvBn::new(spec(cin, 1280, 1, 1, 1), vb.pp("_conv_head"), vb.pp("_bn1"))?;
-        Ok(EfficientNetLite0 { stem, blocks, head })
+        Ok(EfficientNetLite0 {
+            stem,
+            blocks,
+            head,
+            constant: OnceLock::new(),
+        })
     }
 }
 
@@ -114,11 +122,14 @@ impl Backbone for EfficientNetLite0 {
         Arch::EfficientnetLite0
     }
 
-    fn forward_low(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn stem(&self, x: &Tensor, train: bool, blocked: bool) -> Result<Tensor> {
+        if blocked {
+            return self.stem.forward_blocked(x, Activation::Relu6);
+        }
         self.stem.forward_act(x, train, Activation::Relu6)
     }
 
-    fn forward_body(&self, low: &Tensor, train: bool) -> Result<Tensor> {
+    fn body(&self, low: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = low.clone();
         for b in &self.blocks {
             x = b.forward_t(&x, train)?;
@@ -127,8 +138,25 @@ impl Backbone for EfficientNetLite0 {
     }
 
     /// The 1x1 head convolution (320 → 1280 channels).
-    fn forward_last_block(&self, body: &Tensor, train: bool) -> Result<Tensor> {
+    fn last_block(&self, body: &Tensor, train: bool) -> Result<Tensor> {
         self.head.forward_act(body, train, Activation::Relu6)
+    }
+
+    fn blocked_channels(&self) -> Option<(usize, usize)> {
+        Some((32, 320))
+    }
+
+    fn constant_weights(&self) -> bool {
+        *self.constant.get_or_init(|| {
+            self.stem.is_constant()
+                && self.head.is_constant()
+                && self.blocks.iter().all(|b| {
+                    b.expand
+                        .iter()
+                        .chain([&b.depthwise, &b.project])
+                        .all(ConvBn::is_constant)
+                })
+        })
     }
 
     fn last_block_prefixes(&self) -> Vec<String> {

@@ -256,11 +256,11 @@ impl Backbone for InceptionV3 {
         Arch::InceptionV3
     }
 
-    fn forward_low(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn stem(&self, x: &Tensor, train: bool, _blocked: bool) -> Result<Tensor> {
         self.conv1a.f(x, train)
     }
 
-    fn forward_body(&self, low: &Tensor, t: bool) -> Result<Tensor> {
+    fn body(&self, low: &Tensor, t: bool) -> Result<Tensor> {
         let x = self.stem[1].f(&self.stem[0].f(low, t)?, t)?;
         let x = max_pool2d(&x, 3, 2, 0)?;
         let x = self.stem[3].f(&self.stem[2].f(&x, t)?, t)?;
@@ -271,7 +271,7 @@ impl Backbone for InceptionV3 {
         Ok(x)
     }
 
-    fn forward_last_block(&self, body: &Tensor, t: bool) -> Result<Tensor> {
+    fn last_block(&self, body: &Tensor, t: bool) -> Result<Tensor> {
         match self.mixed.last() {
             Some(m) => m.forward_t(body, t),
             None => Ok(body.clone()),

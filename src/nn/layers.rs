@@ -1,10 +1,11 @@
 //! Building blocks shared by the backbones: convolution + BatchNorm, TF "SAME" padding, activations.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, ModuleT, VarBuilder};
 
+use super::blocked::{self, PackedConv};
 pub use super::cpu_conv::Activation;
 use super::cpu_conv::{self, Geometry, Pad};
 
@@ -71,6 +72,8 @@ pub struct ConvBn {
     spec: ConvSpec,
     /// The folded evaluation weights, kept when they are constants (weights loaded for inference).
     folded: OnceLock<(Tensor, Tensor)>,
+    /// The folded weights packed for the blocked kernels, for an NCHW input and for a blocked one.
+    packed: Box<[OnceLock<Arc<PackedConv>>; 2]>,
 }
 
 impl ConvBn {
@@ -93,6 +96,7 @@ impl ConvBn {
             bn,
             spec,
             folded: OnceLock::new(),
+            packed: Default::default(),
         })
     }
 
@@ -103,22 +107,13 @@ impl ConvBn {
 
     /// `act(BatchNorm(conv(x)))`. In evaluation the BatchNorm is folded into the convolution and, with
     /// constant weights and an input that tracks no gradient, runs on the fast CPU path.
+    /// A blocked `x` (evaluation only) gives a blocked result.
     pub fn forward_act(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
+        if !train && blocked::is_blocked(x) {
+            return self.forward_blocked(x, act);
+        }
         let s = &self.spec;
-        let pad = match s.padding {
-            Padding::TfSame => {
-                let (_, _, h, w) = x.dims4()?;
-                let (top, bottom) = tf_same_split(h, s.kernel.0, s.stride);
-                let (left, right) = tf_same_split(w, s.kernel.1, s.stride);
-                Pad {
-                    top,
-                    bottom,
-                    left,
-                    right,
-                }
-            }
-            Padding::Symmetric(ph, pw) => Pad::symmetric(ph, pw),
-        };
+        let pad = self.padding(x)?;
         let geo = Geometry {
             stride: s.stride,
             pad,
@@ -134,17 +129,100 @@ impl ConvBn {
             };
             return act.apply_tensor(&self.bn.forward_t(&y, true)?);
         }
-        let (w, b) = match self.folded.get() {
-            Some(f) => f.clone(),
+        let (w, b) = self.folded()?;
+        cpu_conv::conv2d(x, &w, &b, geo, act)
+    }
+
+    /// Whether the weights are constants (loaded for inference, not trained).
+    pub fn is_constant(&self) -> bool {
+        !self.weight.track_op()
+            && self
+                .bn
+                .weight_and_bias()
+                .is_none_or(|(g, b)| !g.track_op() && !b.track_op())
+    }
+
+    /// `act(BatchNorm(conv(x)))` in evaluation, blocked: `x` is NCHW (a network's first convolution)
+    /// or blocked, the result is blocked. Needs constant weights and the blocked kernels
+    /// (`blocked::applies`); grouped convolutions other than depthwise take the NCHW path.
+    pub fn forward_blocked(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        let s = &self.spec;
+        let depthwise = s.groups == s.cin && s.cin == s.cout && s.groups > 1;
+        let Some(isa) = blocked::isa() else {
+            candle_core::bail!("blocked convolution without the blocked kernels")
+        };
+        if !(s.groups == 1 || depthwise) {
+            let y = self.forward_act(&blocked::to_nchw(x, s.cin)?, false, act)?;
+            return blocked::to_blocked(&y);
+        }
+        let input = if blocked::is_blocked(x) {
+            blocked::Input::Blocked
+        } else {
+            blocked::Input::Nchw
+        };
+        let slot = &self.packed[(input == blocked::Input::Blocked) as usize];
+        let packed = match slot.get() {
+            Some(p) => p.clone(),
             None => {
-                let f = self.fold()?;
-                if !f.0.track_op() && !f.1.track_op() {
-                    let _ = self.folded.set(f.clone());
-                }
-                f
+                let (w, b) = self.folded()?;
+                let spec = blocked::ConvSpec {
+                    cin: s.cin,
+                    cout: s.cout,
+                    kh: s.kernel.0,
+                    kw: s.kernel.1,
+                    stride: s.stride,
+                    depthwise,
+                };
+                let p = PackedConv::new(
+                    isa,
+                    spec,
+                    input,
+                    &w.flatten_all()?.to_vec1::<f32>()?,
+                    &b.to_vec1::<f32>()?,
+                )
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                slot.get_or_init(|| Arc::new(p)).clone()
             }
         };
-        cpu_conv::conv2d(x, &w, &b, geo, act)
+        let pad = self.padding(x)?;
+        let pad = blocked::Pad {
+            top: pad.top,
+            bottom: pad.bottom,
+            left: pad.left,
+            right: pad.right,
+        };
+        blocked::conv(x, &packed, pad, act)
+    }
+
+    /// The zero padding of an input of `x`'s size (NCHW or blocked).
+    fn padding(&self, x: &Tensor) -> Result<Pad> {
+        let s = &self.spec;
+        Ok(match s.padding {
+            Padding::TfSame => {
+                let (h, w) = blocked::spatial(x)?;
+                let (top, bottom) = tf_same_split(h, s.kernel.0, s.stride);
+                let (left, right) = tf_same_split(w, s.kernel.1, s.stride);
+                Pad {
+                    top,
+                    bottom,
+                    left,
+                    right,
+                }
+            }
+            Padding::Symmetric(ph, pw) => Pad::symmetric(ph, pw),
+        })
+    }
+
+    /// The folded evaluation weights, cached when they are constants.
+    fn folded(&self) -> Result<(Tensor, Tensor)> {
+        if let Some(f) = self.folded.get() {
+            return Ok(f.clone());
+        }
+        let f = self.fold()?;
+        if !f.0.track_op() && !f.1.track_op() {
+            let _ = self.folded.set(f.clone());
+        }
+        Ok(f)
     }
 
     /// Weight and bias of the convolution with the BatchNorm's running statistics folded in:

@@ -2,6 +2,7 @@
 //! backward pass, checkpoints as bytes, device choice.
 
 pub mod backbone;
+pub mod blocked;
 pub mod checkpoint;
 pub mod cpu_conv;
 pub mod device;

@@ -12,7 +12,11 @@ pub fn pooled_len(len: usize, kernel: usize, stride: usize, padding: usize) -> u
 }
 
 /// Max pooling over `kernel`x`kernel` windows with `stride` and symmetric `padding` (padded cells never win).
+/// A blocked `x` (inference) is pooled by the blocked kernels.
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    if super::blocked::is_blocked(x) {
+        return super::blocked::max_pool(x, kernel, stride, padding);
+    }
     let xp = pad_constant(x, padding, f32::NEG_INFINITY)?;
     if !x.track_op() {
         return xp.max_pool2d_with_stride(kernel, stride);

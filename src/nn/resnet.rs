@@ -1,6 +1,8 @@
 //! ResNet-18 and ResNet-50 with torchvision's tensor names (`conv1`, `bn1`, `layerX.Y.convZ`,
 //! `downsample.0/1`), so a torchvision `state_dict` saved as safetensors loads as it is.
 
+use std::sync::OnceLock;
+
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -16,6 +18,8 @@ pub enum Depth {
 }
 
 struct Block {
+    /// Input channels.
+    cin: usize,
     convs: Vec<ConvBn>,
     downsample: Option<ConvBn>,
 }
@@ -44,6 +48,7 @@ pub struct ResNet {
     depth: Depth,
     stem: ConvBn,
     layers: Vec<Vec<Block>>,
+    constant: OnceLock<bool>,
 }
 
 impl ResNet {
@@ -104,7 +109,11 @@ impl ResNet {
                 } else {
                     None
                 };
-                blocks.push(Block { convs, downsample });
+                blocks.push(Block {
+                    cin,
+                    convs,
+                    downsample,
+                });
                 cin = cout;
             }
             layers.push(blocks);
@@ -113,6 +122,7 @@ impl ResNet {
             depth,
             stem,
             layers,
+            constant: OnceLock::new(),
         })
     }
 }
@@ -125,11 +135,14 @@ impl Backbone for ResNet {
         }
     }
 
-    fn forward_low(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn stem(&self, x: &Tensor, train: bool, blocked: bool) -> Result<Tensor> {
+        if blocked {
+            return self.stem.forward_blocked(x, Activation::Relu);
+        }
         self.stem.forward_act(x, train, Activation::Relu)
     }
 
-    fn forward_body(&self, low: &Tensor, train: bool) -> Result<Tensor> {
+    fn body(&self, low: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = max_pool2d(low, 3, 2, 1)?;
         let blocks = self.layers.iter().flatten();
         let n = self.layers.iter().map(Vec::len).sum::<usize>();
@@ -139,11 +152,27 @@ impl Backbone for ResNet {
         Ok(x)
     }
 
-    fn forward_last_block(&self, body: &Tensor, train: bool) -> Result<Tensor> {
+    fn last_block(&self, body: &Tensor, train: bool) -> Result<Tensor> {
         match self.layers.last().and_then(|l| l.last()) {
             Some(b) => b.forward_t(body, train),
             None => Ok(body.clone()),
         }
+    }
+
+    fn blocked_channels(&self) -> Option<(usize, usize)> {
+        let last = self.layers.iter().flatten().last()?;
+        Some((64, last.cin))
+    }
+
+    fn constant_weights(&self) -> bool {
+        *self.constant.get_or_init(|| {
+            self.stem.is_constant()
+                && self
+                    .layers
+                    .iter()
+                    .flatten()
+                    .all(|b| b.convs.iter().chain(&b.downsample).all(ConvBn::is_constant))
+        })
     }
 
     fn last_block_prefixes(&self) -> Vec<String> {

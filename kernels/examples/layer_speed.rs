@@ -1,0 +1,185 @@
+//! GFLOP/s of the blocked kernels on ResNet-50 and EfficientNet-Lite0 layer shapes (one image).
+//! `cargo run --release -p histolens-kernels --example layer_speed`
+use histolens_kernels::*;
+use std::time::Instant;
+
+fn main() {
+    let shapes = [
+        (
+            "stem 7x7/2 3->64 @224",
+            3,
+            64,
+            7,
+            2,
+            3,
+            224,
+            Input::Nchw,
+            false,
+        ),
+        (
+            "1x1 64->256 @56",
+            64,
+            256,
+            1,
+            1,
+            0,
+            56,
+            Input::Blocked,
+            false,
+        ),
+        (
+            "1x1 256->64 @56",
+            256,
+            64,
+            1,
+            1,
+            0,
+            56,
+            Input::Blocked,
+            false,
+        ),
+        ("3x3 64->64 @56", 64, 64, 3, 1, 1, 56, Input::Blocked, false),
+        (
+            "3x3 128->128 @28",
+            128,
+            128,
+            3,
+            1,
+            1,
+            28,
+            Input::Blocked,
+            false,
+        ),
+        (
+            "3x3 256->256 @14",
+            256,
+            256,
+            3,
+            1,
+            1,
+            14,
+            Input::Blocked,
+            false,
+        ),
+        (
+            "1x1 1024->256 @14",
+            1024,
+            256,
+            1,
+            1,
+            0,
+            14,
+            Input::Blocked,
+            false,
+        ),
+        (
+            "3x3 512->512 @7",
+            512,
+            512,
+            3,
+            1,
+            1,
+            7,
+            Input::Blocked,
+            false,
+        ),
+        (
+            "1x1 2048->512 @7",
+            2048,
+            512,
+            1,
+            1,
+            0,
+            7,
+            Input::Blocked,
+            false,
+        ),
+        (
+            "dw 3x3 96 /2 @112",
+            96,
+            96,
+            3,
+            2,
+            1,
+            112,
+            Input::Blocked,
+            true,
+        ),
+        (
+            "dw 5x5 240 @28",
+            240,
+            240,
+            5,
+            1,
+            2,
+            28,
+            Input::Blocked,
+            true,
+        ),
+        (
+            "1x1 16->96 @112",
+            16,
+            96,
+            1,
+            1,
+            0,
+            112,
+            Input::Blocked,
+            false,
+        ),
+        (
+            "1x1 144->24 @56",
+            144,
+            24,
+            1,
+            1,
+            0,
+            56,
+            Input::Blocked,
+            false,
+        ),
+    ];
+    let isa = Isa::detect().expect("no blocked instruction set");
+    for (name, cin, cout, k, s, p, hw, input, dw) in shapes {
+        let spec = ConvSpec {
+            cin,
+            cout,
+            kh: k,
+            kw: k,
+            stride: s,
+            depthwise: dw,
+        };
+        let pad = Pad {
+            top: p,
+            bottom: p,
+            left: p,
+            right: p,
+        };
+        let per = if dw { 1 } else { cin };
+        let pc = PackedConv::new(
+            isa,
+            spec,
+            input,
+            &vec![0.01; cout * per * k * k],
+            &vec![0.0; cout],
+        )
+        .unwrap();
+        let (ho, wo) = pc.output_size(hw, hw, pad).unwrap();
+        let x = vec![0.5f32; pc.input_len(1, hw, hw)];
+        let l = isa.lanes();
+        let mut out = vec![std::mem::MaybeUninit::new(0f32); cout.div_ceil(l) * l * ho * wo];
+        pc.run(&x, (1, hw, hw), pad, Act::Relu, &mut out).unwrap();
+        let iters = 50;
+        let t = Instant::now();
+        for _ in 0..iters {
+            pc.run(&x, (1, hw, hw), pad, Act::Relu, &mut out).unwrap();
+        }
+        let secs = t.elapsed().as_secs_f64() / iters as f64;
+        let flops = 2.0 * (cout * per * k * k * ho * wo) as f64;
+        println!(
+            "{name:24} {:8.3} ms {:7.1} GFLOP/s",
+            secs * 1e3,
+            flops / secs / 1e9
+        );
+    }
+}

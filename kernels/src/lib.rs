@@ -1,0 +1,291 @@
+//! Channel-blocked ("NCHWc") CPU kernels for histolens' inference, the layout onnxruntime's MLAS
+//! uses: an activation (N, C, H, W) is stored as (N, ⌈C/L⌉, H, W, L) with L = the vector width
+//! (16 floats on AVX-512, 8 on AVX2), channels padded with zeros. Every pixel's L channels are one
+//! vector, so
+//! - a dense convolution is a direct one, without im2col: each step loads a few output-channel
+//!   vectors of weights and broadcasts a few input pixels (register tiles of up to 4 x 6 vectors);
+//! - a depthwise convolution is one fused multiply-add per tap and pixel, a vector of channels each;
+//! - padding costs nothing: taps that fall outside the image are skipped, row by row.
+//!
+//! Weights are packed once ([`PackedConv`]); the kernels are pure functions of slices, with no
+//! tensor library: histolens' `nn::blocked` wraps them as candle operations.
+
+mod conv;
+mod layout;
+mod simd;
+
+pub use layout::{global_avg_pool, max_pool, to_blocked, to_nchw};
+
+use std::mem::MaybeUninit;
+use std::sync::OnceLock;
+
+/// The instruction set the kernels run with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+}
+
+impl Isa {
+    /// The best instruction set of this CPU, or `None` where the blocked kernels do not run.
+    /// `HISTOLENS_BLOCKED=off` turns them off, `=avx2` keeps AVX-512 machines on AVX2.
+    pub fn detect() -> Option<Isa> {
+        static ISA: OnceLock<Option<Isa>> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            let choice = std::env::var("HISTOLENS_BLOCKED").unwrap_or_default();
+            if choice == "off" || choice == "0" {
+                return None;
+            }
+            let best = *Isa::supported().first()?;
+            Some(if choice == "avx2" { Isa::Avx2 } else { best })
+        })
+    }
+
+    /// The instruction sets this CPU can run, best first.
+    pub fn supported() -> &'static [Isa] {
+        static SUPPORTED: OnceLock<Vec<Isa>> = OnceLock::new();
+        SUPPORTED.get_or_init(Isa::probe)
+    }
+
+    fn probe() -> Vec<Isa> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut v = Vec::new();
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                v.push(Isa::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                v.push(Isa::Avx2);
+            }
+            v
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Vec::new()
+    }
+
+    /// Channels per block: floats per vector.
+    pub fn lanes(self) -> usize {
+        match self {
+            Isa::Avx512 => 16,
+            Isa::Avx2 => 8,
+        }
+    }
+
+    /// Output-channel blocks per register tile (the tile is `out_blocks` x 6 vectors).
+    fn out_blocks(self) -> usize {
+        match self {
+            Isa::Avx512 => 4,
+            Isa::Avx2 => 2,
+        }
+    }
+}
+
+/// What follows the bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    Identity,
+    Relu,
+    Relu6,
+}
+
+/// Why a kernel refused its arguments.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KernelError {
+    #[error("blocked convolution: {0}")]
+    Shape(String),
+    #[error("blocked convolution: {0} is not supported")]
+    Unsupported(String),
+}
+
+/// Zero padding on each side of the spatial dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pad {
+    pub top: usize,
+    pub bottom: usize,
+    pub left: usize,
+    pub right: usize,
+}
+
+/// A convolution's sizes (dilation 1; groups 1, or depthwise). Padding is an argument of each call:
+/// TensorFlow's "SAME" depends on the input's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvSpec {
+    pub cin: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    /// One filter per channel (groups = cin = cout).
+    pub depthwise: bool,
+}
+
+/// The layout of a convolution's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    /// Plain (N, C, H, W): a network's first convolution, on the image.
+    Nchw,
+    /// (N, ⌈C/L⌉, H, W, L).
+    Blocked,
+}
+
+/// A convolution with its weights packed for the kernels: dense as
+/// [out block][in block][ky][kx][in channel][L], depthwise as [block][ky][kx][L], zero-padded.
+#[derive(Debug, Clone)]
+pub struct PackedConv {
+    isa: Isa,
+    spec: ConvSpec,
+    input: Input,
+    weights: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl PackedConv {
+    /// Packs `weight` (cout, cin, kh, kw) — (cout, 1, kh, kw) when depthwise — and `bias` (cout).
+    pub fn new(
+        isa: Isa,
+        spec: ConvSpec,
+        input: Input,
+        weight: &[f32],
+        bias: &[f32],
+    ) -> Result<Self, KernelError> {
+        let ConvSpec {
+            cin,
+            cout,
+            kh,
+            kw,
+            stride,
+            depthwise,
+            ..
+        } = spec;
+        if cin == 0 || cout == 0 || kh == 0 || kw == 0 || stride == 0 {
+            return Err(KernelError::Shape(format!("empty dimension in {spec:?}")));
+        }
+        let per_out = if depthwise { 1 } else { cin };
+        if depthwise && (cin != cout || input == Input::Nchw) {
+            return Err(KernelError::Unsupported(
+                "a depthwise convolution that changes the channel count or reads NCHW".into(),
+            ));
+        }
+        if weight.len() != cout * per_out * kh * kw || bias.len() != cout {
+            return Err(KernelError::Shape(format!(
+                "{} weights and {} biases for {spec:?}",
+                weight.len(),
+                bias.len()
+            )));
+        }
+        let l = isa.lanes();
+        let cbo = cout.div_ceil(l);
+        let mut b = vec![0f32; cbo * l];
+        b[..cout].copy_from_slice(bias);
+        let src =
+            |o: usize, i: usize, y: usize, x: usize| weight[((o * per_out + i) * kh + y) * kw + x];
+        let weights = if depthwise {
+            let mut w = vec![0f32; cbo * kh * kw * l];
+            for o in 0..cout {
+                for y in 0..kh {
+                    for x in 0..kw {
+                        w[(((o / l) * kh + y) * kw + x) * l + o % l] = src(o, 0, y, x);
+                    }
+                }
+            }
+            w
+        } else {
+            let (icb, in_block) = match input {
+                Input::Nchw => (1, cin),
+                Input::Blocked => (cin.div_ceil(l), l),
+            };
+            let mut w = vec![0f32; cbo * icb * kh * kw * in_block * l];
+            for o in 0..cout {
+                for i in 0..cin {
+                    let (ib, ic) = (i / in_block, i % in_block);
+                    for y in 0..kh {
+                        for x in 0..kw {
+                            let at =
+                                (((((o / l) * icb + ib) * kh + y) * kw + x) * in_block + ic) * l;
+                            w[at + o % l] = src(o, i, y, x);
+                        }
+                    }
+                }
+            }
+            w
+        };
+        Ok(PackedConv {
+            isa,
+            spec,
+            input,
+            weights,
+            bias: b,
+        })
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    pub fn spec(&self) -> ConvSpec {
+        self.spec
+    }
+
+    pub fn input(&self) -> Input {
+        self.input
+    }
+
+    /// Output height and width for an input of `h` x `w`.
+    pub fn output_size(&self, h: usize, w: usize, pad: Pad) -> Result<(usize, usize), KernelError> {
+        let s = self.spec;
+        let (hp, wp) = (h + pad.top + pad.bottom, w + pad.left + pad.right);
+        if hp < s.kh || wp < s.kw {
+            return Err(KernelError::Shape(format!(
+                "input {h}x{w} smaller than kernel {}x{}",
+                s.kh, s.kw
+            )));
+        }
+        Ok(((hp - s.kh) / s.stride + 1, (wp - s.kw) / s.stride + 1))
+    }
+
+    /// Floats of the input for `n` images of `h` x `w`.
+    pub fn input_len(&self, n: usize, h: usize, w: usize) -> usize {
+        let c = match self.input {
+            Input::Nchw => self.spec.cin,
+            Input::Blocked => self.spec.cin.div_ceil(self.isa.lanes()) * self.isa.lanes(),
+        };
+        n * c * h * w
+    }
+
+    /// `out` (n, ⌈cout/L⌉, ho, wo, L) = act(conv(x) + bias), for `x` of `n` images of `h` x `w`
+    /// zero-padded by `pad`,
+    /// in this convolution's input layout; every float of `out` is written. Runs on the rayon pool.
+    pub fn run(
+        &self,
+        x: &[f32],
+        (n, h, w): (usize, usize, usize),
+        pad: Pad,
+        act: Act,
+        out: &mut [MaybeUninit<f32>],
+    ) -> Result<(), KernelError> {
+        let (ho, wo) = self.output_size(h, w, pad)?;
+        let l = self.isa.lanes();
+        let need_out = n * self.spec.cout.div_ceil(l) * ho * wo * l;
+        if x.len() != self.input_len(n, h, w) || out.len() != need_out {
+            return Err(KernelError::Shape(format!(
+                "{} input and {} output floats for {n} images of {h}x{w} ({:?})",
+                x.len(),
+                out.len(),
+                self.spec
+            )));
+        }
+        if !Isa::supported().contains(&self.isa) {
+            return Err(KernelError::Unsupported(format!(
+                "{:?} on this CPU",
+                self.isa
+            )));
+        }
+        conv::run(self, x, n, (h, w), pad, act, out);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

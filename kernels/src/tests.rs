@@ -1,0 +1,261 @@
+//! The kernels against a plain NCHW convolution, on every instruction set this CPU has.
+
+use std::mem::MaybeUninit;
+
+use super::*;
+
+/// A deterministic pseudo-random sequence in [-1, 1).
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reference(
+    spec: ConvSpec,
+    pad: Pad,
+    x: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    wt: &[f32],
+    b: &[f32],
+    act: Act,
+) -> Vec<f32> {
+    let (ho, wo) = (
+        (h + pad.top + pad.bottom - spec.kh) / spec.stride + 1,
+        (w + pad.left + pad.right - spec.kw) / spec.stride + 1,
+    );
+    let per_out = if spec.depthwise { 1 } else { spec.cin };
+    let mut out = vec![0f32; n * spec.cout * ho * wo];
+    for i in 0..n {
+        for o in 0..spec.cout {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let mut acc = b[o] as f64;
+                    for ci in 0..per_out {
+                        let c = if spec.depthwise { o } else { ci };
+                        for ky in 0..spec.kh {
+                            for kx in 0..spec.kw {
+                                let iy = (oy * spec.stride + ky) as isize - pad.top as isize;
+                                let ix = (ox * spec.stride + kx) as isize - pad.left as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                    continue;
+                                }
+                                let xv =
+                                    x[((i * spec.cin + c) * h + iy as usize) * w + ix as usize];
+                                let wv = wt[((o * per_out + ci) * spec.kh + ky) * spec.kw + kx];
+                                acc += (xv * wv) as f64;
+                            }
+                        }
+                    }
+                    let v = acc as f32;
+                    out[((i * spec.cout + o) * ho + oy) * wo + ox] = match act {
+                        Act::Identity => v,
+                        Act::Relu => v.max(0.0),
+                        Act::Relu6 => v.clamp(0.0, 6.0),
+                    };
+                }
+            }
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check(
+    cin: usize,
+    cout: usize,
+    k: (usize, usize),
+    stride: usize,
+    pad: (usize, usize, usize, usize),
+    depthwise: bool,
+    input: Input,
+    act: Act,
+) {
+    let (n, h, w) = (2, 13, 11);
+    let spec = ConvSpec {
+        cin,
+        cout,
+        kh: k.0,
+        kw: k.1,
+        stride,
+        depthwise,
+    };
+    let pad = Pad {
+        top: pad.0,
+        bottom: pad.1,
+        left: pad.2,
+        right: pad.3,
+    };
+    let per_out = if depthwise { 1 } else { cin };
+    let x = values(n * cin * h * w, 1);
+    let wt = values(cout * per_out * k.0 * k.1, 2);
+    let b = values(cout, 3);
+    let want = reference(spec, pad, &x, n, h, w, &wt, &b, act);
+    for &isa in Isa::supported() {
+        let l = isa.lanes();
+        let p = PackedConv::new(isa, spec, input, &wt, &b).unwrap();
+        let xin = match input {
+            Input::Nchw => x.clone(),
+            Input::Blocked => {
+                let mut xb = vec![0f32; n * cin.div_ceil(l) * l * h * w];
+                to_blocked(isa, &x, (n, cin, h, w), &mut xb).unwrap();
+                xb
+            }
+        };
+        let (ho, wo) = p.output_size(h, w, pad).unwrap();
+        let mut out = vec![MaybeUninit::new(f32::NAN); n * cout.div_ceil(l) * l * ho * wo];
+        p.run(&xin, (n, h, w), pad, act, &mut out).unwrap();
+        // SAFETY: run writes every float (and they started as NaN anyway).
+        let out: Vec<f32> = out
+            .into_iter()
+            .map(|v| unsafe { v.assume_init() })
+            .collect();
+        let mut got = vec![0f32; n * cout * ho * wo];
+        to_nchw(isa, &out, (n, cout, ho, wo), &mut got).unwrap();
+        // f32 sums of up to thousands of terms: the tolerance follows the value's size.
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 1e-4,
+            "{isa:?} {spec:?} {act:?}: max relative difference {worst}"
+        );
+        // Padding channels of the output stay zero, so the next layer may read them.
+        for (i, v) in out.iter().enumerate() {
+            if (i / (ho * wo * l) % cout.div_ceil(l)) * l + i % l >= cout {
+                assert_eq!(*v, 0.0, "{isa:?} {spec:?}: padding lane {i} = {v}");
+            }
+        }
+    }
+}
+
+#[test]
+fn dense_convolutions_match_the_reference() {
+    use Act::*;
+    use Input::*;
+    check(3, 64, (7, 7), 2, (3, 3, 3, 3), false, Nchw, Relu); // ResNet stem
+    check(3, 32, (3, 3), 2, (0, 1, 0, 1), false, Nchw, Relu6); // EfficientNet stem, TF SAME
+    check(20, 24, (3, 3), 1, (1, 1, 1, 1), false, Blocked, Relu);
+    check(40, 70, (3, 3), 2, (1, 1, 1, 1), false, Blocked, Identity);
+    check(24, 40, (1, 1), 1, (0, 0, 0, 0), false, Blocked, Identity); // flat
+    check(96, 36, (1, 1), 2, (0, 0, 0, 0), false, Blocked, Relu); // ResNet downsample
+    check(8, 16, (1, 7), 1, (0, 0, 3, 3), false, Blocked, Relu6);
+    check(8, 16, (5, 5), 3, (0, 0, 0, 0), false, Blocked, Relu);
+    check(16, 8, (3, 3), 1, (2, 2, 2, 2), false, Blocked, Relu); // padding wider than the kernel's reach
+}
+
+#[test]
+fn many_input_blocks_are_summed_in_chunks() {
+    // 3x3 over 320 channels: the weights of a tile's input blocks exceed one chunk.
+    check(
+        320,
+        72,
+        (3, 3),
+        1,
+        (1, 1, 1, 1),
+        false,
+        Input::Blocked,
+        Act::Relu,
+    );
+}
+
+#[test]
+fn depthwise_convolutions_match_the_reference() {
+    use Act::*;
+    check(24, 24, (3, 3), 1, (1, 1, 1, 1), true, Input::Blocked, Relu6);
+    check(40, 40, (5, 5), 2, (1, 2, 1, 2), true, Input::Blocked, Relu6);
+    check(
+        16,
+        16,
+        (3, 3),
+        2,
+        (0, 1, 0, 1),
+        true,
+        Input::Blocked,
+        Identity,
+    );
+    check(8, 8, (3, 3), 3, (1, 1, 2, 0), true, Input::Blocked, Relu);
+}
+
+#[test]
+fn pools_and_layouts() {
+    let (n, c, h, w) = (2, 20, 9, 8);
+    let x = values(n * c * h * w, 4);
+    for &isa in Isa::supported() {
+        let l = isa.lanes();
+        let mut xb = vec![0f32; n * c.div_ceil(l) * l * h * w];
+        to_blocked(isa, &x, (n, c, h, w), &mut xb).unwrap();
+        let mut back = vec![0f32; x.len()];
+        to_nchw(isa, &xb, (n, c, h, w), &mut back).unwrap();
+        assert_eq!(back, x);
+        let mut pooled = vec![0f32; n * c];
+        global_avg_pool(isa, &xb, (n, c, h, w), &mut pooled).unwrap();
+        for (i, &v) in pooled.iter().enumerate() {
+            let mean = x[i * h * w..][..h * w].iter().sum::<f32>() / (h * w) as f32;
+            assert!((v - mean).abs() < 1e-5);
+        }
+        let (ho, wo) = (5, 4);
+        let mut mp = vec![0f32; n * c.div_ceil(l) * l * ho * wo];
+        assert_eq!(
+            max_pool(isa, &xb, (n, c, h, w), 3, 2, 1, &mut mp).unwrap(),
+            (ho, wo)
+        );
+        let mut got = vec![0f32; n * c * ho * wo];
+        to_nchw(isa, &mp, (n, c, ho, wo), &mut got).unwrap();
+        for (i, &v) in got.iter().enumerate() {
+            let (plane, oy, ox) = (i / (ho * wo), i / wo % ho, i % wo);
+            let mut m = f32::NEG_INFINITY;
+            for y in (oy * 2).saturating_sub(1)..(oy * 2 + 2).min(h) {
+                for xx in (ox * 2).saturating_sub(1)..(ox * 2 + 2).min(w) {
+                    m = m.max(x[(plane * h + y) * w + xx]);
+                }
+            }
+            assert_eq!(v, m);
+        }
+    }
+}
+
+#[test]
+fn wrong_sizes_are_refused() {
+    let Some(&isa) = Isa::supported().first() else {
+        return;
+    };
+    let spec = ConvSpec {
+        cin: 4,
+        cout: 4,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        depthwise: false,
+    };
+    assert!(matches!(
+        PackedConv::new(isa, spec, Input::Blocked, &[0.0; 10], &[0.0; 4]),
+        Err(KernelError::Shape(_))
+    ));
+    let p = PackedConv::new(isa, spec, Input::Blocked, &[0.0; 144], &[0.0; 4]).unwrap();
+    let l = isa.lanes();
+    assert!(
+        p.run(
+            &vec![0.0; l * 25],
+            (1, 5, 5),
+            Pad::default(),
+            Act::Relu,
+            &mut vec![MaybeUninit::new(0.0); l * 8]
+        )
+        .is_err()
+    );
+    assert!(p.output_size(2, 5, Pad::default()).is_err());
+}
