@@ -4,140 +4,33 @@ use histolens_kernels::*;
 use std::time::Instant;
 
 fn main() {
+    use Input::{Blocked as B, Nchw as N};
+    // (name, cin, cout, kernel, stride, padding, side, input layout, depthwise)
+    #[rustfmt::skip]
     let shapes = [
-        (
-            "stem 7x7/2 3->64 @224",
-            3,
-            64,
-            7,
-            2,
-            3,
-            224,
-            Input::Nchw,
-            false,
-        ),
-        (
-            "1x1 64->256 @56",
-            64,
-            256,
-            1,
-            1,
-            0,
-            56,
-            Input::Blocked,
-            false,
-        ),
-        (
-            "1x1 256->64 @56",
-            256,
-            64,
-            1,
-            1,
-            0,
-            56,
-            Input::Blocked,
-            false,
-        ),
-        ("3x3 64->64 @56", 64, 64, 3, 1, 1, 56, Input::Blocked, false),
-        (
-            "3x3 128->128 @28",
-            128,
-            128,
-            3,
-            1,
-            1,
-            28,
-            Input::Blocked,
-            false,
-        ),
-        (
-            "3x3 256->256 @14",
-            256,
-            256,
-            3,
-            1,
-            1,
-            14,
-            Input::Blocked,
-            false,
-        ),
-        (
-            "1x1 1024->256 @14",
-            1024,
-            256,
-            1,
-            1,
-            0,
-            14,
-            Input::Blocked,
-            false,
-        ),
-        (
-            "3x3 512->512 @7",
-            512,
-            512,
-            3,
-            1,
-            1,
-            7,
-            Input::Blocked,
-            false,
-        ),
-        (
-            "1x1 2048->512 @7",
-            2048,
-            512,
-            1,
-            1,
-            0,
-            7,
-            Input::Blocked,
-            false,
-        ),
-        (
-            "dw 3x3 96 /2 @112",
-            96,
-            96,
-            3,
-            2,
-            1,
-            112,
-            Input::Blocked,
-            true,
-        ),
-        (
-            "dw 5x5 240 @28",
-            240,
-            240,
-            5,
-            1,
-            2,
-            28,
-            Input::Blocked,
-            true,
-        ),
-        (
-            "1x1 16->96 @112",
-            16,
-            96,
-            1,
-            1,
-            0,
-            112,
-            Input::Blocked,
-            false,
-        ),
-        (
-            "1x1 144->24 @56",
-            144,
-            24,
-            1,
-            1,
-            0,
-            56,
-            Input::Blocked,
-            false,
-        ),
+        ("stem 7x7/2 3->64 @224", 3, 64, 7, 2, 3, 224, N, false),
+        ("1x1 64->256 @56", 64, 256, 1, 1, 0, 56, B, false),
+        ("1x1 256->64 @56", 256, 64, 1, 1, 0, 56, B, false),
+        ("3x3 64->64 @56", 64, 64, 3, 1, 1, 56, B, false),
+        ("3x3 128->128 @28", 128, 128, 3, 1, 1, 28, B, false),
+        ("3x3 256->256 @14", 256, 256, 3, 1, 1, 14, B, false),
+        ("1x1 1024->256 @14", 1024, 256, 1, 1, 0, 14, B, false),
+        ("3x3 512->512 @7", 512, 512, 3, 1, 1, 7, B, false),
+        ("1x1 2048->512 @7", 2048, 512, 1, 1, 0, 7, B, false),
+        ("1x1 16->96 @112", 16, 96, 1, 1, 0, 112, B, false),
+        ("1x1 144->24 @56", 144, 24, 1, 1, 0, 56, B, false),
+        ("dw 3x3 32 @112", 32, 32, 3, 1, 1, 112, B, true),
+        ("dw 3x3 96 /2 @112", 96, 96, 3, 2, 1, 112, B, true),
+        ("dw 3x3 144 @56", 144, 144, 3, 1, 1, 56, B, true),
+        ("dw 5x5 144 /2 @56", 144, 144, 5, 2, 2, 56, B, true),
+        ("dw 5x5 240 @28", 240, 240, 5, 1, 2, 28, B, true),
+        ("dw 3x3 240 /2 @28", 240, 240, 3, 2, 1, 28, B, true),
+        ("dw 3x3 480 @14", 480, 480, 3, 1, 1, 14, B, true),
+        ("dw 5x5 480 @14", 480, 480, 5, 1, 2, 14, B, true),
+        ("dw 5x5 672 @14", 672, 672, 5, 1, 2, 14, B, true),
+        ("dw 5x5 672 /2 @14", 672, 672, 5, 2, 2, 14, B, true),
+        ("dw 5x5 1152 @7", 1152, 1152, 5, 1, 2, 7, B, true),
+        ("dw 3x3 1152 @7", 1152, 1152, 3, 1, 1, 7, B, true),
     ];
     let isa = Isa::detect().expect("no blocked instruction set");
     for (name, cin, cout, k, s, p, hw, input, dw) in shapes {
@@ -168,11 +61,13 @@ fn main() {
         let x = vec![0.5f32; pc.input_len(1, hw, hw)];
         let l = isa.lanes();
         let mut out = vec![std::mem::MaybeUninit::new(0f32); cout.div_ceil(l) * l * ho * wo];
-        pc.run(&x, (1, hw, hw), pad, Act::Relu, &mut out).unwrap();
+        pc.run(&x, (1, hw, hw), pad, Act::Relu, None, &mut out)
+            .unwrap();
         let iters = 50;
         let t = Instant::now();
         for _ in 0..iters {
-            pc.run(&x, (1, hw, hw), pad, Act::Relu, &mut out).unwrap();
+            pc.run(&x, (1, hw, hw), pad, Act::Relu, None, &mut out)
+                .unwrap();
         }
         let secs = t.elapsed().as_secs_f64() / iters as f64;
         let flops = 2.0 * (cout * per * k * k * ho * wo) as f64;

@@ -30,6 +30,8 @@ struct Job {
     wts: *const f32,
     bias: *const f32,
     out: *mut f32,
+    /// Added before the activation where not null (same layout as `out`).
+    residual: *const f32,
     act: Act,
     h: usize,
     w: usize,
@@ -77,7 +79,7 @@ pub(crate) fn run(
     n: usize,
     (h, w): (usize, usize),
     pad: crate::Pad,
-    act: Act,
+    (act, residual): (Act, Option<&[f32]>),
     out: &mut [MaybeUninit<f32>],
 ) {
     let spec = p.spec;
@@ -112,6 +114,7 @@ pub(crate) fn run(
         wts: p.weights.as_ptr(),
         bias: p.bias.as_ptr(),
         out: out.as_mut_ptr().cast::<f32>(),
+        residual: residual.map_or(std::ptr::null(), <[f32]>::as_ptr),
         act,
         h,
         w,
@@ -145,7 +148,7 @@ pub(crate) fn run(
         // SAFETY: `isa` is supported (checked by PackedConv::run); the units are disjoint and in bounds.
         unsafe { run_unit(isa, &job, u, depthwise) }
     };
-    if units.len() > 1 && rayon::current_num_threads() > 1 {
+    if units.len() > 1 && crate::threads() > 1 {
         units.par_iter().for_each(work);
     } else {
         units.iter().for_each(work);
@@ -158,7 +161,7 @@ pub(crate) fn run(
 /// than sweeping all images per chunk of weights).
 fn split(n: usize, cbo: usize, group: usize, ho: usize, wo: usize, flat: bool) -> Vec<Unit> {
     let groups = cbo.div_ceil(group);
-    let threads = rayon::current_num_threads().max(1);
+    let threads = crate::threads();
     let want = if threads > 1 { 4 * threads } else { 1 };
     let pieces = want.div_ceil(n * groups).max(1);
     let mut units = Vec::new();
@@ -439,6 +442,14 @@ unsafe fn dense_tile<S: Simd, const OB: usize, const PX: usize>(
                 }
             }
         }
+        if t.last && !j.residual.is_null() {
+            let res = j.residual.offset(out.offset_from(j.out));
+            for (o, row) in acc.iter_mut().enumerate() {
+                for (p, a) in row.iter_mut().enumerate() {
+                    *a = S::add(*a, S::load(res.add(o * out_block + p * l)));
+                }
+            }
+        }
         for (o, row) in acc.iter().enumerate() {
             for (p, &a) in row.iter().enumerate() {
                 let v = if t.last { activate::<S>(j.act, a) } else { a };
@@ -448,113 +459,185 @@ unsafe fn dense_tile<S: Simd, const OB: usize, const PX: usize>(
     }
 }
 
+thread_local! {
+    /// Per-thread zero-padded input window of a depthwise unit, reused across calls.
+    static PADDED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Depthwise, per (image, block). Where the kernel is large for its stride (copying costs little
+/// against the taps: 3x3 and 5x5 of stride 1, 5x5 of stride 2), the input rows the unit's output
+/// rows read are first copied into a zero-padded window, so that every tile reads whole rows with
+/// no edge test. Otherwise (3x3 of stride 2), tiles read the input in place and the pixels whose
+/// taps cross the edge are summed one at a time. Square 3x3 and 5x5 kernels of stride 1 or 2
+/// (EfficientNet's) have tiles specialised at compile time.
 #[inline(always)]
 unsafe fn depthwise_unit<S: Simd>(j: &Job, u: &Unit) {
+    let l = S::LANES;
+    let padded_copy = 4 * j.s * j.s <= j.kh * j.kw;
+    let wpad = (j.wo - 1) * j.s + j.kw;
+    let (y0, y1) = (u.rows.start * j.s, (u.rows.end - 1) * j.s + j.kh);
+    let row_len = wpad * l;
+    // Padding columns on the left (all of the window where the padding is wider), then pixels.
+    let left = j.pl.min(wpad);
+    let copy = (wpad - left).min(j.w);
+    // Taken out of the thread-local and put back, not borrowed in a closure: a closure would not
+    // inherit the caller's target features, and its vector code would not be inlined.
+    let mut buf = PADDED.with(|cell| cell.take());
+    if padded_copy && buf.len() < (y1 - y0) * row_len {
+        buf.resize((y1 - y0) * row_len, 0.0);
+    }
     for (image, b) in iproduct(u.images.clone(), u.blocks.clone()) {
-        for oy in u.rows.clone() {
-            let ky = rows_inside(j, oy);
-            for (ox, px) in tiles(u.cols.clone(), DW_TILE_PIXELS) {
-                let args = (j, image, b, oy, ox, &ky);
-                let inside = ox >= j.xa && ox + px <= j.xb;
-                macro_rules! interior {
-                    ($kw:literal, $s:literal; $($p:literal)*) => {
-                        match px {
-                            $($p => unsafe { depthwise_interior::<S, $p, $kw, $s>(args.0, args.1, args.2, args.3, args.4, args.5) },)*
-                            _ => unreachable!("depthwise tile of {px} pixels"),
-                        }
-                    };
-                }
-                macro_rules! tile {
-                    ($($p:literal)*) => {
-                        match px {
-                            $($p => unsafe { depthwise_tile::<S, $p>(args.0, args.1, args.2, args.3, args.4, args.5) },)*
-                            _ => unreachable!("depthwise tile of {px} pixels"),
-                        }
-                    };
-                }
-                match (inside && px >= 4, j.kw, j.s) {
-                    (true, 3, 1) => interior!(3, 1; 4 5 6 7 8),
-                    (true, 3, 2) => interior!(3, 2; 4 5 6 7 8),
-                    (true, 5, 1) => interior!(5, 1; 4 5 6 7 8),
-                    (true, 5, 2) => interior!(5, 2; 4 5 6 7 8),
-                    _ => tile!(1 2 3 4 5 6 7 8),
-                }
-            }
-        }
-    }
-}
-
-/// A depthwise tile whose taps all lie inside the image, with the kernel width and stride known at
-/// compile time: the loops unroll and each input vector of a row is loaded once for all the taps
-/// that read it (8 pixels of a 3-wide kernel: 10 loads instead of 24).
-#[inline(always)]
-unsafe fn depthwise_interior<S: Simd, const PX: usize, const KW: usize, const ST: usize>(
-    j: &Job,
-    image: usize,
-    b: usize,
-    oy: usize,
-    ox0: usize,
-    ky: &Range<usize>,
-) {
-    let l = S::LANES;
-    unsafe {
-        let x = j.x.add(image * j.x_image + b * j.sb);
-        let out = j
-            .out
-            .add(image * j.out_image + (b * j.ho * j.wo + oy * j.wo + ox0) * l);
-        let mut acc = [S::load(j.bias.add(b * l)); PX];
-        for y in ky.clone() {
-            let xp = x.add(((oy * ST + y - j.pt) * j.w + ox0 * ST - j.pl) * l);
-            let wp = j.wts.add((b * j.kh + y) * KW * l);
-            for k in 0..KW {
-                let wv = S::load(wp.add(k * l));
-                for (p, a) in acc.iter_mut().enumerate() {
-                    *a = S::fma(wv, S::load(xp.add((p * ST + k) * l)), *a);
-                }
-            }
-        }
-        for (p, &a) in acc.iter().enumerate() {
-            S::store(out.add(p * l), activate::<S>(j.act, a));
-        }
-    }
-}
-
-/// PX output pixels of block `b`, row `oy`, from column `ox0` (taps outside the image read zeros).
-#[inline(always)]
-unsafe fn depthwise_tile<S: Simd, const PX: usize>(
-    j: &Job,
-    image: usize,
-    b: usize,
-    oy: usize,
-    ox0: usize,
-    ky: &Range<usize>,
-) {
-    let l = S::LANES;
-    unsafe {
-        let x = j.x.add(image * j.x_image + b * j.sb);
-        let out = j
-            .out
-            .add(image * j.out_image + (b * j.ho * j.wo + oy * j.wo + ox0) * l);
-        let mut acc = [S::load(j.bias.add(b * l)); PX];
-        let inside = ox0 >= j.xa && ox0 + PX <= j.xb;
-        for y in ky.clone() {
-            let x_row = x.add((oy * j.s + y - j.pt) * j.w * l);
-            for k in 0..j.kw {
-                let wv = S::load(j.wts.add(((b * j.kh + y) * j.kw + k) * l));
-                if inside {
-                    let xp = x_row.add((ox0 * j.s + k - j.pl) * l);
-                    for (p, a) in acc.iter_mut().enumerate() {
-                        *a = S::fma(wv, S::load(xp.add(p * j.s * l)), *a);
-                    }
+        // SAFETY: block b of the image and its weights, bias and output are in the buffers.
+        let (plane, wts, bias, out) = unsafe {
+            (
+                j.x.add(image * j.x_image + b * j.sb),
+                j.wts.add(b * j.kh * j.kw * l),
+                j.bias.add(b * l),
+                j.out.add(image * j.out_image + b * j.ho * j.wo * l),
+            )
+        };
+        if !padded_copy {
+            for oy in u.rows.clone() {
+                let ky = rows_inside(j, oy);
+                let out = unsafe { out.add(oy * j.wo * l) };
+                let (edges, mid) = if ky.len() == j.kh {
+                    let (a, m, z) = column_parts(j, &(0..j.wo));
+                    (a.chain(z), m)
                 } else {
-                    for (p, a) in acc.iter_mut().enumerate() {
-                        *a = S::fma(wv, S::load(column(j, x_row, ox0 + p, k)), *a);
-                    }
+                    ((0..j.wo).chain(0..0), 0..0)
+                };
+                for ox in edges {
+                    unsafe { dw_edge_pixel::<S>(j, plane, wts, bias, out, oy, ox) };
+                }
+                if !mid.is_empty() {
+                    // Column c of the row is read at c − pl; the tiles start at ox ≥ xa, in bounds.
+                    let src = plane
+                        .wrapping_add((oy * j.s - j.pt) * j.w * l)
+                        .wrapping_sub(j.pl * l);
+                    let t = DwRow {
+                        src,
+                        row_len: j.w * l,
+                        wts,
+                        bias,
+                        out,
+                    };
+                    unsafe { dw_row::<S>(j, &t, mid) };
+                }
+            }
+            continue;
+        }
+        for (py, dst) in (y0..y1).zip(buf.chunks_exact_mut(row_len)) {
+            let iy = py.wrapping_sub(j.pt);
+            if py < j.pt || iy >= j.h {
+                dst.fill(0.0);
+                continue;
+            }
+            dst[..left * l].fill(0.0);
+            // SAFETY: `copy` ≤ w pixels of row iy.
+            let src = unsafe { std::slice::from_raw_parts(plane.add(iy * j.w * l), copy * l) };
+            dst[left * l..(left + copy) * l].copy_from_slice(src);
+            dst[(left + copy) * l..].fill(0.0);
+        }
+        for oy in u.rows.clone() {
+            let t = DwRow {
+                src: buf[(oy * j.s - y0) * row_len..].as_ptr(),
+                row_len,
+                wts,
+                bias,
+                out: unsafe { out.add(oy * j.wo * l) },
+            };
+            unsafe { dw_row::<S>(j, &t, 0..j.wo) };
+        }
+    }
+    PADDED.with(|cell| cell.replace(buf));
+}
+
+/// The tiles of columns `cols` of one output row.
+#[inline(always)]
+unsafe fn dw_row<S: Simd>(j: &Job, t: &DwRow, cols: Range<usize>) {
+    for (ox, px) in tiles(cols, DW_TILE_PIXELS) {
+        macro_rules! tile {
+            ($k:literal, $s:literal) => {
+                match px {
+                    8 => unsafe { dw_tile::<S, 8, $k, $s>(j, t, ox) },
+                    7 => unsafe { dw_tile::<S, 7, $k, $s>(j, t, ox) },
+                    6 => unsafe { dw_tile::<S, 6, $k, $s>(j, t, ox) },
+                    5 => unsafe { dw_tile::<S, 5, $k, $s>(j, t, ox) },
+                    4 => unsafe { dw_tile::<S, 4, $k, $s>(j, t, ox) },
+                    3 => unsafe { dw_tile::<S, 3, $k, $s>(j, t, ox) },
+                    2 => unsafe { dw_tile::<S, 2, $k, $s>(j, t, ox) },
+                    _ => unsafe { dw_tile::<S, 1, $k, $s>(j, t, ox) },
+                }
+            };
+        }
+        match (j.kh, j.kw, j.s) {
+            (3, 3, 1) => tile!(3, 1),
+            (3, 3, 2) => tile!(3, 2),
+            (5, 5, 1) => tile!(5, 1),
+            (5, 5, 2) => tile!(5, 2),
+            _ => tile!(0, 0),
+        }
+    }
+}
+
+/// One output pixel (oy, ox) of a block, over the taps inside the image; `out` is its row.
+#[inline(always)]
+unsafe fn dw_edge_pixel<S: Simd>(
+    j: &Job,
+    plane: *const f32,
+    wts: *const f32,
+    bias: *const f32,
+    out: *mut f32,
+    oy: usize,
+    ox: usize,
+) {
+    let l = S::LANES;
+    unsafe {
+        let mut acc = S::load(bias);
+        for y in rows_inside(j, oy) {
+            let row = plane.add((oy * j.s + y - j.pt) * j.w * l);
+            for k in cols_inside(j, ox) {
+                let x = S::load(row.add((ox * j.s + k - j.pl) * l));
+                acc = S::fma(S::load(wts.add((y * j.kw + k) * l)), x, acc);
+            }
+        }
+        S::store(out.add(ox * l), activate::<S>(j.act, acc));
+    }
+}
+
+/// One output row of one block: its padded input window (at the row's first tap row), weights,
+/// bias and output.
+struct DwRow {
+    src: *const f32,
+    row_len: usize,
+    wts: *const f32,
+    bias: *const f32,
+    out: *mut f32,
+}
+
+/// PX output pixels from column `ox0`. K x K kernel of stride ST when K > 0 (loops unroll and
+/// an input vector shared by several taps is loaded once), the job's kernel and stride when K = 0.
+#[inline(always)]
+unsafe fn dw_tile<S: Simd, const PX: usize, const K: usize, const ST: usize>(
+    j: &Job,
+    t: &DwRow,
+    ox0: usize,
+) {
+    let l = S::LANES;
+    let (kh, kw, s) = if K > 0 { (K, K, ST) } else { (j.kh, j.kw, j.s) };
+    unsafe {
+        let mut acc = [S::load(t.bias); PX];
+        for y in 0..kh {
+            let xp = t.src.add(y * t.row_len + ox0 * s * l);
+            for k in 0..kw {
+                let wv = S::load(t.wts.add((y * kw + k) * l));
+                for (p, a) in acc.iter_mut().enumerate() {
+                    *a = S::fma(wv, S::load(xp.add((p * s + k) * l)), *a);
                 }
             }
         }
         for (p, &a) in acc.iter().enumerate() {
-            S::store(out.add(p * l), activate::<S>(j.act, a));
+            S::store(t.out.add((ox0 + p) * l), activate::<S>(j.act, a));
         }
     }
 }

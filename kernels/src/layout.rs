@@ -1,9 +1,7 @@
 //! Layout changes between NCHW and the blocked layout, and the pools that ResNet needs on blocked
 //! activations.
 
-use rayon::prelude::*;
-
-use crate::{Isa, KernelError};
+use crate::{Isa, KernelError, for_each_chunk};
 
 fn check(what: &str, got: usize, want: usize) -> Result<(), KernelError> {
     if got == want {
@@ -26,18 +24,16 @@ pub fn to_blocked(
     let cb = c.div_ceil(l);
     check("NCHW input", x.len(), n * c * h * w)?;
     check("blocked output", out.len(), n * cb * h * w * l)?;
-    out.par_chunks_mut(h * w * l)
-        .enumerate()
-        .for_each(|(i, dst)| {
-            let (image, b) = (i / cb, i % cb);
-            dst.fill(0.0);
-            for lane in 0..l.min(c - b * l) {
-                let src = &x[(image * c + b * l + lane) * h * w..][..h * w];
-                for (p, &v) in src.iter().enumerate() {
-                    dst[p * l + lane] = v;
-                }
+    for_each_chunk(out, h * w * l, |i, dst| {
+        let (image, b) = (i / cb, i % cb);
+        dst.fill(0.0);
+        for lane in 0..l.min(c - b * l) {
+            let src = &x[(image * c + b * l + lane) * h * w..][..h * w];
+            for (p, &v) in src.iter().enumerate() {
+                dst[p * l + lane] = v;
             }
-        });
+        }
+    });
     Ok(())
 }
 
@@ -52,7 +48,7 @@ pub fn to_nchw(
     let cb = c.div_ceil(l);
     check("blocked input", x.len(), n * cb * h * w * l)?;
     check("NCHW output", out.len(), n * c * h * w)?;
-    out.par_chunks_mut(h * w).enumerate().for_each(|(i, dst)| {
+    for_each_chunk(out, h * w, |i, dst| {
         let (image, ch) = (i / c, i % c);
         let src = &x[(image * cb + ch / l) * h * w * l..][..h * w * l];
         for (p, d) in dst.iter_mut().enumerate() {
@@ -117,7 +113,7 @@ pub fn max_pool(
     );
     check("blocked input", x.len(), n * cb * h * w * l)?;
     check("pooled output", out.len(), n * cb * ho * wo * l)?;
-    out.par_chunks_mut(wo * l).enumerate().for_each(|(i, dst)| {
+    for_each_chunk(out, wo * l, |i, dst| {
         let (plane, oy) = (i / ho, i % ho);
         let src = &x[plane * h * w * l..][..h * w * l];
         let ys = (oy * stride).saturating_sub(pad)..(oy * stride + k - pad).min(h);

@@ -19,6 +19,46 @@ pub use layout::{global_avg_pool, max_pool, to_blocked, to_nchw};
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
+thread_local! {
+    static ONE_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the kernels called on this thread kept on it (no splitting across the rayon pool):
+/// for callers that already give each thread its own images.
+pub fn on_this_thread<R>(f: impl FnOnce() -> R) -> R {
+    let before = ONE_THREAD.with(|c| c.replace(true));
+    let r = f();
+    ONE_THREAD.with(|c| c.set(before));
+    r
+}
+
+/// The threads a kernel called here may split its work across.
+pub fn threads() -> usize {
+    if ONE_THREAD.with(|c| c.get()) {
+        1
+    } else {
+        rayon::current_num_threads().max(1)
+    }
+}
+
+/// `f(index, chunk)` for the `size`-float chunks of `out`, across the pool where [`threads`] allows.
+pub(crate) fn for_each_chunk<T: Send>(
+    out: &mut [T],
+    size: usize,
+    f: impl Fn(usize, &mut [T]) + Send + Sync,
+) {
+    use rayon::prelude::*;
+    if threads() > 1 {
+        out.par_chunks_mut(size.max(1))
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        out.chunks_mut(size.max(1))
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    }
+}
+
 /// The instruction set the kernels run with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
@@ -255,7 +295,7 @@ impl PackedConv {
     }
 
     /// `out` (n, ⌈cout/L⌉, ho, wo, L) = act(conv(x) + bias), for `x` of `n` images of `h` x `w`
-    /// zero-padded by `pad`,
+    /// zero-padded by `pad`, plus `residual` (a blocked tensor of the output's shape) where given,
     /// in this convolution's input layout; every float of `out` is written. Runs on the rayon pool.
     pub fn run(
         &self,
@@ -263,6 +303,7 @@ impl PackedConv {
         (n, h, w): (usize, usize, usize),
         pad: Pad,
         act: Act,
+        residual: Option<&[f32]>,
         out: &mut [MaybeUninit<f32>],
     ) -> Result<(), KernelError> {
         let (ho, wo) = self.output_size(h, w, pad)?;
@@ -276,13 +317,26 @@ impl PackedConv {
                 self.spec
             )));
         }
+        if let Some(r) = residual
+            && (r.len() != need_out || self.spec.depthwise)
+        {
+            return Err(KernelError::Shape(format!(
+                "a residual of {} floats for {need_out} outputs{}",
+                r.len(),
+                if self.spec.depthwise {
+                    " of a depthwise convolution"
+                } else {
+                    ""
+                }
+            )));
+        }
         if !Isa::supported().contains(&self.isa) {
             return Err(KernelError::Unsupported(format!(
                 "{:?} on this CPU",
                 self.isa
             )));
         }
-        conv::run(self, x, n, (h, w), pad, act, out);
+        conv::run(self, x, n, (h, w), pad, (act, residual), out);
         Ok(())
     }
 }

@@ -17,6 +17,7 @@ pub(crate) trait Simd: Copy {
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn min(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
 }
 
 /// AVX-512F: 16 lanes, 32 registers.
@@ -52,6 +53,10 @@ impl Simd for Avx512 {
     unsafe fn min(a: __m512, b: __m512) -> __m512 {
         unsafe { _mm512_min_ps(a, b) }
     }
+    #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_add_ps(a, b) }
+    }
 }
 
 /// AVX2 with FMA: 8 lanes, 16 registers.
@@ -86,5 +91,9 @@ impl Simd for Avx2 {
     #[inline(always)]
     unsafe fn min(a: __m256, b: __m256) -> __m256 {
         unsafe { _mm256_min_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m256, b: __m256) -> __m256 {
+        unsafe { _mm256_add_ps(a, b) }
     }
 }

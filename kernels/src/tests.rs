@@ -115,7 +115,7 @@ fn check(
         };
         let (ho, wo) = p.output_size(h, w, pad).unwrap();
         let mut out = vec![MaybeUninit::new(f32::NAN); n * cout.div_ceil(l) * l * ho * wo];
-        p.run(&xin, (n, h, w), pad, act, &mut out).unwrap();
+        p.run(&xin, (n, h, w), pad, act, None, &mut out).unwrap();
         // SAFETY: run writes every float (and they started as NaN anyway).
         let out: Vec<f32> = out
             .into_iter()
@@ -253,9 +253,71 @@ fn wrong_sizes_are_refused() {
             (1, 5, 5),
             Pad::default(),
             Act::Relu,
+            None,
             &mut vec![MaybeUninit::new(0.0); l * 8]
         )
         .is_err()
     );
     assert!(p.output_size(2, 5, Pad::default()).is_err());
+}
+
+#[test]
+fn residual_is_added_before_the_activation() {
+    let (n, h, w, cin, cout) = (2, 7, 9, 24, 40);
+    let spec = ConvSpec {
+        cin,
+        cout,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        depthwise: false,
+    };
+    let pad = Pad {
+        top: 1,
+        bottom: 1,
+        left: 1,
+        right: 1,
+    };
+    for &isa in Isa::supported() {
+        let l = isa.lanes();
+        let p = PackedConv::new(
+            isa,
+            spec,
+            Input::Blocked,
+            &values(cout * cin * 9, 5),
+            &values(cout, 6),
+        )
+        .unwrap();
+        let x = values(n * cin.div_ceil(l) * l * h * w, 7);
+        let len = n * cout.div_ceil(l) * l * h * w;
+        let residual = values(len, 8);
+        let run = |act, res| {
+            let mut out = vec![MaybeUninit::new(f32::NAN); len];
+            p.run(&x, (n, h, w), pad, act, res, &mut out).unwrap();
+            out.into_iter()
+                .map(|v| unsafe { v.assume_init() })
+                .collect::<Vec<f32>>()
+        };
+        let plain = run(Act::Identity, None);
+        let fused = run(Act::Relu, Some(&residual));
+        for ((f, p), r) in fused.iter().zip(&plain).zip(&residual) {
+            assert!(
+                (f - (p + r).max(0.0)).abs() < 1e-5,
+                "{isa:?}: {f} vs {}",
+                (p + r).max(0.0)
+            );
+        }
+        let mut short = vec![MaybeUninit::new(0.0); len];
+        assert!(
+            p.run(
+                &x,
+                (n, h, w),
+                pad,
+                Act::Relu,
+                Some(&residual[1..]),
+                &mut short
+            )
+            .is_err()
+        );
+    }
 }

@@ -5,6 +5,8 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use rayon::prelude::*;
+
 use super::blocked;
 use super::pool::global_avg_pool;
 
@@ -70,8 +72,9 @@ impl Arch {
 /// What a forward pass returns.
 #[derive(Debug, Clone)]
 pub struct Features {
-    /// Activation of the first convolution (after its BatchNorm and activation), NCHW or blocked.
-    low: Tensor,
+    /// Activation of the first convolution (after its BatchNorm and activation): NCHW, or blocked
+    /// in parts of one image each.
+    low: Vec<Tensor>,
     /// Channels of `low`, to leave the blocked layout on demand.
     low_channels: usize,
     /// Activation of the last convolution: the final feature map (N, C, H, W).
@@ -84,7 +87,7 @@ impl Features {
     pub fn new(low: Tensor, high: Tensor, pooled: Tensor) -> Self {
         let low_channels = low.dims().get(1).copied().unwrap_or(0);
         Features {
-            low,
+            low: vec![low],
             low_channels,
             high,
             pooled,
@@ -94,7 +97,12 @@ impl Features {
     /// Activation of the first convolution, (N, C, H, W). Inference keeps it in the blocked layout
     /// and converts it only here, when asked for.
     pub fn low(&self) -> Result<Tensor> {
-        blocked::to_nchw(&self.low, self.low_channels)
+        let parts = self
+            .low
+            .iter()
+            .map(|l| blocked::to_nchw(l, self.low_channels))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)
     }
 }
 
@@ -191,16 +199,33 @@ pub trait Backbone: Send + Sync {
         if let (Some((low_channels, _)), true) =
             (self.blocked_channels(), self.blocked_here(x, train))
         {
+            // One image at a time: its activations stay in cache from one layer to the next,
+            // where a batch's would not (measured x1.2 at batch 8 for ResNet-50). With at least
+            // as many images as threads, each thread takes whole images (no sharing of a layer).
             return blocked::on_worker(|| {
-                let low = self.stem(x, false, true)?;
-                let high = self.last_block(&self.body(&low, false)?, false)?;
+                let n = x.dim(0)?;
+                let one = |i: usize| -> Result<(Tensor, Tensor)> {
+                    let l = self.stem(&x.narrow(0, i, 1)?, false, true)?;
+                    let h = self.last_block(&self.body(&l, false)?, false)?;
+                    Ok((l, h))
+                };
+                let threads = histolens_kernels::threads();
+                let whole = if threads > 1 { n - n % threads } else { 0 };
+                let mut parts: Vec<(Tensor, Tensor)> = (0..whole)
+                    .into_par_iter()
+                    .map(|i| histolens_kernels::on_this_thread(|| one(i)))
+                    .collect::<Result<_>>()?;
+                for i in whole..n {
+                    parts.push(one(i)?);
+                }
+                let (low, highs): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().unzip();
+                let high = Tensor::cat(&highs, 0)?;
                 let dim = self.arch().feature_dim();
-                let pooled = blocked::global_avg_pool(&high, dim)?;
                 Ok(Features {
                     low,
                     low_channels,
+                    pooled: blocked::global_avg_pool(&high, dim)?,
                     high: blocked::to_nchw(&high, dim)?,
-                    pooled,
                 })
             });
         }

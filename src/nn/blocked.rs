@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
 pub use histolens_kernels::{Act, ConvSpec, Input, Isa, PackedConv, Pad};
 
 use super::cpu_conv::{Activation, f32_slice};
@@ -156,6 +156,7 @@ impl CustomOp1 for Op {
                     (n, h, w),
                     *pad,
                     *act,
+                    None,
                     &mut out.spare_capacity_mut()[..len],
                 )
                 .map_err(kernel_err)?;
@@ -216,4 +217,73 @@ pub fn max_pool(x: &Tensor, kernel: usize, stride: usize, pad: usize) -> Result<
 /// convolution was packed for, the output blocked.
 pub fn conv(x: &Tensor, packed: &Arc<PackedConv>, pad: Pad, act: Activation) -> Result<Tensor> {
     apply(x, Op::Conv(packed.clone(), pad, act.into()))
+}
+
+/// `act(conv(x) + bias + residual)`: a convolution that ends a residual block, with the addition
+/// fused into its last pass over the output (no separate sweep over the sum).
+struct ConvAdd(Arc<PackedConv>, Pad, Act);
+
+impl CustomOp2 for ConvAdd {
+    fn name(&self) -> &'static str {
+        "histolens-blocked-conv-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ConvAdd(p, pad, act) = self;
+        let x = f32_slice(xs, xl, "blocked input")?;
+        let r = f32_slice(rs, rl, "residual")?;
+        let isa = p.isa();
+        let (n, h, w) = match xl.dims() {
+            &[n, _, h, w, lanes] if lanes == isa.lanes() && p.input() == Input::Blocked => {
+                (n, h, w)
+            }
+            d => bail!(
+                "blocked convolution: input of shape {d:?} for {:?} input",
+                p.input()
+            ),
+        };
+        let (ho, wo) = p.output_size(h, w, *pad).map_err(kernel_err)?;
+        let shape: Shape = (n, p.spec().cout.div_ceil(isa.lanes()), ho, wo, isa.lanes()).into();
+        if rl.shape() != &shape {
+            bail!(
+                "blocked residual of shape {:?} for an output of {:?}",
+                rl.dims(),
+                shape.dims()
+            )
+        }
+        let len = shape.elem_count();
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        p.run(
+            x,
+            (n, h, w),
+            *pad,
+            *act,
+            Some(r),
+            &mut out.spare_capacity_mut()[..len],
+        )
+        .map_err(kernel_err)?;
+        // SAFETY: `run` returned Ok, so it wrote all `len` floats.
+        unsafe { out.set_len(len) };
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+/// `act(conv(x) + bias + residual)` with packed weights, all blocked.
+pub fn conv_add(
+    x: &Tensor,
+    residual: &Tensor,
+    packed: &Arc<PackedConv>,
+    pad: Pad,
+    act: Activation,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(
+        &residual.contiguous()?,
+        &ConvAdd(packed.clone(), pad, act.into()),
+    )
 }

@@ -651,7 +651,7 @@ impl InplaceOp2 for AddAct {
             }
         };
         const CHUNK: usize = 1 << 14;
-        if a.len() > 2 * CHUNK && rayon::current_num_threads() > 1 {
+        if a.len() > 2 * CHUNK && histolens_kernels::threads() > 1 {
             a.par_chunks_mut(CHUNK)
                 .zip(b.par_chunks(CHUNK))
                 .for_each(run);

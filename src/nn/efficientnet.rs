@@ -9,6 +9,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::backbone::{Arch, Backbone};
+use super::blocked::is_blocked;
 use super::cpu_conv::add_act;
 use super::layers::{Activation, ConvBn, ConvSpec, Padding};
 
@@ -53,12 +54,15 @@ impl MbConv {
             y = e.forward_act(&y, train, Activation::Relu6)?;
         }
         y = self.depthwise.forward_act(&y, train, Activation::Relu6)?;
-        y = self.project.forward_t(&y, train)?;
-        if self.residual {
-            add_act(y, x, Activation::Identity)
-        } else {
-            Ok(y)
+        if !self.residual {
+            return self.project.forward_t(&y, train);
         }
+        if !train && is_blocked(&y) {
+            return self
+                .project
+                .forward_blocked_add(&y, x, Activation::Identity);
+        }
+        add_act(self.project.forward_t(&y, train)?, x, Activation::Identity)
     }
 }
 

@@ -147,51 +147,81 @@ impl ConvBn {
     /// (`blocked::applies`); grouped convolutions other than depthwise take the NCHW path.
     pub fn forward_blocked(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         let s = &self.spec;
-        let depthwise = s.groups == s.cin && s.cin == s.cout && s.groups > 1;
-        let Some(isa) = blocked::isa() else {
-            candle_core::bail!("blocked convolution without the blocked kernels")
-        };
-        if !(s.groups == 1 || depthwise) {
+        if !self.blocked_kind() {
             let y = self.forward_act(&blocked::to_nchw(x, s.cin)?, false, act)?;
             return blocked::to_blocked(&y);
         }
+        blocked::conv(x, &self.packed(x)?, self.blocked_pad(x)?, act)
+    }
+
+    /// `act(BatchNorm(conv(x)) + residual)` in evaluation, all blocked: a residual block's end, the
+    /// addition fused into the convolution.
+    pub fn forward_blocked_add(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        act: Activation,
+    ) -> Result<Tensor> {
+        if !self.blocked_kind() || self.depthwise() || !blocked::is_blocked(x) {
+            let y = self.forward_blocked(x, Activation::Identity)?;
+            return cpu_conv::add_act(y, residual, act);
+        }
+        blocked::conv_add(x, residual, &self.packed(x)?, self.blocked_pad(x)?, act)
+    }
+
+    fn depthwise(&self) -> bool {
+        let s = &self.spec;
+        s.groups == s.cin && s.cin == s.cout && s.groups > 1
+    }
+
+    /// Whether the blocked kernels take this convolution (dense or depthwise; other groupings not).
+    fn blocked_kind(&self) -> bool {
+        self.spec.groups == 1 || self.depthwise()
+    }
+
+    fn blocked_pad(&self, x: &Tensor) -> Result<blocked::Pad> {
+        let pad = self.padding(x)?;
+        Ok(blocked::Pad {
+            top: pad.top,
+            bottom: pad.bottom,
+            left: pad.left,
+            right: pad.right,
+        })
+    }
+
+    /// The folded weights packed for an input in `x`'s layout, made once.
+    fn packed(&self, x: &Tensor) -> Result<Arc<PackedConv>> {
+        let Some(isa) = blocked::isa() else {
+            candle_core::bail!("blocked convolution without the blocked kernels")
+        };
+        let s = &self.spec;
         let input = if blocked::is_blocked(x) {
             blocked::Input::Blocked
         } else {
             blocked::Input::Nchw
         };
         let slot = &self.packed[(input == blocked::Input::Blocked) as usize];
-        let packed = match slot.get() {
-            Some(p) => p.clone(),
-            None => {
-                let (w, b) = self.folded()?;
-                let spec = blocked::ConvSpec {
-                    cin: s.cin,
-                    cout: s.cout,
-                    kh: s.kernel.0,
-                    kw: s.kernel.1,
-                    stride: s.stride,
-                    depthwise,
-                };
-                let p = PackedConv::new(
-                    isa,
-                    spec,
-                    input,
-                    &w.flatten_all()?.to_vec1::<f32>()?,
-                    &b.to_vec1::<f32>()?,
-                )
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                slot.get_or_init(|| Arc::new(p)).clone()
-            }
+        if let Some(p) = slot.get() {
+            return Ok(p.clone());
+        }
+        let (w, b) = self.folded()?;
+        let spec = blocked::ConvSpec {
+            cin: s.cin,
+            cout: s.cout,
+            kh: s.kernel.0,
+            kw: s.kernel.1,
+            stride: s.stride,
+            depthwise: self.depthwise(),
         };
-        let pad = self.padding(x)?;
-        let pad = blocked::Pad {
-            top: pad.top,
-            bottom: pad.bottom,
-            left: pad.left,
-            right: pad.right,
-        };
-        blocked::conv(x, &packed, pad, act)
+        let p = PackedConv::new(
+            isa,
+            spec,
+            input,
+            &w.flatten_all()?.to_vec1::<f32>()?,
+            &b.to_vec1::<f32>()?,
+        )
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(slot.get_or_init(|| Arc::new(p)).clone())
     }
 
     /// The zero padding of an input of `x`'s size (NCHW or blocked).

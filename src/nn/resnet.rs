@@ -7,6 +7,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::backbone::{Arch, Backbone};
+use super::blocked::is_blocked;
 use super::cpu_conv::add_act;
 use super::layers::{Activation, ConvBn, ConvSpec};
 use super::pool::max_pool2d;
@@ -26,21 +27,21 @@ struct Block {
 
 impl Block {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let Some((last, inner)) = self.convs.split_last() else {
+            return Ok(x.clone());
+        };
         let mut y = x.clone();
-        let last = self.convs.len() - 1;
-        for (i, c) in self.convs.iter().enumerate() {
-            let act = if i < last {
-                Activation::Relu
-            } else {
-                Activation::Identity
-            };
-            y = c.forward_act(&y, train, act)?;
+        for c in inner {
+            y = c.forward_act(&y, train, Activation::Relu)?;
         }
         let skip = match &self.downsample {
             Some(d) => d.forward_t(x, train)?,
             None => x.clone(),
         };
-        add_act(y, &skip, Activation::Relu)
+        if !train && is_blocked(&y) {
+            return last.forward_blocked_add(&y, &skip, Activation::Relu);
+        }
+        add_act(last.forward_t(&y, train)?, &skip, Activation::Relu)
     }
 }
 
