@@ -155,6 +155,66 @@ pub(crate) fn run(
     }
 }
 
+/// `planes` independent 1x1 convolutions over `pixels` pixels of one image, without bias or
+/// activation, in one parallel sweep: plane k reads `x` + k·`x_plane`, its packed weights at `wts`
+/// + k·`w_plane` and writes `out` + k·`out_plane` (Winograd's products).
+///
+/// # Safety
+/// `isa` must be supported; the pointers must hold `planes` blocked planes of `cin` / `cout`
+/// channels and `pixels` pixels, and `zero_bias` ⌈cout/L⌉·L zeros.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn pointwise_planes(
+    isa: Isa,
+    planes: usize,
+    (x, wts, zero_bias, out): (*const f32, *const f32, *const f32, *mut f32),
+    (cin, cout, pixels): (usize, usize, usize),
+) {
+    let l = isa.lanes();
+    let (icb, cbo) = (cin.div_ceil(l), cout.div_ceil(l));
+    let job = |k: usize| Job {
+        x: x.wrapping_add(k * icb * pixels * l),
+        wts: wts.wrapping_add(k * cbo * icb * l * l),
+        bias: zero_bias,
+        out: out.wrapping_add(k * cbo * pixels * l),
+        residual: std::ptr::null(),
+        act: Act::Identity,
+        h: 1,
+        w: pixels,
+        ho: 1,
+        wo: pixels,
+        kh: 1,
+        kw: 1,
+        s: 1,
+        pt: 0,
+        pl: 0,
+        sb: pixels * l,
+        sc: 1,
+        sp: l,
+        icb,
+        in_block: l,
+        x_image: 0,
+        out_image: 0,
+        w_block: icb * l * l,
+        xa: 0,
+        xb: pixels,
+    };
+    let jobs: Vec<Job> = (0..planes).map(job).collect();
+    let units: Vec<(usize, Unit)> = (0..planes)
+        .flat_map(|k| {
+            split(1, cbo, isa.out_blocks(), 1, pixels, true)
+                .into_iter()
+                .map(move |u| (k, u))
+        })
+        .collect();
+    // SAFETY: as for `run`; the planes' outputs are disjoint.
+    let work = |(k, u): &(usize, Unit)| unsafe { run_unit(isa, &jobs[*k], u, false) };
+    if crate::threads() > 1 {
+        units.par_iter().for_each(work);
+    } else {
+        units.iter().for_each(work);
+    }
+}
+
 /// Units for the pool: at least 4 per thread where the work allows, each (image, block group)
 /// split into row ranges (column ranges, in whole tiles, for a flat plane). Image-major: one
 /// image's activations stay in cache while every block group reads them (measured faster at batch 8
@@ -260,7 +320,7 @@ fn column_parts(j: &Job, cols: &Range<usize>) -> (Range<usize>, Range<usize>, Ra
 }
 
 #[inline(always)]
-unsafe fn activate<S: Simd>(act: Act, v: S::V) -> S::V {
+pub(crate) unsafe fn activate<S: Simd>(act: Act, v: S::V) -> S::V {
     unsafe {
         match act {
             Act::Identity => v,

@@ -13,6 +13,7 @@
 mod conv;
 mod layout;
 mod simd;
+mod winograd;
 
 pub use layout::{global_avg_pool, max_pool, to_blocked, to_nchw};
 
@@ -122,6 +123,17 @@ impl Isa {
     }
 }
 
+/// Whether dense 3x3 stride-1 convolutions use Winograd F(2x2, 3x3) (`HISTOLENS_WINOGRAD=off`: no).
+fn winograd_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        !matches!(
+            std::env::var("HISTOLENS_WINOGRAD").as_deref(),
+            Ok("off" | "0")
+        )
+    })
+}
+
 /// What follows the bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Act {
@@ -179,6 +191,8 @@ pub struct PackedConv {
     input: Input,
     weights: Vec<f32>,
     bias: Vec<f32>,
+    /// Winograd F(2x2, 3x3) weights, for dense 3x3 stride-1 convolutions of blocked inputs.
+    winograd: Option<Vec<f32>>,
 }
 
 impl PackedConv {
@@ -251,12 +265,20 @@ impl PackedConv {
             }
             w
         };
+        let winograd = (kh == 3
+            && kw == 3
+            && stride == 1
+            && !depthwise
+            && input == Input::Blocked
+            && winograd_enabled())
+        .then(|| winograd::transform_weights(weight, cout, cin, l));
         Ok(PackedConv {
             isa,
             spec,
             input,
             weights,
             bias: b,
+            winograd,
         })
     }
 
@@ -335,6 +357,26 @@ impl PackedConv {
                 "{:?} on this CPU",
                 self.isa
             )));
+        }
+        if let Some(u) = &self.winograd {
+            let (image_in, image_out) = (x.len() / n.max(1), need_out / n.max(1));
+            for i in 0..n {
+                let res = residual.map(|r| &r[i * image_out..][..image_out]);
+                // SAFETY: the ISA is supported; image i's input, residual and output are in bounds.
+                unsafe {
+                    winograd::run_image(
+                        self.isa,
+                        u,
+                        &self.bias,
+                        &x[i * image_in..][..image_in],
+                        (self.spec.cin, self.spec.cout, h, w),
+                        pad,
+                        (act, res),
+                        out[i * image_out..].as_mut_ptr().cast::<f32>(),
+                    )
+                };
+            }
+            return Ok(());
         }
         conv::run(self, x, n, (h, w), pad, (act, residual), out);
         Ok(())

@@ -82,7 +82,31 @@ fn check(
     input: Input,
     act: Act,
 ) {
-    let (n, h, w) = (2, 13, 11);
+    check_at(
+        (2, 13, 11),
+        cin,
+        cout,
+        k,
+        stride,
+        pad,
+        depthwise,
+        input,
+        act,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_at(
+    (n, h, w): (usize, usize, usize),
+    cin: usize,
+    cout: usize,
+    k: (usize, usize),
+    stride: usize,
+    pad: (usize, usize, usize, usize),
+    depthwise: bool,
+    input: Input,
+    act: Act,
+) {
     let spec = ConvSpec {
         cin,
         cout,
@@ -163,6 +187,22 @@ fn many_input_blocks_are_summed_in_chunks() {
     check(
         320,
         72,
+        (3, 3),
+        1,
+        (1, 1, 1, 1),
+        false,
+        Input::Blocked,
+        Act::Relu,
+    );
+}
+
+#[test]
+fn winograd_over_many_chunks_of_tiles() {
+    // 3x3 stride 1 on 64 channels at 40x41: 420 tiles in several chunks, odd width.
+    check_at(
+        (1, 40, 41),
+        64,
+        48,
         (3, 3),
         1,
         (1, 1, 1, 1),
