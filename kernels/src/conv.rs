@@ -13,8 +13,19 @@ use crate::simd::Simd;
 use crate::simd::{Avx2, Avx512};
 use crate::{Act, Input, Isa, PackedConv};
 
-/// Output pixels per dense register tile.
-const TILE_PIXELS: usize = 6;
+/// Output pixels per dense register tile of `blocks` output blocks: about 24 accumulators where the
+/// instruction set has 32 registers, 12 where it has 16.
+const fn tile_pixels(isa_blocks: usize, blocks: usize) -> usize {
+    match (isa_blocks, blocks) {
+        (4, 1 | 2) => 12,
+        (4, 3) => 8,
+        (_, 1) => 12,
+        _ => 6,
+    }
+}
+
+/// Column ranges of a flat plane are cut in multiples of this (every tile width divides it).
+const FLAT_STEP: usize = 24;
 /// Output pixels per depthwise register tile.
 const DW_TILE_PIXELS: usize = 8;
 /// Bytes of weights a unit keeps hot while it sweeps its pixels: input blocks are taken in chunks
@@ -25,38 +36,39 @@ const WEIGHT_CHUNK_BYTES: usize = 128 << 10;
 /// One convolution call's geometry, pointers at image 0. For a 1x1 stride-1 unpadded convolution
 /// the plane is seen as one row of h·w pixels (`flat`), so tiles never stop at a row's end.
 #[derive(Clone, Copy)]
-struct Job {
-    x: *const f32,
-    wts: *const f32,
-    bias: *const f32,
-    out: *mut f32,
+pub(crate) struct Job {
+    pub(crate) x: *const f32,
+    pub(crate) wts: *const f32,
+    pub(crate) bias: *const f32,
+    pub(crate) out: *mut f32,
     /// Added before the activation where not null (same layout as `out`).
-    residual: *const f32,
-    act: Act,
-    h: usize,
-    w: usize,
-    ho: usize,
-    wo: usize,
-    kh: usize,
-    kw: usize,
-    s: usize,
-    pt: usize,
-    pl: usize,
+    pub(crate) residual: *const f32,
+    pub(crate) act: Act,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) ho: usize,
+    pub(crate) wo: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    pub(crate) s: usize,
+    pub(crate) pt: usize,
+    pub(crate) pl: usize,
     /// Input strides (floats): between blocks, between channels of a block, between pixels.
-    sb: usize,
-    sc: usize,
-    sp: usize,
+    pub(crate) sb: usize,
+    pub(crate) sc: usize,
+    pub(crate) sp: usize,
     /// Input blocks and channels per input block.
-    icb: usize,
-    in_block: usize,
-    /// Floats per image of input and of output.
-    x_image: usize,
-    out_image: usize,
+    pub(crate) icb: usize,
+    pub(crate) in_block: usize,
+    /// Floats per image of input and of output, between output blocks (dense).
+    pub(crate) x_image: usize,
+    pub(crate) out_image: usize,
+    pub(crate) out_block: usize,
     /// Floats between consecutive output blocks in the packed weights (dense).
-    w_block: usize,
+    pub(crate) w_block: usize,
     /// Output columns whose taps all lie inside the image: xa..xb.
-    xa: usize,
-    xb: usize,
+    pub(crate) xa: usize,
+    pub(crate) xb: usize,
 }
 
 // SAFETY: the pointers are read (x, wts, bias) or written in disjoint blocks (out) by the units of
@@ -66,11 +78,11 @@ unsafe impl Sync for Job {}
 
 /// A piece of work: images `images`, output blocks `blocks`, rows `rows`, columns `cols`.
 #[derive(Clone)]
-struct Unit {
-    images: Range<usize>,
-    blocks: Range<usize>,
-    rows: Range<usize>,
-    cols: Range<usize>,
+pub(crate) struct Unit {
+    pub(crate) images: Range<usize>,
+    pub(crate) blocks: Range<usize>,
+    pub(crate) rows: Range<usize>,
+    pub(crate) cols: Range<usize>,
 }
 
 pub(crate) fn run(
@@ -132,6 +144,7 @@ pub(crate) fn run(
         in_block,
         x_image: icb * in_block * h * w,
         out_image: cbo * ho * wo * l,
+        out_block: ho * wo * l,
         w_block: icb * spec.kh * spec.kw * in_block * l,
         xa,
         xb,
@@ -194,6 +207,7 @@ pub(crate) unsafe fn pointwise_planes(
         in_block: l,
         x_image: 0,
         out_image: 0,
+        out_block: pixels * l,
         w_block: icb * l * l,
         xa: 0,
         xb: pixels,
@@ -228,7 +242,7 @@ fn split(n: usize, cbo: usize, group: usize, ho: usize, wo: usize, flat: bool) -
     for (image, g) in iproduct(0..n, 0..groups) {
         let (images, blocks) = (image..image + 1, g * group..((g + 1) * group).min(cbo));
         if flat {
-            let step = wo.div_ceil(pieces).next_multiple_of(TILE_PIXELS).max(1);
+            let step = wo.div_ceil(pieces).next_multiple_of(FLAT_STEP).max(1);
             for c in (0..wo).step_by(step) {
                 units.push(Unit {
                     images: images.clone(),
@@ -331,10 +345,11 @@ pub(crate) unsafe fn activate<S: Simd>(act: Act, v: S::V) -> S::V {
 }
 
 #[inline(always)]
-unsafe fn dense_unit<S: Simd>(j: &Job, u: &Unit) {
+pub(crate) unsafe fn dense_unit<S: Simd>(j: &Job, u: &Unit) {
     let l = S::LANES;
     let per_block = u.blocks.len() * j.kh * j.kw * j.in_block * l * 4;
     let chunk = (WEIGHT_CHUNK_BYTES / per_block.max(1)).clamp(1, j.icb);
+    let max_px = tile_pixels(S::OUT_BLOCKS, u.blocks.len());
     let mut c0 = 0;
     while c0 < j.icb {
         let blocks_in = c0..(c0 + chunk).min(j.icb);
@@ -353,7 +368,7 @@ unsafe fn dense_unit<S: Simd>(j: &Job, u: &Unit) {
             if j.sc == 1 {
                 // Blocked input: taps outside the image read a vector of zeros, so edge pixels
                 // join the tiles.
-                for (ox, px) in tiles(u.cols.clone(), TILE_PIXELS) {
+                for (ox, px) in tiles(u.cols.clone(), max_px) {
                     unsafe { dense_tile_dispatch::<S>(j, image, u, px, oy, ox, &t) };
                 }
                 continue;
@@ -366,7 +381,7 @@ unsafe fn dense_unit<S: Simd>(j: &Job, u: &Unit) {
                 };
                 unsafe { dense_tile_dispatch::<S>(j, image, u, 1, oy, ox, &edge) };
             }
-            for (ox, px) in tiles(mid, TILE_PIXELS) {
+            for (ox, px) in tiles(mid, max_px) {
                 unsafe { dense_tile_dispatch::<S>(j, image, u, px, oy, ox, &t) };
             }
         }
@@ -443,9 +458,9 @@ unsafe fn dense_tile_dispatch<S: Simd>(
 ) {
     let (ob0, ob) = (u.blocks.start, u.blocks.len());
     dense_tiles!(S, ob, px, (j, image, ob0, oy, ox, t);
-        (1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (1, 6),
-        (2, 1), (2, 2), (2, 3), (2, 4), (2, 5), (2, 6),
-        (3, 1), (3, 2), (3, 3), (3, 4), (3, 5), (3, 6),
+        (1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (1, 8), (1, 9), (1, 10), (1, 11), (1, 12),
+        (2, 1), (2, 2), (2, 3), (2, 4), (2, 5), (2, 6), (2, 7), (2, 8), (2, 9), (2, 10), (2, 11), (2, 12),
+        (3, 1), (3, 2), (3, 3), (3, 4), (3, 5), (3, 6), (3, 7), (3, 8),
         (4, 1), (4, 2), (4, 3), (4, 4), (4, 5), (4, 6))
 }
 
@@ -463,9 +478,9 @@ unsafe fn dense_tile<S: Simd, const OB: usize, const PX: usize>(
     let l = S::LANES;
     let out = unsafe {
         j.out
-            .add(image * j.out_image + (ob0 * j.ho * j.wo + oy * j.wo + ox0) * l)
+            .add(image * j.out_image + ob0 * j.out_block + (oy * j.wo + ox0) * l)
     };
-    let out_block = j.ho * j.wo * l;
+    let out_block = j.out_block;
     let x = unsafe { j.x.add(image * j.x_image) };
     let wts = unsafe { j.wts.add(ob0 * j.w_block) };
     unsafe {
@@ -614,7 +629,7 @@ unsafe fn depthwise_unit<S: Simd>(j: &Job, u: &Unit) {
 
 /// The tiles of columns `cols` of one output row.
 #[inline(always)]
-unsafe fn dw_row<S: Simd>(j: &Job, t: &DwRow, cols: Range<usize>) {
+pub(crate) unsafe fn dw_row<S: Simd>(j: &Job, t: &DwRow, cols: Range<usize>) {
     for (ox, px) in tiles(cols, DW_TILE_PIXELS) {
         macro_rules! tile {
             ($k:literal, $s:literal) => {
@@ -667,12 +682,12 @@ unsafe fn dw_edge_pixel<S: Simd>(
 
 /// One output row of one block: its padded input window (at the row's first tap row), weights,
 /// bias and output.
-struct DwRow {
-    src: *const f32,
-    row_len: usize,
-    wts: *const f32,
-    bias: *const f32,
-    out: *mut f32,
+pub(crate) struct DwRow {
+    pub(crate) src: *const f32,
+    pub(crate) row_len: usize,
+    pub(crate) wts: *const f32,
+    pub(crate) bias: *const f32,
+    pub(crate) out: *mut f32,
 }
 
 /// PX output pixels from column `ox0`. K x K kernel of stride ST when K > 0 (loops unroll and

@@ -11,6 +11,7 @@
 //! tensor library: histolens' `nn::blocked` wraps them as candle operations.
 
 mod conv;
+mod fused;
 mod layout;
 mod simd;
 mod winograd;
@@ -114,7 +115,7 @@ impl Isa {
         }
     }
 
-    /// Output-channel blocks per register tile (the tile is `out_blocks` x 6 vectors).
+    /// Output-channel blocks per register tile (`Simd::OUT_BLOCKS`).
     fn out_blocks(self) -> usize {
         match self {
             Isa::Avx512 => 4,
@@ -381,6 +382,57 @@ impl PackedConv {
         conv::run(self, x, n, (h, w), pad, (act, residual), out);
         Ok(())
     }
+}
+
+/// `act_dw(depthwise(act_expand(expand(x))))` for an inverted-residual block: `expand` a 1x1
+/// stride-1 convolution of a blocked input, `depthwise` its depthwise successor, `pad` the latter's
+/// padding. Equal to the two calls in sequence, without writing the expanded activation.
+#[allow(clippy::too_many_arguments)]
+pub fn expand_depthwise(
+    expand: &PackedConv,
+    depthwise: &PackedConv,
+    x: &[f32],
+    (n, h, w): (usize, usize, usize),
+    pad: Pad,
+    (act_expand, act_dw): (Act, Act),
+    out: &mut [MaybeUninit<f32>],
+) -> Result<(), KernelError> {
+    let (e, d) = (expand.spec, depthwise.spec);
+    if e.kh != 1 || e.kw != 1 || e.stride != 1 || e.depthwise || expand.input != Input::Blocked {
+        return Err(KernelError::Unsupported(format!("{e:?} as an expansion")));
+    }
+    if !d.depthwise || d.cin != e.cout || expand.isa != depthwise.isa {
+        return Err(KernelError::Shape(format!(
+            "{d:?} after the expansion {e:?}"
+        )));
+    }
+    let (ho, wo) = depthwise.output_size(h, w, pad)?;
+    let l = expand.isa.lanes();
+    let need_out = n * e.cout.div_ceil(l) * ho * wo * l;
+    if x.len() != expand.input_len(n, h, w) || out.len() != need_out {
+        return Err(KernelError::Shape(format!(
+            "{} input and {} output floats for {n} images of {h}x{w} ({e:?}, {d:?})",
+            x.len(),
+            out.len()
+        )));
+    }
+    if !Isa::supported().contains(&expand.isa) {
+        return Err(KernelError::Unsupported(format!(
+            "{:?} on this CPU",
+            expand.isa
+        )));
+    }
+    fused::run(
+        expand,
+        depthwise,
+        x,
+        (n, h, w),
+        (ho, wo),
+        pad,
+        (act_expand, act_dw),
+        out,
+    );
+    Ok(())
 }
 
 #[cfg(test)]

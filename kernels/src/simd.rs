@@ -9,6 +9,8 @@ use std::arch::x86_64::*;
 /// instruction set, and pointers must be valid for `LANES` floats (one for `splat_from`).
 pub(crate) trait Simd: Copy {
     const LANES: usize;
+    /// Output-channel blocks per dense register tile (`Isa::out_blocks`).
+    const OUT_BLOCKS: usize;
     type V: Copy;
     unsafe fn splat(v: f32) -> Self::V;
     unsafe fn load(p: *const f32) -> Self::V;
@@ -29,6 +31,7 @@ pub(crate) struct Avx512;
 #[cfg(target_arch = "x86_64")]
 impl Simd for Avx512 {
     const LANES: usize = 16;
+    const OUT_BLOCKS: usize = 4;
     type V = __m512;
     #[inline(always)]
     unsafe fn splat(v: f32) -> __m512 {
@@ -72,6 +75,7 @@ pub(crate) struct Avx2;
 #[cfg(target_arch = "x86_64")]
 impl Simd for Avx2 {
     const LANES: usize = 8;
+    const OUT_BLOCKS: usize = 2;
     type V = __m256;
     #[inline(always)]
     unsafe fn splat(v: f32) -> __m256 {

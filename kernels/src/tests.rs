@@ -361,3 +361,90 @@ fn residual_is_added_before_the_activation() {
         );
     }
 }
+
+/// The fused expansion + depthwise equals the two convolutions in sequence.
+#[test]
+fn fused_expansion_and_depthwise_equal_the_two_convolutions() {
+    // (input channels, expanded channels, kernel, stride, padding top/bottom/left/right, h, w)
+    let cases = [
+        (24, 144, 3, 1, (1, 1, 1, 1), 13, 11),
+        (16, 96, 3, 2, (0, 1, 0, 1), 14, 12),
+        (40, 72, 5, 2, (1, 2, 1, 2), 9, 15),
+        (20, 40, 5, 1, (2, 2, 2, 2), 112, 100), // windows over the budget: one block a unit
+    ];
+    for (cin, mid, k, stride, pad, h, w) in cases {
+        let pad = Pad {
+            top: pad.0,
+            bottom: pad.1,
+            left: pad.2,
+            right: pad.3,
+        };
+        let n = 2;
+        for &isa in Isa::supported() {
+            let l = isa.lanes();
+            let dense = |cin, cout, kk, stride, depthwise, seed| {
+                let per = if depthwise { 1 } else { cin };
+                let spec = ConvSpec {
+                    cin,
+                    cout,
+                    kh: kk,
+                    kw: kk,
+                    stride,
+                    depthwise,
+                };
+                PackedConv::new(
+                    isa,
+                    spec,
+                    Input::Blocked,
+                    &values(cout * per * kk * kk, seed),
+                    &values(cout, seed + 1),
+                )
+                .unwrap()
+            };
+            let e = dense(cin, mid, 1, 1, false, 10);
+            let d = dense(mid, mid, k, stride, true, 20);
+            let x = values(n * cin.div_ceil(l) * l * h * w, 30);
+            let run = |p: &PackedConv, x: &[f32], h, w, pad, act| {
+                let (ho, wo) = p.output_size(h, w, pad).unwrap();
+                let mut out = vec![MaybeUninit::new(f32::NAN); n * mid.div_ceil(l) * l * ho * wo];
+                p.run(x, (n, h, w), pad, act, None, &mut out).unwrap();
+                out.into_iter()
+                    .map(|v| unsafe { v.assume_init() })
+                    .collect::<Vec<f32>>()
+            };
+            let expanded = run(&e, &x, h, w, Pad::default(), Act::Relu6);
+            let want = run(&d, &expanded, h, w, pad, Act::Relu6);
+            let mut got = vec![MaybeUninit::new(f32::NAN); want.len()];
+            expand_depthwise(
+                &e,
+                &d,
+                &x,
+                (n, h, w),
+                pad,
+                (Act::Relu6, Act::Relu6),
+                &mut got,
+            )
+            .unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let g = unsafe { g.assume_init() };
+                assert!(
+                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{isa:?} k{k}/{stride} at {i}: {g} vs {w}"
+                );
+            }
+            let mut short = vec![MaybeUninit::new(0.0); want.len() - 1];
+            assert!(
+                expand_depthwise(
+                    &e,
+                    &d,
+                    &x,
+                    (n, h, w),
+                    pad,
+                    (Act::Relu6, Act::Relu6),
+                    &mut short
+                )
+                .is_err()
+            );
+        }
+    }
+}

@@ -169,7 +169,7 @@ impl CustomOp1 for Op {
     }
 }
 
-fn apply(x: &Tensor, op: Op) -> Result<Tensor> {
+fn apply(x: &Tensor, op: impl CustomOp1) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&op)
 }
 
@@ -285,5 +285,72 @@ pub fn conv_add(
     x.contiguous()?.apply_op2_no_bwd(
         &residual.contiguous()?,
         &ConvAdd(packed.clone(), pad, act.into()),
+    )
+}
+
+/// `act_dw(depthwise(act_expand(expand(x))))` in one pass (see `histolens_kernels::expand_depthwise`).
+struct ExpandDepthwise {
+    expand: Arc<PackedConv>,
+    depthwise: Arc<PackedConv>,
+    pad: Pad,
+    acts: (Act, Act),
+}
+
+impl CustomOp1 for ExpandDepthwise {
+    fn name(&self) -> &'static str {
+        "histolens-blocked-expand-depthwise"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "blocked input")?;
+        let isa = self.expand.isa();
+        let (n, h, w) = match l.dims() {
+            &[n, _, h, w, lanes] if lanes == isa.lanes() => (n, h, w),
+            d => bail!("expansion: input of shape {d:?}"),
+        };
+        let (ho, wo) = self
+            .depthwise
+            .output_size(h, w, self.pad)
+            .map_err(kernel_err)?;
+        let shape: Shape = (
+            n,
+            self.expand.spec().cout.div_ceil(isa.lanes()),
+            ho,
+            wo,
+            isa.lanes(),
+        )
+            .into();
+        let len = shape.elem_count();
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        histolens_kernels::expand_depthwise(
+            &self.expand,
+            &self.depthwise,
+            x,
+            (n, h, w),
+            self.pad,
+            self.acts,
+            &mut out.spare_capacity_mut()[..len],
+        )
+        .map_err(kernel_err)?;
+        // SAFETY: the kernel returned Ok, so it wrote all `len` floats.
+        unsafe { out.set_len(len) };
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+/// `act_dw(depthwise(act_expand(expand(x))))`, all blocked, the expansion never written whole.
+pub fn expand_depthwise(
+    x: &Tensor,
+    (expand, act_expand): (&Arc<PackedConv>, Activation),
+    (depthwise, pad, act_dw): (&Arc<PackedConv>, Pad, Activation),
+) -> Result<Tensor> {
+    apply(
+        x,
+        ExpandDepthwise {
+            expand: expand.clone(),
+            depthwise: depthwise.clone(),
+            pad,
+            acts: (act_expand.into(), act_dw.into()),
+        },
     )
 }

@@ -49,11 +49,18 @@ struct MbConv {
 
 impl MbConv {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = x.clone();
-        if let Some(e) = &self.expand {
-            y = e.forward_act(&y, train, Activation::Relu6)?;
-        }
-        y = self.depthwise.forward_act(&y, train, Activation::Relu6)?;
+        let y = match &self.expand {
+            Some(e) if !train && is_blocked(x) => self.depthwise.forward_blocked_after(
+                x,
+                (e, Activation::Relu6),
+                Activation::Relu6,
+            )?,
+            Some(e) => {
+                let y = e.forward_act(x, train, Activation::Relu6)?;
+                self.depthwise.forward_act(&y, train, Activation::Relu6)?
+            }
+            None => self.depthwise.forward_act(x, train, Activation::Relu6)?,
+        };
         if !self.residual {
             return self.project.forward_t(&y, train);
         }

@@ -169,6 +169,32 @@ impl ConvBn {
         blocked::conv_add(x, residual, &self.packed(x)?, self.blocked_pad(x)?, act)
     }
 
+    /// `act(BatchNorm(depthwise(act_expand(BatchNorm(expand(x))))))` in evaluation, all blocked, with
+    /// `self` the depthwise convolution and `expand` the 1x1 convolution before it: one pass that never
+    /// writes the expanded activation. Other kinds of convolution take the two calls.
+    pub fn forward_blocked_after(
+        &self,
+        x: &Tensor,
+        (expand, act_expand): (&ConvBn, Activation),
+        act: Activation,
+    ) -> Result<Tensor> {
+        let e = &expand.spec;
+        let fusable = self.depthwise()
+            && e.kernel == (1, 1)
+            && e.stride == 1
+            && e.groups == 1
+            && e.cout == self.spec.cin
+            && blocked::is_blocked(x);
+        if !fusable {
+            let y = expand.forward_blocked(x, act_expand)?;
+            return self.forward_blocked(&y, act);
+        }
+        // The depthwise input has the expansion's (= x's) height and width.
+        let pad = self.blocked_pad(x)?;
+        let (ep, dp) = (expand.packed(x)?, self.packed(x)?);
+        blocked::expand_depthwise(x, (&ep, act_expand), (&dp, pad, act))
+    }
+
     fn depthwise(&self) -> bool {
         let s = &self.spec;
         s.groups == s.cin && s.cin == s.cout && s.groups > 1

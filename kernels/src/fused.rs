@@ -1,0 +1,224 @@
+//! An inverted-residual block's expansion and depthwise convolution in one pass (EfficientNet's
+//! MBConv): `act_dw(depthwise(act_expand(expand(x))))` without writing the expanded activation,
+//! which is the largest tensor of the block (96 channels at 112x112 = 4.8 MB in EfficientNet-Lite0's
+//! second stage). Per group of expanded blocks, the 1x1 expansion of the whole plane goes straight
+//! into zero-padded windows that stay in the L2 cache, and the depthwise convolution reads them.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::conv::{DwRow, Job, Unit, dense_unit, dw_row};
+use crate::simd::Simd;
+#[cfg(target_arch = "x86_64")]
+use crate::simd::{Avx2, Avx512};
+use crate::{Act, Isa, PackedConv, Pad};
+
+/// Bytes of windows a unit fills (one window where a plane is larger than this).
+const WINDOW_BYTES: usize = 512 << 10;
+
+thread_local! {
+    static WINDOWS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// One call's buffers and sizes.
+struct Fused {
+    x: *const f32,
+    e_wts: *const f32,
+    e_bias: *const f32,
+    d_wts: *const f32,
+    d_bias: *const f32,
+    out: *mut f32,
+    /// Input (h, w), depthwise output (ho, wo), window (rows, columns).
+    h: usize,
+    w: usize,
+    ho: usize,
+    wo: usize,
+    win_rows: usize,
+    win_cols: usize,
+    pad: Pad,
+    icb: usize,
+    mid_blocks: usize,
+    kh: usize,
+    kw: usize,
+    s: usize,
+    acts: (Act, Act),
+}
+
+// SAFETY: read-only inputs; units write disjoint output blocks; the caller waits for them all.
+unsafe impl Send for Fused {}
+unsafe impl Sync for Fused {}
+
+/// Checked by `crate::expand_depthwise`: sizes, layouts and the instruction set.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run(
+    e: &PackedConv,
+    d: &PackedConv,
+    x: &[f32],
+    (n, h, w): (usize, usize, usize),
+    (ho, wo): (usize, usize),
+    pad: Pad,
+    acts: (Act, Act),
+    out: &mut [MaybeUninit<f32>],
+) {
+    let isa = e.isa;
+    let l = isa.lanes();
+    let (kh, kw, s) = (d.spec.kh, d.spec.kw, d.spec.stride);
+    let win_rows = ((ho - 1) * s + kh).max(pad.top + h);
+    let win_cols = ((wo - 1) * s + kw).max(pad.left + w);
+    let mid_blocks = e.spec.cout.div_ceil(l);
+    let f = Fused {
+        x: x.as_ptr(),
+        e_wts: e.weights.as_ptr(),
+        e_bias: e.bias.as_ptr(),
+        d_wts: d.weights.as_ptr(),
+        d_bias: d.bias.as_ptr(),
+        out: out.as_mut_ptr().cast::<f32>(),
+        h,
+        w,
+        ho,
+        wo,
+        win_rows,
+        win_cols,
+        pad,
+        icb: e.spec.cin.div_ceil(l),
+        mid_blocks,
+        kh,
+        kw,
+        s,
+        acts,
+    };
+    let window = win_rows * win_cols * l * 4;
+    let group = (WINDOW_BYTES / window).clamp(1, isa.out_blocks());
+    let units: Vec<(usize, Range<usize>)> = (0..n)
+        .flat_map(|i| {
+            (0..mid_blocks)
+                .step_by(group)
+                .map(move |b| (i, b..(b + group).min(mid_blocks)))
+        })
+        .collect();
+    // SAFETY: the ISA is supported (checked by the caller); units are disjoint and in bounds.
+    let work = |(i, blocks): &(usize, Range<usize>)| unsafe { unit_isa(isa, &f, *i, blocks) };
+    if crate::threads() > 1 && units.len() > 1 {
+        units.par_iter().for_each(work);
+    } else {
+        units.iter().for_each(work);
+    }
+}
+
+unsafe fn unit_isa(isa: Isa, f: &Fused, image: usize, blocks: &Range<usize>) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { unit_avx512(f, image, blocks) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { unit_avx2(f, image, blocks) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!(),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn unit_avx512(f: &Fused, image: usize, blocks: &Range<usize>) {
+    unsafe { unit::<Avx512>(f, image, blocks) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn unit_avx2(f: &Fused, image: usize, blocks: &Range<usize>) {
+    unsafe { unit::<Avx2>(f, image, blocks) }
+}
+
+/// A job for the shared kernels, with what they do not read left empty.
+fn job(f: &Fused, l: usize) -> Job {
+    Job {
+        x: std::ptr::null(),
+        wts: std::ptr::null(),
+        bias: std::ptr::null(),
+        out: std::ptr::null_mut(),
+        residual: std::ptr::null(),
+        act: Act::Identity,
+        h: 1,
+        w: f.w,
+        ho: 1,
+        wo: f.w,
+        kh: 1,
+        kw: 1,
+        s: 1,
+        pt: 0,
+        pl: 0,
+        sb: f.h * f.w * l,
+        sc: 1,
+        sp: l,
+        icb: f.icb,
+        in_block: l,
+        x_image: 0,
+        out_image: 0,
+        out_block: f.win_rows * f.win_cols * l,
+        w_block: f.icb * l * l,
+        xa: 0,
+        xb: f.w,
+    }
+}
+
+#[inline(always)]
+unsafe fn unit<S: Simd>(f: &Fused, image: usize, blocks: &Range<usize>) {
+    let l = S::LANES;
+    let (g, b0) = (blocks.len(), blocks.start);
+    let row = f.win_cols * l;
+    let win = f.win_rows * row;
+    // Taken out of the thread-local and put back (a closure would not inline the vector code).
+    let mut buf = WINDOWS.with(|c| c.take());
+    if buf.len() < g * win {
+        buf.resize(g * win, 0.0);
+    }
+    let (pt, pl) = (f.pad.top, f.pad.left);
+    for wnd in buf[..g * win].chunks_exact_mut(win) {
+        for (r, line) in wnd.chunks_exact_mut(row).enumerate() {
+            if r < pt || r >= pt + f.h {
+                line.fill(0.0);
+            } else {
+                line[..pl * l].fill(0.0);
+                line[(pl + f.w) * l..].fill(0.0);
+            }
+        }
+    }
+    unsafe {
+        // The expansion, one input row at a time, into row iy + pt of each window.
+        let x = f.x.add(image * f.icb * f.h * f.w * l);
+        let mut e = job(f, l);
+        e.wts = f.e_wts.add(b0 * e.w_block);
+        e.bias = f.e_bias.add(b0 * l);
+        e.act = f.acts.0;
+        let u = Unit {
+            images: 0..1,
+            blocks: 0..g,
+            rows: 0..1,
+            cols: 0..f.w,
+        };
+        for iy in 0..f.h {
+            e.x = x.add(iy * f.w * l);
+            e.out = buf.as_mut_ptr().add((iy + pt) * row + pl * l);
+            dense_unit::<S>(&e, &u);
+        }
+        // The depthwise convolution over the windows.
+        let mut d = job(f, l);
+        (d.kh, d.kw, d.s, d.act) = (f.kh, f.kw, f.s, f.acts.1);
+        let out = f.out.add(image * f.mid_blocks * f.ho * f.wo * l);
+        for k in 0..g {
+            let b = b0 + k;
+            for oy in 0..f.ho {
+                let t = DwRow {
+                    src: buf.as_ptr().add(k * win + oy * f.s * row),
+                    row_len: row,
+                    wts: f.d_wts.add(b * f.kh * f.kw * l),
+                    bias: f.d_bias.add(b * l),
+                    out: out.add((b * f.ho + oy) * f.wo * l),
+                };
+                dw_row::<S>(&d, &t, 0..f.wo);
+            }
+        }
+    }
+    WINDOWS.with(|c| c.replace(buf));
+}
