@@ -307,6 +307,8 @@ unsafe fn a_t<S: Simd>(r: [S::V; 4]) -> [S::V; 2] {
 }
 
 /// V = Bᵀ d B for every tile of input block `b`; Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1].
+// The loops index the columns of 4x4 arrays of vectors (a transpose), which iterators do not express.
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 unsafe fn input_block<S: Simd>(g: &Geom, t: &Chunk, x: *const f32, v: *mut f32, b: usize) {
     let l = S::LANES;
@@ -350,6 +352,7 @@ unsafe fn input_block<S: Simd>(g: &Geom, t: &Chunk, x: *const f32, v: *mut f32, 
 
 /// Y = Aᵀ M A (+ bias, residual, activation) for every tile of output block `b`;
 /// Aᵀ = [1 1 1 0; 0 1 −1 −1].
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 unsafe fn output_block<S: Simd>(
     g: &Geom,
