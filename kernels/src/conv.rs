@@ -57,9 +57,10 @@ pub(crate) struct Job {
     pub(crate) sb: usize,
     pub(crate) sc: usize,
     pub(crate) sp: usize,
-    /// Input blocks and channels per input block.
+    /// Input blocks, channels per input block, real channels of the last one.
     pub(crate) icb: usize,
     pub(crate) in_block: usize,
+    pub(crate) in_last: usize,
     /// Floats per image of input and of output, between output blocks (dense).
     pub(crate) x_image: usize,
     pub(crate) out_image: usize,
@@ -142,6 +143,7 @@ pub(crate) fn run(
         sp,
         icb,
         in_block,
+        in_last: spec.cin - (icb - 1) * in_block,
         x_image: icb * in_block * h * w,
         out_image: cbo * ho * wo * l,
         out_block: ho * wo * l,
@@ -205,6 +207,7 @@ pub(crate) unsafe fn pointwise_planes(
         sp: l,
         icb,
         in_block: l,
+        in_last: cin - (icb - 1) * l,
         x_image: 0,
         out_image: 0,
         out_block: pixels * l,
@@ -495,6 +498,12 @@ unsafe fn dense_tile<S: Simd, const OB: usize, const PX: usize>(
             }
         }
         for ib in t.blocks_in.clone() {
+            // The last input block's padding channels have zero weights: skip them.
+            let channels = if ib + 1 == j.icb {
+                j.in_last
+            } else {
+                j.in_block
+            };
             for ky in t.ky.clone() {
                 let iy = oy * j.s + ky - j.pt;
                 let x_row = x.add(ib * j.sb + iy * j.w * j.sp);
@@ -502,7 +511,7 @@ unsafe fn dense_tile<S: Simd, const OB: usize, const PX: usize>(
                     let xp: [*const f32; PX] =
                         std::array::from_fn(|p| column(j, x_row, ox0 + p, kx));
                     let wp = wts.add(((ib * j.kh + ky) * j.kw + kx) * j.in_block * l);
-                    for ic in 0..j.in_block {
+                    for ic in 0..channels {
                         let mut wv = [S::splat(0.0); OB];
                         for (o, v) in wv.iter_mut().enumerate() {
                             *v = S::load(wp.add(o * j.w_block + ic * l));
