@@ -241,9 +241,12 @@ fn split(n: usize, cbo: usize, group: usize, ho: usize, wo: usize, flat: bool) -
     let threads = crate::threads();
     let want = if threads > 1 { 4 * threads } else { 1 };
     let pieces = want.div_ceil(n * groups).max(1);
+    // Groups of sizes differing by at most one (9 blocks: 3 + 3 + 3, not 4 + 4 + 1): a lone block
+    // would run the least efficient tile.
+    let sizes: Vec<(usize, usize)> = tiles(0..cbo, group).collect();
     let mut units = Vec::new();
-    for (image, g) in iproduct(0..n, 0..groups) {
-        let (images, blocks) = (image..image + 1, g * group..((g + 1) * group).min(cbo));
+    for (image, &(b0, len)) in iproduct(0..n, 0..groups).map(|(i, g)| (i, &sizes[g])) {
+        let (images, blocks) = (image..image + 1, b0..b0 + len);
         if flat {
             let step = wo.div_ceil(pieces).next_multiple_of(FLAT_STEP).max(1);
             for c in (0..wo).step_by(step) {
