@@ -402,7 +402,7 @@ fn iproduct(outer: Range<usize>, inner: Range<usize>) -> impl Iterator<Item = (u
 
 /// `cols` cut into the fewest tiles of at most `max` pixels, of sizes differing by at most one
 /// (56 = 6 x 6 + 4 x 5, not 9 x 6 + 2): (first column, pixels).
-fn tiles(cols: Range<usize>, max: usize) -> impl Iterator<Item = (usize, usize)> {
+pub(crate) fn tiles(cols: Range<usize>, max: usize) -> impl Iterator<Item = (usize, usize)> {
     let len = cols.len();
     let count = len.div_ceil(max).max(1);
     let (base, extra) = (len / count, len % count);

@@ -52,6 +52,13 @@ struct Fused {
 unsafe impl Send for Fused {}
 unsafe impl Sync for Fused {}
 
+/// One unit: an image's expanded blocks `blocks`, depthwise output rows `rows`.
+struct Part {
+    image: usize,
+    blocks: Range<usize>,
+    rows: Range<usize>,
+}
+
 /// Checked by `crate::expand_depthwise`: sizes, layouts and the instruction set.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run(
@@ -94,28 +101,43 @@ pub(crate) fn run(
     };
     let window = win_rows * win_cols * l * 4;
     let group = (WINDOW_BYTES / window).clamp(1, isa.out_blocks());
-    let units: Vec<(usize, Range<usize>)> = (0..n)
-        .flat_map(|i| {
-            (0..mid_blocks)
-                .step_by(group)
-                .map(move |b| (i, b..(b + group).min(mid_blocks)))
-        })
-        .collect();
+    let groups: Vec<(usize, usize)> = crate::conv::tiles(0..mid_blocks, group).collect();
+    // With several threads, planes are also cut into row ranges (at least 4 units a thread), each
+    // expanding the few rows above and below it that its depthwise taps read.
+    let threads = crate::threads();
+    let pieces = if threads > 1 {
+        (4 * threads).div_ceil(n * groups.len()).clamp(1, ho)
+    } else {
+        1
+    };
+    let rows: Vec<(usize, usize)> = crate::conv::tiles(0..ho, ho.div_ceil(pieces)).collect();
+    let mut units = Vec::new();
+    for i in 0..n {
+        for &(b, len) in &groups {
+            for &(r, rlen) in &rows {
+                units.push(Part {
+                    image: i,
+                    blocks: b..b + len,
+                    rows: r..r + rlen,
+                });
+            }
+        }
+    }
     // SAFETY: the ISA is supported (checked by the caller); units are disjoint and in bounds.
-    let work = |(i, blocks): &(usize, Range<usize>)| unsafe { unit_isa(isa, &f, *i, blocks) };
-    if crate::threads() > 1 && units.len() > 1 {
+    let work = |u: &Part| unsafe { unit_isa(isa, &f, u) };
+    if threads > 1 && units.len() > 1 {
         units.par_iter().for_each(work);
     } else {
         units.iter().for_each(work);
     }
 }
 
-unsafe fn unit_isa(isa: Isa, f: &Fused, image: usize, blocks: &Range<usize>) {
+unsafe fn unit_isa(isa: Isa, f: &Fused, u: &Part) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { unit_avx512(f, image, blocks) },
+        Isa::Avx512 => unsafe { unit_avx512(f, u) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { unit_avx2(f, image, blocks) },
+        Isa::Avx2 => unsafe { unit_avx2(f, u) },
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!(),
     }
@@ -123,14 +145,14 @@ unsafe fn unit_isa(isa: Isa, f: &Fused, image: usize, blocks: &Range<usize>) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn unit_avx512(f: &Fused, image: usize, blocks: &Range<usize>) {
-    unsafe { unit::<Avx512>(f, image, blocks) }
+unsafe fn unit_avx512(f: &Fused, u: &Part) {
+    unsafe { unit::<Avx512>(f, u) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn unit_avx2(f: &Fused, image: usize, blocks: &Range<usize>) {
-    unsafe { unit::<Avx2>(f, image, blocks) }
+unsafe fn unit_avx2(f: &Fused, u: &Part) {
+    unsafe { unit::<Avx2>(f, u) }
 }
 
 /// A job for the shared kernels, with what they do not read left empty.
@@ -167,20 +189,24 @@ fn job(f: &Fused, l: usize) -> Job {
 }
 
 #[inline(always)]
-unsafe fn unit<S: Simd>(f: &Fused, image: usize, blocks: &Range<usize>) {
+unsafe fn unit<S: Simd>(f: &Fused, part: &Part) {
     let l = S::LANES;
-    let (g, b0) = (blocks.len(), blocks.start);
+    let (image, g, b0) = (part.image, part.blocks.len(), part.blocks.start);
     let row = f.win_cols * l;
-    let win = f.win_rows * row;
+    // Window rows: padded rows oy0·s .. (oy1 − 1)·s + kh of the unit's output rows.
+    let first = part.rows.start * f.s;
+    let win_rows = (part.rows.end - 1) * f.s + f.kh - first;
+    let win = win_rows * row;
     // Taken out of the thread-local and put back (a closure would not inline the vector code).
     let mut buf = WINDOWS.with(|c| c.take());
     if buf.len() < g * win {
         buf.resize(g * win, 0.0);
     }
     let (pt, pl) = (f.pad.top, f.pad.left);
+    let input_row = |r: usize| (first + r).checked_sub(pt).filter(|&iy| iy < f.h);
     for wnd in buf[..g * win].chunks_exact_mut(win) {
         for (r, line) in wnd.chunks_exact_mut(row).enumerate() {
-            if r < pt || r >= pt + f.h {
+            if input_row(r).is_none() {
                 line.fill(0.0);
             } else {
                 line[..pl * l].fill(0.0);
@@ -189,21 +215,23 @@ unsafe fn unit<S: Simd>(f: &Fused, image: usize, blocks: &Range<usize>) {
         }
     }
     unsafe {
-        // The expansion, one input row at a time, into row iy + pt of each window.
+        // The expansion, one input row at a time, into its row of each window.
         let x = f.x.add(image * f.icb * f.h * f.w * l);
         let mut e = job(f, l);
         e.wts = f.e_wts.add(b0 * e.w_block);
         e.bias = f.e_bias.add(b0 * l);
         e.act = f.acts.0;
+        e.out_block = win;
         let u = Unit {
             images: 0..1,
             blocks: 0..g,
             rows: 0..1,
             cols: 0..f.w,
         };
-        for iy in 0..f.h {
+        for r in 0..win_rows {
+            let Some(iy) = input_row(r) else { continue };
             e.x = x.add(iy * f.w * l);
-            e.out = buf.as_mut_ptr().add((iy + pt) * row + pl * l);
+            e.out = buf.as_mut_ptr().add(r * row + pl * l);
             dense_unit::<S>(&e, &u);
         }
         // The depthwise convolution over the windows.
@@ -212,9 +240,9 @@ unsafe fn unit<S: Simd>(f: &Fused, image: usize, blocks: &Range<usize>) {
         let out = f.out.add(image * f.mid_blocks * f.ho * f.wo * l);
         for k in 0..g {
             let b = b0 + k;
-            for oy in 0..f.ho {
+            for oy in part.rows.clone() {
                 let t = DwRow {
-                    src: buf.as_ptr().add(k * win + oy * f.s * row),
+                    src: buf.as_ptr().add(k * win + (oy * f.s - first) * row),
                     row_len: row,
                     wts: f.d_wts.add(b * f.kh * f.kw * l),
                     bias: f.d_bias.add(b * l),
