@@ -232,14 +232,14 @@ pub(crate) unsafe fn pointwise_planes(
     }
 }
 
-/// Units for the pool: at least 4 per thread where the work allows, each (image, block group)
+/// Units for the pool: at least 8 per thread where the work allows (measured faster than 4), each (image, block group)
 /// split into row ranges (column ranges, in whole tiles, for a flat plane). Image-major: one
 /// image's activations stay in cache while every block group reads them (measured faster at batch 8
 /// than sweeping all images per chunk of weights).
 fn split(n: usize, cbo: usize, group: usize, ho: usize, wo: usize, flat: bool) -> Vec<Unit> {
     let groups = cbo.div_ceil(group);
     let threads = crate::threads();
-    let want = if threads > 1 { 4 * threads } else { 1 };
+    let want = if threads > 1 { 8 * threads } else { 1 };
     let pieces = want.div_ceil(n * groups).max(1);
     // Groups of sizes differing by at most one (9 blocks: 3 + 3 + 3, not 4 + 4 + 1): a lone block
     // would run the least efficient tile.
