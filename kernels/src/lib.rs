@@ -161,6 +161,18 @@ pub struct Pad {
     pub right: usize,
 }
 
+impl Pad {
+    /// `h` above and below, `w` left and right.
+    pub fn symmetric(h: usize, w: usize) -> Self {
+        Pad {
+            top: h,
+            bottom: h,
+            left: w,
+            right: w,
+        }
+    }
+}
+
 /// A convolution's sizes (dilation 1; groups 1, or depthwise). Padding is an argument of each call:
 /// TensorFlow's "SAME" depends on the input's size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

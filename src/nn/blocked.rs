@@ -5,9 +5,11 @@
 //! layout passes it. Blocked tensors live only inside a backbone's forward pass in evaluation with
 //! constant weights (see `Backbone::forward_low` and its siblings): what a backbone returns is NCHW.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
+use histolens_kernels::KernelError;
 pub use histolens_kernels::{Act, ConvSpec, Input, Isa, PackedConv, Pad};
 
 use super::cpu_conv::{Activation, f32_slice};
@@ -68,6 +70,19 @@ enum Op {
 
 fn kernel_err(e: histolens_kernels::KernelError) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
+}
+
+/// A new storage of `shape` filled by `write`, a kernel that writes every float of its argument.
+fn written_by(
+    shape: Shape,
+    write: impl FnOnce(&mut [MaybeUninit<f32>]) -> std::result::Result<(), KernelError>,
+) -> Result<(CpuStorage, Shape)> {
+    let len = shape.elem_count();
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    write(&mut out.spare_capacity_mut()[..len]).map_err(kernel_err)?;
+    // SAFETY: the kernel returned Ok, so it wrote all `len` floats.
+    unsafe { out.set_len(len) };
+    Ok((CpuStorage::F32(out), shape))
 }
 
 impl CustomOp1 for Op {
@@ -149,20 +164,8 @@ impl CustomOp1 for Op {
                 };
                 let (ho, wo) = p.output_size(h, w, *pad).map_err(kernel_err)?;
                 let cbo = p.spec().cout.div_ceil(isa.lanes());
-                let len = n * cbo * ho * wo * isa.lanes();
-                let mut out: Vec<f32> = Vec::with_capacity(len);
-                p.run(
-                    x,
-                    (n, h, w),
-                    *pad,
-                    *act,
-                    None,
-                    &mut out.spare_capacity_mut()[..len],
-                )
-                .map_err(kernel_err)?;
-                // SAFETY: `run` returned Ok, so it wrote all `len` floats.
-                unsafe { out.set_len(len) };
-                (out, (n, cbo, ho, wo, isa.lanes()).into())
+                let shape: Shape = (n, cbo, ho, wo, isa.lanes()).into();
+                return written_by(shape, |o| p.run(x, (n, h, w), *pad, *act, None, o));
             }
         };
         Ok((CpuStorage::F32(out), shape))
@@ -257,20 +260,7 @@ impl CustomOp2 for ConvAdd {
                 shape.dims()
             )
         }
-        let len = shape.elem_count();
-        let mut out: Vec<f32> = Vec::with_capacity(len);
-        p.run(
-            x,
-            (n, h, w),
-            *pad,
-            *act,
-            Some(r),
-            &mut out.spare_capacity_mut()[..len],
-        )
-        .map_err(kernel_err)?;
-        // SAFETY: `run` returned Ok, so it wrote all `len` floats.
-        unsafe { out.set_len(len) };
-        Ok((CpuStorage::F32(out), shape))
+        written_by(shape, |o| p.run(x, (n, h, w), *pad, *act, Some(r), o))
     }
 }
 
@@ -320,21 +310,17 @@ impl CustomOp1 for ExpandDepthwise {
             isa.lanes(),
         )
             .into();
-        let len = shape.elem_count();
-        let mut out: Vec<f32> = Vec::with_capacity(len);
-        histolens_kernels::expand_depthwise(
-            &self.expand,
-            &self.depthwise,
-            x,
-            (n, h, w),
-            self.pad,
-            self.acts,
-            &mut out.spare_capacity_mut()[..len],
-        )
-        .map_err(kernel_err)?;
-        // SAFETY: the kernel returned Ok, so it wrote all `len` floats.
-        unsafe { out.set_len(len) };
-        Ok((CpuStorage::F32(out), shape))
+        written_by(shape, |o| {
+            histolens_kernels::expand_depthwise(
+                &self.expand,
+                &self.depthwise,
+                x,
+                (n, h, w),
+                self.pad,
+                self.acts,
+                o,
+            )
+        })
     }
 }
 

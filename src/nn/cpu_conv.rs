@@ -46,25 +46,8 @@ impl Activation {
     }
 }
 
-/// Zero padding on each side of the spatial dimensions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Pad {
-    pub top: usize,
-    pub bottom: usize,
-    pub left: usize,
-    pub right: usize,
-}
-
-impl Pad {
-    pub fn symmetric(h: usize, w: usize) -> Self {
-        Pad {
-            top: h,
-            bottom: h,
-            left: w,
-            right: w,
-        }
-    }
-}
+/// Zero padding on each side of the spatial dimensions (shared with the blocked kernels).
+pub use histolens_kernels::Pad;
 
 /// Stride, padding and groups of a convolution (dilation 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -151,7 +151,7 @@ impl ConvBn {
             let y = self.forward_act(&blocked::to_nchw(x, s.cin)?, false, act)?;
             return blocked::to_blocked(&y);
         }
-        blocked::conv(x, &self.packed(x)?, self.blocked_pad(x)?, act)
+        blocked::conv(x, &self.packed(x)?, self.padding(x)?, act)
     }
 
     /// `act(BatchNorm(conv(x)) + residual)` in evaluation, all blocked: a residual block's end, the
@@ -166,7 +166,7 @@ impl ConvBn {
             let y = self.forward_blocked(x, Activation::Identity)?;
             return cpu_conv::add_act(y, residual, act);
         }
-        blocked::conv_add(x, residual, &self.packed(x)?, self.blocked_pad(x)?, act)
+        blocked::conv_add(x, residual, &self.packed(x)?, self.padding(x)?, act)
     }
 
     /// `act(BatchNorm(depthwise(act_expand(BatchNorm(expand(x))))))` in evaluation, all blocked, with
@@ -190,7 +190,7 @@ impl ConvBn {
             return self.forward_blocked(&y, act);
         }
         // The depthwise input has the expansion's (= x's) height and width.
-        let pad = self.blocked_pad(x)?;
+        let pad = self.padding(x)?;
         let (ep, dp) = (expand.packed(x)?, self.packed(x)?);
         blocked::expand_depthwise(x, (&ep, act_expand), (&dp, pad, act))
     }
@@ -203,16 +203,6 @@ impl ConvBn {
     /// Whether the blocked kernels take this convolution (dense or depthwise; other groupings not).
     fn blocked_kind(&self) -> bool {
         self.spec.groups == 1 || self.depthwise()
-    }
-
-    fn blocked_pad(&self, x: &Tensor) -> Result<blocked::Pad> {
-        let pad = self.padding(x)?;
-        Ok(blocked::Pad {
-            top: pad.top,
-            bottom: pad.bottom,
-            left: pad.left,
-            right: pad.right,
-        })
     }
 
     /// The folded weights packed for an input in `x`'s layout, made once.
