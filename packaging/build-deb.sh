@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
 cargo build --release --locked
-cargo deb --no-build
+cargo deb --no-build -p histolens
 ls -l target/debian/*.deb
