@@ -140,11 +140,12 @@ pub trait Backbone: Send + Sync {
         false
     }
 
-    /// Whether this pass over `x` runs blocked: evaluation, constant weights, an input that tracks
-    /// no gradient, a CPU with the blocked kernels, a backbone that supports it.
+    /// Whether this pass over `x` runs blocked: evaluation, constant weights, a non-empty input that
+    /// tracks no gradient, a CPU with the blocked kernels, a backbone that supports it.
     fn blocked_here(&self, x: &Tensor, train: bool) -> bool {
         !train
             && self.blocked_channels().is_some()
+            && x.elem_count() > 0
             && blocked::applies(x)
             && self.constant_weights()
     }
