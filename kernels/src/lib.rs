@@ -78,8 +78,11 @@ impl Isa {
             if choice == "off" || choice == "0" {
                 return None;
             }
-            let best = *Isa::supported().first()?;
-            Some(if choice == "avx2" { Isa::Avx2 } else { best })
+            let supported = Isa::supported();
+            if choice == "avx2" && supported.contains(&Isa::Avx2) {
+                return Some(Isa::Avx2);
+            }
+            supported.first().copied()
         })
     }
 
@@ -115,12 +118,18 @@ impl Isa {
         }
     }
 
-    /// Output-channel blocks per register tile (`Simd::OUT_BLOCKS`).
+    /// Output-channel blocks per register tile (set with the vector operations, `Simd::OUT_BLOCKS`).
     fn out_blocks(self) -> usize {
-        match self {
-            Isa::Avx512 => 4,
-            Isa::Avx2 => 2,
+        #[cfg(target_arch = "x86_64")]
+        {
+            use simd::Simd;
+            match self {
+                Isa::Avx512 => simd::Avx512::OUT_BLOCKS,
+                Isa::Avx2 => simd::Avx2::OUT_BLOCKS,
+            }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        1
     }
 }
 
