@@ -70,6 +70,10 @@ pub(crate) struct Job {
     /// Output columns whose taps all lie inside the image: xa..xb.
     pub(crate) xa: usize,
     pub(crate) xb: usize,
+    /// Where not 0, a flat output row is stored as rows of `out_wrap` pixels `out_pitch` floats
+    /// apart (the fused expansion writes a plane into a window with padding columns).
+    pub(crate) out_wrap: usize,
+    pub(crate) out_pitch: usize,
 }
 
 // SAFETY: the pointers are read (x, wts, bias) or written in disjoint blocks (out) by the units of
@@ -150,6 +154,8 @@ pub(crate) fn run(
         w_block: icb * spec.kh * spec.kw * in_block * l,
         xa,
         xb,
+        out_wrap: 0,
+        out_pitch: 0,
     };
     let group = if spec.depthwise {
         1
@@ -214,6 +220,8 @@ pub(crate) unsafe fn pointwise_planes(
         w_block: icb * l * l,
         xa: 0,
         xb: pixels,
+        out_wrap: 0,
+        out_pitch: 0,
     };
     let jobs: Vec<Job> = (0..planes).map(job).collect();
     let units: Vec<(usize, Unit)> = (0..planes)
@@ -292,7 +300,7 @@ unsafe fn run_unit(isa: Isa, j: &Job, u: &Unit, depthwise: bool) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn dense_avx512(j: &Job, u: &Unit) {
-    unsafe { dense_unit::<Avx512>(j, u) }
+    unsafe { dense_unit::<Avx512, false>(j, u) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -304,7 +312,7 @@ unsafe fn depthwise_avx512(j: &Job, u: &Unit) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dense_avx2(j: &Job, u: &Unit) {
-    unsafe { dense_unit::<Avx2>(j, u) }
+    unsafe { dense_unit::<Avx2, false>(j, u) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -351,7 +359,9 @@ pub(crate) unsafe fn activate<S: Simd>(act: Act, v: S::V) -> S::V {
 }
 
 #[inline(always)]
-pub(crate) unsafe fn dense_unit<S: Simd>(j: &Job, u: &Unit) {
+/// WRAP: the output is stored through `Job::out_wrap` (a separate instantiation: computed offsets
+/// cost registers that the plain tiles keep for immediates).
+pub(crate) unsafe fn dense_unit<S: Simd, const WRAP: bool>(j: &Job, u: &Unit) {
     let l = S::LANES;
     let per_block = u.blocks.len() * j.kh * j.kw * j.in_block * l * 4;
     let chunk = (WEIGHT_CHUNK_BYTES / per_block.max(1)).clamp(1, j.icb);
@@ -375,23 +385,61 @@ pub(crate) unsafe fn dense_unit<S: Simd>(j: &Job, u: &Unit) {
                 // Blocked input: taps outside the image read a vector of zeros, so edge pixels
                 // join the tiles.
                 for (ox, px) in tiles(u.cols.clone(), max_px) {
-                    unsafe { dense_tile_dispatch::<S>(j, image, u, px, oy, ox, &t) };
+                    unsafe { dense_tile_dispatch::<S, WRAP>(j, image, u, px, oy, ox, &t) };
                 }
                 continue;
             }
+            prefetch_rows_below(j, image, oy);
             let (left, mid, right) = column_parts(j, &u.cols);
             for ox in left.chain(right) {
                 let edge = Taps {
                     kx: cols_inside(j, ox),
                     ..t.clone()
                 };
-                unsafe { dense_tile_dispatch::<S>(j, image, u, 1, oy, ox, &edge) };
+                unsafe { dense_tile_dispatch::<S, WRAP>(j, image, u, 1, oy, ox, &edge) };
             }
             for (ox, px) in tiles(mid, max_px) {
-                unsafe { dense_tile_dispatch::<S>(j, image, u, px, oy, ox, &t) };
+                unsafe { dense_tile_dispatch::<S, WRAP>(j, image, u, px, oy, ox, &t) };
             }
         }
         c0 += chunk;
+    }
+}
+
+/// Asks for a cache line to be brought into the L2 cache (a hint: any address is allowed).
+#[inline(always)]
+fn prefetch_l2(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Floats per cache line.
+const LINE_FLOATS: usize = 16;
+
+/// NCHW input (the stem): its channel planes are read a few rows at a time from several places at
+/// once, which the hardware prefetchers do not follow; the rows of output row `oy` + 2 are asked for.
+#[inline(always)]
+fn prefetch_rows_below(j: &Job, image: usize, oy: usize) {
+    const AHEAD: usize = 2;
+    let x = j.x.wrapping_add(image * j.x_image);
+    let top = (oy + AHEAD) * j.s;
+    for ky in 0..j.kh {
+        let Some(iy) = (top + ky).checked_sub(j.pt).filter(|&iy| iy < j.h) else {
+            continue;
+        };
+        for ib in 0..j.icb {
+            for c in 0..j.in_block {
+                let row = x.wrapping_add(ib * j.sb + c * j.sc + iy * j.w * j.sp);
+                for k in (0..j.w * j.sp).step_by(LINE_FLOATS) {
+                    prefetch_l2(row.wrapping_add(k));
+                }
+            }
+        }
     }
 }
 
@@ -445,7 +493,7 @@ struct Taps {
 macro_rules! dense_tiles {
     ($S:ty, $ob:expr, $px:expr, $args:tt; $(($o:literal, $p:literal)),*) => {
         match ($ob, $px) {
-            $(($o, $p) => unsafe { dense_tile::<$S, $o, $p> $args },)*
+            $(($o, $p) => unsafe { dense_tile::<$S, $o, $p, WRAP> $args },)*
             _ => unreachable!("tile of {} blocks x {} pixels", $ob, $px),
         }
     };
@@ -453,7 +501,7 @@ macro_rules! dense_tiles {
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn dense_tile_dispatch<S: Simd>(
+unsafe fn dense_tile_dispatch<S: Simd, const WRAP: bool>(
     j: &Job,
     image: usize,
     u: &Unit,
@@ -473,7 +521,7 @@ unsafe fn dense_tile_dispatch<S: Simd>(
 /// OB output blocks x PX output pixels (PX consecutive columns of row `oy` from `ox0`), summed over
 /// `t` in registers.
 #[inline(always)]
-unsafe fn dense_tile<S: Simd, const OB: usize, const PX: usize>(
+unsafe fn dense_tile<S: Simd, const OB: usize, const PX: usize, const WRAP: bool>(
     j: &Job,
     image: usize,
     ob0: usize,
@@ -482,10 +530,23 @@ unsafe fn dense_tile<S: Simd, const OB: usize, const PX: usize>(
     t: &Taps,
 ) {
     let l = S::LANES;
-    let out = unsafe {
-        j.out
-            .add(image * j.out_image + ob0 * j.out_block + (oy * j.wo + ox0) * l)
+    let q0 = oy * j.wo + ox0;
+    let out = unsafe { j.out.add(image * j.out_image + ob0 * j.out_block) };
+    // Offsets of the tile's pixels in an output block: immediates unless wrapped.
+    let wrapped: [usize; PX] = if WRAP {
+        let (mut row, mut col) = (q0 / j.out_wrap, q0 % j.out_wrap);
+        std::array::from_fn(|_| {
+            let a = row * j.out_pitch + col * l;
+            col += 1;
+            if col == j.out_wrap {
+                (row, col) = (row + 1, 0);
+            }
+            a
+        })
+    } else {
+        [0; PX]
     };
+    let at = |p: usize| -> usize { if WRAP { wrapped[p] } else { (q0 + p) * l } };
     let out_block = j.out_block;
     let x = unsafe { j.x.add(image * j.x_image) };
     let wts = unsafe { j.wts.add(ob0 * j.w_block) };
@@ -496,7 +557,7 @@ unsafe fn dense_tile<S: Simd, const OB: usize, const PX: usize>(
                 *a = if t.first {
                     S::load(j.bias.add((ob0 + o) * l))
                 } else {
-                    S::load(out.add(o * out_block + p * l))
+                    S::load(out.add(o * out_block + at(p)))
                 };
             }
         }
@@ -533,14 +594,14 @@ unsafe fn dense_tile<S: Simd, const OB: usize, const PX: usize>(
             let res = j.residual.offset(out.offset_from(j.out));
             for (o, row) in acc.iter_mut().enumerate() {
                 for (p, a) in row.iter_mut().enumerate() {
-                    *a = S::add(*a, S::load(res.add(o * out_block + p * l)));
+                    *a = S::add(*a, S::load(res.add(o * out_block + at(p))));
                 }
             }
         }
         for (o, row) in acc.iter().enumerate() {
             for (p, &a) in row.iter().enumerate() {
                 let v = if t.last { activate::<S>(j.act, a) } else { a };
-                S::store(out.add(o * out_block + p * l), v);
+                S::store(out.add(o * out_block + at(p)), v);
             }
         }
     }

@@ -1,8 +1,9 @@
 //! An inverted-residual block's expansion and depthwise convolution in one pass (EfficientNet's
 //! MBConv): `act_dw(depthwise(act_expand(expand(x))))` without writing the expanded activation,
 //! which is the largest tensor of the block (96 channels at 112x112 = 4.8 MB in EfficientNet-Lite0's
-//! second stage). Per group of expanded blocks, the 1x1 expansion of the whole plane goes straight
-//! into zero-padded windows that stay in the L2 cache, and the depthwise convolution reads them.
+//! second stage). Per group of expanded blocks (as many as a dense register tile holds) and band of
+//! output rows, the 1x1 expansion of the band's input rows goes straight into zero-padded windows
+//! that stay in the L2 cache, and the depthwise convolution reads them.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -30,12 +31,11 @@ struct Fused {
     d_wts: *const f32,
     d_bias: *const f32,
     out: *mut f32,
-    /// Input (h, w), depthwise output (ho, wo), window (rows, columns).
+    /// Input (h, w), depthwise output (ho, wo), window columns.
     h: usize,
     w: usize,
     ho: usize,
     wo: usize,
-    win_rows: usize,
     win_cols: usize,
     pad: Pad,
     icb: usize,
@@ -74,7 +74,6 @@ pub(crate) fn run(
     let isa = e.isa;
     let l = isa.lanes();
     let (kh, kw, s) = (d.spec.kh, d.spec.kw, d.spec.stride);
-    let win_rows = ((ho - 1) * s + kh).max(pad.top + h);
     let win_cols = ((wo - 1) * s + kw).max(pad.left + w);
     let mid_blocks = e.spec.cout.div_ceil(l);
     let f = Fused {
@@ -88,7 +87,6 @@ pub(crate) fn run(
         w,
         ho,
         wo,
-        win_rows,
         win_cols,
         pad,
         icb: e.spec.cin.div_ceil(l),
@@ -99,18 +97,20 @@ pub(crate) fn run(
         s,
         acts,
     };
-    let window = win_rows * win_cols * l * 4;
-    let group = (WINDOW_BYTES / window).clamp(1, isa.out_blocks());
-    let groups: Vec<(usize, usize)> = crate::conv::tiles(0..mid_blocks, group).collect();
-    // With several threads, planes are also cut into row ranges (at least 4 units a thread), each
-    // expanding the few rows above and below it that its depthwise taps read.
+    // Groups of expanded blocks as wide as the dense tile; bands of output rows whose windows
+    // (the band's padded input rows, per block of the group) fit in WINDOW_BYTES. A band expands
+    // the kh − s input rows it shares with the next one again: bands are as tall as the bytes allow.
+    let groups: Vec<(usize, usize)> = crate::conv::tiles(0..mid_blocks, isa.out_blocks()).collect();
+    let widest = groups.iter().map(|g| g.1).max().unwrap_or(1);
+    let row_bytes = widest * win_cols * l * 4;
+    let band = ((WINDOW_BYTES / row_bytes).saturating_sub(kh) / s + 1).clamp(1, ho);
+    let mut bands = ho.div_ceil(band);
     let threads = crate::threads();
-    let pieces = if threads > 1 {
-        (4 * threads).div_ceil(n * groups.len()).clamp(1, ho)
-    } else {
-        1
-    };
-    let rows: Vec<(usize, usize)> = crate::conv::tiles(0..ho, ho.div_ceil(pieces)).collect();
+    if threads > 1 {
+        // At least 4 units a thread.
+        bands = bands.max((4 * threads).div_ceil(n * groups.len())).min(ho);
+    }
+    let rows: Vec<(usize, usize)> = crate::conv::tiles(0..ho, ho.div_ceil(bands)).collect();
     let mut units = Vec::new();
     for i in 0..n {
         for &(b, len) in &groups {
@@ -181,10 +181,12 @@ fn job(f: &Fused, l: usize) -> Job {
         in_last: f.cin - (f.icb - 1) * l,
         x_image: 0,
         out_image: 0,
-        out_block: f.win_rows * f.win_cols * l,
+        out_block: 0,
         w_block: f.icb * l * l,
         xa: 0,
         xb: f.w,
+        out_wrap: 0,
+        out_pitch: 0,
     }
 }
 
@@ -215,24 +217,30 @@ unsafe fn unit<S: Simd>(f: &Fused, part: &Part) {
         }
     }
     unsafe {
-        // The expansion, one input row at a time, into its row of each window.
-        let x = f.x.add(image * f.icb * f.h * f.w * l);
-        let mut e = job(f, l);
-        e.wts = f.e_wts.add(b0 * e.w_block);
-        e.bias = f.e_bias.add(b0 * l);
-        e.act = f.acts.0;
-        e.out_block = win;
-        let u = Unit {
-            images: 0..1,
-            blocks: 0..g,
-            rows: 0..1,
-            cols: 0..f.w,
-        };
-        for r in 0..win_rows {
-            let Some(iy) = input_row(r) else { continue };
-            e.x = x.add(iy * f.w * l);
-            e.out = buf.as_mut_ptr().add(r * row + pl * l);
-            dense_unit::<S>(&e, &u);
+        // The expansion of the window's rows inside the image as one flat run of pixels (tiles
+        // span input rows), stored row by row between the window's padding columns.
+        // Window rows r0..r1 hold input rows iy0.. (padded row first + r is input row first + r − pt).
+        let r0 = pt.saturating_sub(first).min(win_rows);
+        let r1 = (pt + f.h).saturating_sub(first).clamp(r0, win_rows);
+        if r1 > r0 {
+            let iy0 = first + r0 - pt;
+            let pixels = (r1 - r0) * f.w;
+            let mut e = job(f, l);
+            e.x = f.x.add((image * f.icb * f.h + iy0) * f.w * l);
+            e.wts = f.e_wts.add(b0 * e.w_block);
+            e.bias = f.e_bias.add(b0 * l);
+            e.act = f.acts.0;
+            (e.w, e.wo, e.xb) = (pixels, pixels, pixels);
+            e.out = buf.as_mut_ptr().add(r0 * row + pl * l);
+            e.out_block = win;
+            (e.out_wrap, e.out_pitch) = (f.w, row);
+            let u = Unit {
+                images: 0..1,
+                blocks: 0..g,
+                rows: 0..1,
+                cols: 0..pixels,
+            };
+            dense_unit::<S, true>(&e, &u);
         }
         // The depthwise convolution over the windows.
         let mut d = job(f, l);

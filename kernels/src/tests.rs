@@ -370,7 +370,9 @@ fn fused_expansion_and_depthwise_equal_the_two_convolutions() {
         (24, 144, 3, 1, (1, 1, 1, 1), 13, 11),
         (16, 96, 3, 2, (0, 1, 0, 1), 14, 12),
         (40, 72, 5, 2, (1, 2, 1, 2), 9, 15),
-        (20, 40, 5, 1, (2, 2, 2, 2), 112, 100), // windows over the budget: one block a unit
+        // Windows over the budget: bands of rows, each expanding the rows it shares again.
+        (20, 40, 5, 1, (2, 2, 2, 2), 112, 100),
+        (16, 96, 3, 2, (0, 1, 0, 1), 113, 90),
     ];
     for (cin, mid, k, stride, pad, h, w) in cases {
         let pad = Pad {
@@ -414,23 +416,33 @@ fn fused_expansion_and_depthwise_equal_the_two_convolutions() {
             };
             let expanded = run(&e, &x, h, w, Pad::default(), Act::Relu6);
             let want = run(&d, &expanded, h, w, pad, Act::Relu6);
-            let mut got = vec![MaybeUninit::new(f32::NAN); want.len()];
-            expand_depthwise(
-                &e,
-                &d,
-                &x,
-                (n, h, w),
-                pad,
-                (Act::Relu6, Act::Relu6),
-                &mut got,
-            )
-            .unwrap();
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                let g = unsafe { g.assume_init() };
-                assert!(
-                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                    "{isa:?} k{k}/{stride} at {i}: {g} vs {w}"
-                );
+            // Split across the pool, and on one thread (units of whole planes' bands).
+            for one_thread in [false, true] {
+                let mut got = vec![MaybeUninit::new(f32::NAN); want.len()];
+                let mut fused = || {
+                    expand_depthwise(
+                        &e,
+                        &d,
+                        &x,
+                        (n, h, w),
+                        pad,
+                        (Act::Relu6, Act::Relu6),
+                        &mut got,
+                    )
+                };
+                if one_thread {
+                    on_this_thread(fused)
+                } else {
+                    fused()
+                }
+                .unwrap();
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let g = unsafe { g.assume_init() };
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "{isa:?} k{k}/{stride} at {i} (one thread: {one_thread}): {g} vs {w}"
+                    );
+                }
             }
             let mut short = vec![MaybeUninit::new(0.0); want.len() - 1];
             assert!(
