@@ -395,13 +395,17 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
 /// and batch 3 (images across threads), on odd sizes.
 #[test]
 fn inference_path_matches_the_differentiable_path() {
+    // (architecture, size, largest relative difference): rounding differs between the paths (folded
+    // BatchNorm, other summation orders) and grows with the depth of EfficientNet's deep features.
     let cases = [
-        (Arch::Resnet18, 67, 90),
-        (Arch::Resnet50, 64, 64),
-        (Arch::EfficientnetLite0, 75, 61),
-        (Arch::InceptionV3, 80, 91),
+        (Arch::Resnet18, 67, 90, 1e-4),
+        (Arch::Resnet50, 64, 64, 1e-4),
+        (Arch::EfficientnetLite0, 75, 61, 1e-4),
+        // Large enough for the first blocks to stream over strips of rows (measured 0.8-1.5e-4).
+        (Arch::EfficientnetLite0, 224, 200, 5e-4),
+        (Arch::InceptionV3, 80, 91, 1e-4),
     ];
-    for (arch, h, w) in cases {
+    for (arch, h, w, tolerance) in cases {
         let (vars, m) = model(arch);
         perturb_batchnorm(&vars, 11);
         let bytes = checkpoint::to_bytes(&vars, &meta(arch), false).unwrap();
@@ -419,7 +423,7 @@ fn inference_path_matches_the_differentiable_path() {
             ] {
                 let d = max_rel_diff(ta, tb);
                 assert!(
-                    d < 1e-4,
+                    d < tolerance,
                     "{arch:?} batch {n} {what} tap: relative difference {d}"
                 );
             }
@@ -431,7 +435,7 @@ fn inference_path_matches_the_differentiable_path() {
             for (what, t) in [("body + last block", &split), ("high", &high)] {
                 let d = max_rel_diff(&a.high, t);
                 assert!(
-                    d < 1e-4,
+                    d < tolerance,
                     "{arch:?} batch {n} {what}: relative difference {d}"
                 );
             }

@@ -48,6 +48,8 @@ enum Kind {
     ExpandDw(PackedConv, PackedConv, Pad),
     /// The projection, with the residual or not.
     Project(PackedConv, bool),
+    /// A whole block in one call: expansion, depthwise, projection, residual.
+    Block(Option<PackedConv>, PackedConv, PackedConv, Pad, bool),
 }
 
 struct Layer {
@@ -74,6 +76,10 @@ fn run(layer: &Layer, x: &[f32], residual: &[f32], out: &mut [MaybeUninit<f32>])
             res.then_some(residual),
             out,
         ),
+        Kind::Block(e, d, p, pad, res) => {
+            let acts = [Act::Relu6, Act::Relu6, Act::Identity];
+            inverted_residual(e.as_ref(), d, p, x, hw, *pad, acts, *res, out)
+        }
     }
     .expect("layer runs");
 }
@@ -87,6 +93,9 @@ fn main() {
     let isa = Isa::detect().expect("no blocked instruction set");
     let l = isa.lanes();
     let blocked = |c: usize, side: usize| c.div_ceil(l) * l * side * side;
+    // BLOCKS=1: each block in one call (`inverted_residual`), else the fused expansion + depthwise
+    // and the projection.
+    let whole_blocks = std::env::var("BLOCKS").is_ok_and(|v| v == "1");
     let iters: usize = std::env::var("ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -118,32 +127,47 @@ fn main() {
             let (mid, so) = (cin * e, side.div_ceil(s));
             let dw = packed(isa, mid, mid, k, s, true, Input::Blocked);
             let dw_flops = 2.0 * (mid * k * k * so * so) as f64;
-            layers.push(if e == 1 {
-                Layer {
+            let res = s == 1 && cin == cout;
+            let expand = (e != 1).then(|| packed(isa, cin, mid, 1, 1, false, Input::Blocked));
+            let project = packed(isa, mid, cout, 1, 1, false, Input::Blocked);
+            let proj_flops = 2.0 * (mid * cout * so * so) as f64;
+            let exp_flops = if e == 1 {
+                0.0
+            } else {
+                2.0 * (cin * mid * side * side) as f64
+            };
+            let plus = if res { " +res" } else { "" };
+            if whole_blocks {
+                layers.push(Layer {
+                    name: format!("block {cin}->{mid}->{cout} {k}x{k}/{s} @{side}{plus}"),
+                    flops: exp_flops + dw_flops + proj_flops,
+                    kind: Kind::Block(expand, dw, project, same(side, k, s), res),
+                    side,
+                    out_len: blocked(cout, so),
+                });
+                (cin, side) = (cout, so);
+                continue;
+            }
+            layers.push(match expand {
+                None => Layer {
                     name: format!("dw {k}x{k}/{s} {mid} @{side}"),
                     flops: dw_flops,
                     kind: Kind::Conv(dw, same(side, k, s), Act::Relu6),
                     side,
                     out_len: blocked(mid, so),
-                }
-            } else {
-                Layer {
+                },
+                Some(ex) => Layer {
                     name: format!("exp+dw {cin}->{mid} {k}x{k}/{s} @{side}"),
-                    flops: dw_flops + 2.0 * (cin * mid * side * side) as f64,
-                    kind: Kind::ExpandDw(
-                        packed(isa, cin, mid, 1, 1, false, Input::Blocked),
-                        dw,
-                        same(side, k, s),
-                    ),
+                    flops: dw_flops + exp_flops,
+                    kind: Kind::ExpandDw(ex, dw, same(side, k, s)),
                     side,
                     out_len: blocked(mid, so),
-                }
+                },
             });
-            let res = s == 1 && cin == cout;
             layers.push(Layer {
-                name: format!("proj {mid}->{cout} @{so}{}", if res { " +res" } else { "" }),
-                flops: 2.0 * (mid * cout * so * so) as f64,
-                kind: Kind::Project(packed(isa, mid, cout, 1, 1, false, Input::Blocked), res),
+                name: format!("proj {mid}->{cout} @{so}{plus}"),
+                flops: proj_flops,
+                kind: Kind::Project(project, res),
                 side: so,
                 out_len: blocked(cout, so),
             });
@@ -169,7 +193,8 @@ fn main() {
         .map(|l| vec![MaybeUninit::new(0.0); l.out_len])
         .collect();
     let empty: Vec<f32> = Vec::new();
-    // Layer i reads layer i − 1's output; a projection with the residual also layer i − 2's (the block's input).
+    // Layer i reads layer i − 1's output; a separate projection with the residual also layer
+    // i − 2's (the block's input).
     let step = |outs: &mut Vec<Vec<MaybeUninit<f32>>>, i: usize| {
         let (done, rest) = outs.split_at_mut(i);
         let x = if i == 0 {

@@ -71,9 +71,71 @@ pub(crate) struct Job {
     pub(crate) xa: usize,
     pub(crate) xb: usize,
     /// Where not 0, a flat output row is stored as rows of `out_wrap` pixels `out_pitch` floats
-    /// apart (the fused expansion writes a plane into a window with padding columns).
+    /// apart (the fused expansion writes a plane into a window with padding columns); set by
+    /// [`Job::wrap_output`], with `out_wrap_magic` = ⌈2³²/out_wrap⌉ (q / out_wrap = q · magic >> 32).
     pub(crate) out_wrap: usize,
     pub(crate) out_pitch: usize,
+    pub(crate) out_wrap_magic: u64,
+}
+
+impl Job {
+    /// A 1x1 stride-1 convolution over one flat run of `pixels` pixels of blocked input with `cin`
+    /// channels, input blocks `sb` floats apart, output blocks `out_block` floats apart: identity
+    /// activation, no residual, pointers null (the caller sets them).
+    pub(crate) fn pointwise(
+        l: usize,
+        cin: usize,
+        pixels: usize,
+        sb: usize,
+        out_block: usize,
+    ) -> Job {
+        let icb = cin.div_ceil(l);
+        Job {
+            x: std::ptr::null(),
+            wts: std::ptr::null(),
+            bias: std::ptr::null(),
+            out: std::ptr::null_mut(),
+            residual: std::ptr::null(),
+            act: Act::Identity,
+            h: 1,
+            w: pixels,
+            ho: 1,
+            wo: pixels,
+            kh: 1,
+            kw: 1,
+            s: 1,
+            pt: 0,
+            pl: 0,
+            sb,
+            sc: 1,
+            sp: l,
+            icb,
+            in_block: l,
+            in_last: cin - (icb - 1) * l,
+            x_image: 0,
+            out_image: 0,
+            out_block,
+            w_block: icb * l * l,
+            xa: 0,
+            xb: pixels,
+            out_wrap: 0,
+            out_pitch: 0,
+            out_wrap_magic: 0,
+        }
+    }
+
+    /// Stores the flat output as rows of `w` pixels, `pitch` floats apart (≥ w·L). The magic
+    /// number divides exactly while q·w < 2³² for every flat index q (see [`pointwise_rows`]).
+    fn wrap_output(&mut self, w: usize, pitch: usize) {
+        assert!(
+            w > 0 && (self.wo as u64) * (w as u64) < 1 << 32,
+            "wrapped output of {} pixels in rows of {w}",
+            self.wo
+        );
+        self.out_wrap = w;
+        self.out_pitch = pitch;
+        self.out_wrap_magic = (1u64 << 32).div_ceil(w as u64);
+    }
 }
 
 // SAFETY: the pointers are read (x, wts, bias) or written in disjoint blocks (out) by the units of
@@ -156,6 +218,7 @@ pub(crate) fn run(
         xb,
         out_wrap: 0,
         out_pitch: 0,
+        out_wrap_magic: 0,
     };
     let group = if spec.depthwise {
         1
@@ -163,11 +226,16 @@ pub(crate) fn run(
         p.isa.out_blocks()
     };
     let units = split(n, cbo, group, ho, wo, flat);
-    let depthwise = spec.depthwise;
+    let kernel = match (spec.depthwise, flat && p.input == Input::Blocked) {
+        (true, _) => Kernel::Depthwise,
+        (false, true) => Kernel::Pointwise,
+        (false, false) => Kernel::Dense,
+    };
     let isa = p.isa;
     let work = move |u: &Unit| {
-        // SAFETY: `isa` is supported (checked by PackedConv::run); the units are disjoint and in bounds.
-        unsafe { run_unit(isa, &job, u, depthwise) }
+        // SAFETY: `isa` is supported (checked by PackedConv::run); the units are disjoint and in
+        // bounds; the kernel is the job's.
+        unsafe { run_unit(isa, kernel, &job, u) }
     };
     if units.len() > 1 && crate::threads() > 1 {
         units.par_iter().for_each(work);
@@ -197,31 +265,7 @@ pub(crate) unsafe fn pointwise_planes(
         wts: wts.wrapping_add(k * cbo * icb * l * l),
         bias: zero_bias,
         out: out.wrapping_add(k * cbo * pixels * l),
-        residual: std::ptr::null(),
-        act: Act::Identity,
-        h: 1,
-        w: pixels,
-        ho: 1,
-        wo: pixels,
-        kh: 1,
-        kw: 1,
-        s: 1,
-        pt: 0,
-        pl: 0,
-        sb: pixels * l,
-        sc: 1,
-        sp: l,
-        icb,
-        in_block: l,
-        in_last: cin - (icb - 1) * l,
-        x_image: 0,
-        out_image: 0,
-        out_block: pixels * l,
-        w_block: icb * l * l,
-        xa: 0,
-        xb: pixels,
-        out_wrap: 0,
-        out_pitch: 0,
+        ..Job::pointwise(l, cin, pixels, pixels * l, pixels * l)
     };
     let jobs: Vec<Job> = (0..planes).map(job).collect();
     let units: Vec<(usize, Unit)> = (0..planes)
@@ -232,7 +276,7 @@ pub(crate) unsafe fn pointwise_planes(
         })
         .collect();
     // SAFETY: as for `run`; the planes' outputs are disjoint.
-    let work = |(k, u): &(usize, Unit)| unsafe { run_unit(isa, &jobs[*k], u, false) };
+    let work = |(k, u): &(usize, Unit)| unsafe { run_unit(isa, Kernel::Pointwise, &jobs[*k], u) };
     if crate::threads() > 1 {
         units.par_iter().for_each(work);
     } else {
@@ -280,45 +324,106 @@ fn split(n: usize, cbo: usize, group: usize, ho: usize, wo: usize, flat: bool) -
     units
 }
 
+/// Pointwise job `j` (input at its first row, output at its first row) over `rows` rows of `w`
+/// pixels, output rows `pitch` floats apart, for output blocks `blocks`: flat runs whose tiles span
+/// rows, as long as [`Job::wrap_output`] divides exactly (all the rows but for planes over 2¹⁴
+/// pixels wide; planes of 2¹⁶ pixels are refused by the public entry points).
+///
 /// # Safety
-/// `isa` must be supported by the CPU; the unit must lie inside the job's buffers.
-unsafe fn run_unit(isa: Isa, j: &Job, u: &Unit, depthwise: bool) {
-    match (isa, depthwise) {
+/// As [`run_unit`].
+pub(crate) unsafe fn pointwise_rows(
+    isa: Isa,
+    j: &Job,
+    blocks: Range<usize>,
+    (rows, w, pitch): (usize, usize, usize),
+) {
+    let l = isa.lanes();
+    let per_run = (((1u64 << 32) - 1) / (w as u64 * w as u64)).clamp(1, rows as u64) as usize;
+    let mut r = 0;
+    while r < rows {
+        let n = per_run.min(rows - r);
+        let pixels = n * w;
+        let mut run = Job {
+            x: j.x.wrapping_add(r * w * l),
+            out: j.out.wrapping_add(r * pitch),
+            w: pixels,
+            wo: pixels,
+            xb: pixels,
+            ..*j
+        };
+        run.wrap_output(w, pitch);
+        let u = Unit {
+            images: 0..1,
+            blocks: blocks.clone(),
+            rows: 0..1,
+            cols: 0..pixels,
+        };
+        unsafe { run_unit(isa, Kernel::PointwiseWrapped, &run, &u) };
+        r += n;
+    }
+}
+
+/// Which kernel a unit runs: each is one instantiation per instruction set, called, not inlined
+/// (more copies of the tiles would multiply the crate's build time).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Kernel {
+    /// Any dense convolution.
+    Dense,
+    /// A 1x1 stride-1 unpadded convolution of blocked input over one flat run of pixels (`h` = 1,
+    /// `sc` = 1, no taps outside the image).
+    Pointwise,
+    /// The same, its output stored through `Job::out_wrap`.
+    PointwiseWrapped,
+    Depthwise,
+}
+
+/// # Safety
+/// `isa` must be supported by the CPU; the unit must lie inside the job's buffers, and the job be
+/// of the kernel's kind.
+pub(crate) unsafe fn run_unit(isa: Isa, kernel: Kernel, j: &Job, u: &Unit) {
+    match (isa, kernel) {
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx512, false) => unsafe { dense_avx512(j, u) },
+        (Isa::Avx512, Kernel::Dense) => unsafe { dense_avx512(j, u) },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx512, true) => unsafe { depthwise_avx512(j, u) },
+        (Isa::Avx512, Kernel::Pointwise) => unsafe { pointwise_avx512(j, u) },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2, false) => unsafe { dense_avx2(j, u) },
+        (Isa::Avx512, Kernel::PointwiseWrapped) => unsafe { pointwise_wrapped_avx512(j, u) },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2, true) => unsafe { depthwise_avx2(j, u) },
+        (Isa::Avx512, Kernel::Depthwise) => unsafe { depthwise_avx512(j, u) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, Kernel::Dense) => unsafe { dense_avx2(j, u) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, Kernel::Pointwise) => unsafe { pointwise_avx2(j, u) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, Kernel::PointwiseWrapped) => unsafe { pointwise_wrapped_avx2(j, u) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, Kernel::Depthwise) => unsafe { depthwise_avx2(j, u) },
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("no blocked instruction set on this architecture"),
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dense_avx512(j: &Job, u: &Unit) {
-    unsafe { dense_unit::<Avx512, false>(j, u) }
+/// The kernels' entry points: one per kernel and instruction set, with its target features.
+macro_rules! entry_points {
+    ($($name:ident: $feature:literal => $kernel:expr;)*) => {$(
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        #[inline(never)]
+        unsafe fn $name(j: &Job, u: &Unit) {
+            unsafe { $kernel(j, u) }
+        }
+    )*};
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn depthwise_avx512(j: &Job, u: &Unit) {
-    unsafe { depthwise_unit::<Avx512>(j, u) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dense_avx2(j: &Job, u: &Unit) {
-    unsafe { dense_unit::<Avx2, false>(j, u) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn depthwise_avx2(j: &Job, u: &Unit) {
-    unsafe { depthwise_unit::<Avx2>(j, u) }
+entry_points! {
+    dense_avx512: "avx512f" => dense_unit::<Avx512, false, false>;
+    pointwise_avx512: "avx512f" => dense_unit::<Avx512, false, true>;
+    pointwise_wrapped_avx512: "avx512f" => dense_unit::<Avx512, true, true>;
+    depthwise_avx512: "avx512f" => depthwise_unit::<Avx512>;
+    dense_avx2: "avx2,fma" => dense_unit::<Avx2, false, false>;
+    pointwise_avx2: "avx2,fma" => dense_unit::<Avx2, false, true>;
+    pointwise_wrapped_avx2: "avx2,fma" => dense_unit::<Avx2, true, true>;
+    depthwise_avx2: "avx2,fma" => depthwise_unit::<Avx2>;
 }
 
 /// Taps ky of output row `oy` whose input row lies inside the image.
@@ -358,10 +463,11 @@ pub(crate) unsafe fn activate<S: Simd>(act: Act, v: S::V) -> S::V {
     }
 }
 
+/// PW: the job is pointwise (see [`Kernel::Pointwise`]): the taps' loops and edge tests compile
+/// away. WRAP: the output is stored through `Job::out_wrap` (computed offsets cost registers that
+/// the plain tiles keep for immediates).
 #[inline(always)]
-/// WRAP: the output is stored through `Job::out_wrap` (a separate instantiation: computed offsets
-/// cost registers that the plain tiles keep for immediates).
-pub(crate) unsafe fn dense_unit<S: Simd, const WRAP: bool>(j: &Job, u: &Unit) {
+unsafe fn dense_unit<S: Simd, const WRAP: bool, const PW: bool>(j: &Job, u: &Unit) {
     let l = S::LANES;
     let per_block = u.blocks.len() * j.kh * j.kw * j.in_block * l * 4;
     let chunk = (WEIGHT_CHUNK_BYTES / per_block.max(1)).clamp(1, j.icb);
@@ -378,14 +484,14 @@ pub(crate) unsafe fn dense_unit<S: Simd, const WRAP: bool>(j: &Job, u: &Unit) {
         };
         for (image, oy) in iproduct(u.images.clone(), u.rows.clone()) {
             let t = Taps {
-                ky: rows_inside(j, oy),
+                ky: if PW { 0..1 } else { rows_inside(j, oy) },
                 ..t.clone()
             };
-            if j.sc == 1 {
+            if PW || j.sc == 1 {
                 // Blocked input: taps outside the image read a vector of zeros, so edge pixels
                 // join the tiles.
                 for (ox, px) in tiles(u.cols.clone(), max_px) {
-                    unsafe { dense_tile_dispatch::<S, WRAP>(j, image, u, px, oy, ox, &t) };
+                    unsafe { dense_tile_dispatch::<S, WRAP, PW>(j, image, u, px, oy, ox, &t) };
                 }
                 continue;
             }
@@ -396,10 +502,10 @@ pub(crate) unsafe fn dense_unit<S: Simd, const WRAP: bool>(j: &Job, u: &Unit) {
                     kx: cols_inside(j, ox),
                     ..t.clone()
                 };
-                unsafe { dense_tile_dispatch::<S, WRAP>(j, image, u, 1, oy, ox, &edge) };
+                unsafe { dense_tile_dispatch::<S, WRAP, PW>(j, image, u, 1, oy, ox, &edge) };
             }
             for (ox, px) in tiles(mid, max_px) {
-                unsafe { dense_tile_dispatch::<S, WRAP>(j, image, u, px, oy, ox, &t) };
+                unsafe { dense_tile_dispatch::<S, WRAP, PW>(j, image, u, px, oy, ox, &t) };
             }
         }
         c0 += chunk;
@@ -493,7 +599,7 @@ struct Taps {
 macro_rules! dense_tiles {
     ($S:ty, $ob:expr, $px:expr, $args:tt; $(($o:literal, $p:literal)),*) => {
         match ($ob, $px) {
-            $(($o, $p) => unsafe { dense_tile::<$S, $o, $p, WRAP> $args },)*
+            $(($o, $p) => unsafe { dense_tile::<$S, $o, $p, WRAP, PW> $args },)*
             _ => unreachable!("tile of {} blocks x {} pixels", $ob, $px),
         }
     };
@@ -501,7 +607,7 @@ macro_rules! dense_tiles {
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn dense_tile_dispatch<S: Simd, const WRAP: bool>(
+unsafe fn dense_tile_dispatch<S: Simd, const WRAP: bool, const PW: bool>(
     j: &Job,
     image: usize,
     u: &Unit,
@@ -521,7 +627,13 @@ unsafe fn dense_tile_dispatch<S: Simd, const WRAP: bool>(
 /// OB output blocks x PX output pixels (PX consecutive columns of row `oy` from `ox0`), summed over
 /// `t` in registers.
 #[inline(always)]
-unsafe fn dense_tile<S: Simd, const OB: usize, const PX: usize, const WRAP: bool>(
+unsafe fn dense_tile<
+    S: Simd,
+    const OB: usize,
+    const PX: usize,
+    const WRAP: bool,
+    const PW: bool,
+>(
     j: &Job,
     image: usize,
     ob0: usize,
@@ -532,21 +644,18 @@ unsafe fn dense_tile<S: Simd, const OB: usize, const PX: usize, const WRAP: bool
     let l = S::LANES;
     let q0 = oy * j.wo + ox0;
     let out = unsafe { j.out.add(image * j.out_image + ob0 * j.out_block) };
-    // Offsets of the tile's pixels in an output block: immediates unless wrapped.
-    let wrapped: [usize; PX] = if WRAP {
-        let (mut row, mut col) = (q0 / j.out_wrap, q0 % j.out_wrap);
-        std::array::from_fn(|_| {
-            let a = row * j.out_pitch + col * l;
-            col += 1;
-            if col == j.out_wrap {
-                (row, col) = (row + 1, 0);
-            }
-            a
-        })
-    } else {
-        [0; PX]
+    // Offset of pixel p in an output block: (q0 + p)·L, plus where wrapped the padding of the
+    // rows ended before it. A function of p alone (an array of offsets, or a running row and
+    // column, made the compiler keep the accumulators in memory).
+    let jump = j.out_pitch.wrapping_sub(j.out_wrap * l);
+    let at = |p: usize| {
+        let q = q0 + p;
+        if WRAP {
+            q * l + ((q as u64 * j.out_wrap_magic) >> 32) as usize * jump
+        } else {
+            q * l
+        }
     };
-    let at = |p: usize| -> usize { if WRAP { wrapped[p] } else { (q0 + p) * l } };
     let out_block = j.out_block;
     let x = unsafe { j.x.add(image * j.x_image) };
     let wts = unsafe { j.wts.add(ob0 * j.w_block) };
@@ -568,13 +677,27 @@ unsafe fn dense_tile<S: Simd, const OB: usize, const PX: usize, const WRAP: bool
             } else {
                 j.in_block
             };
-            for ky in t.ky.clone() {
-                let iy = oy * j.s + ky - j.pt;
+            let (taps_y, taps_x) = if PW {
+                (0..1, 0..1)
+            } else {
+                (t.ky.clone(), t.kx.clone())
+            };
+            for ky in taps_y {
+                let iy = if PW { 0 } else { oy * j.s + ky - j.pt };
                 let x_row = x.add(ib * j.sb + iy * j.w * j.sp);
-                for kx in t.kx.clone() {
-                    let xp: [*const f32; PX] =
-                        std::array::from_fn(|p| column(j, x_row, ox0 + p, kx));
-                    let wp = wts.add(((ib * j.kh + ky) * j.kw + kx) * j.in_block * l);
+                for kx in taps_x.clone() {
+                    let xp: [*const f32; PX] = std::array::from_fn(|p| {
+                        if PW {
+                            x_row.wrapping_add((ox0 + p) * l)
+                        } else {
+                            column(j, x_row, ox0 + p, kx)
+                        }
+                    });
+                    let wp = if PW {
+                        wts.add(ib * j.in_block * l)
+                    } else {
+                        wts.add(((ib * j.kh + ky) * j.kw + kx) * j.in_block * l)
+                    };
                     for ic in 0..channels {
                         let mut wv = [S::splat(0.0); OB];
                         for (o, v) in wv.iter_mut().enumerate() {

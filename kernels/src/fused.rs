@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::conv::{DwRow, Job, Unit, dense_unit, dw_row};
+use crate::conv::{DwRow, Job, dw_row, pointwise_rows};
 use crate::simd::Simd;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::{Avx2, Avx512};
@@ -155,39 +155,9 @@ unsafe fn unit_avx2(f: &Fused, u: &Part) {
     unsafe { unit::<Avx2>(f, u) }
 }
 
-/// A job for the shared kernels, with what they do not read left empty.
+/// A job for the shared kernels: the expansion's geometry over one row of input.
 fn job(f: &Fused, l: usize) -> Job {
-    Job {
-        x: std::ptr::null(),
-        wts: std::ptr::null(),
-        bias: std::ptr::null(),
-        out: std::ptr::null_mut(),
-        residual: std::ptr::null(),
-        act: Act::Identity,
-        h: 1,
-        w: f.w,
-        ho: 1,
-        wo: f.w,
-        kh: 1,
-        kw: 1,
-        s: 1,
-        pt: 0,
-        pl: 0,
-        sb: f.h * f.w * l,
-        sc: 1,
-        sp: l,
-        icb: f.icb,
-        in_block: l,
-        in_last: f.cin - (f.icb - 1) * l,
-        x_image: 0,
-        out_image: 0,
-        out_block: 0,
-        w_block: f.icb * l * l,
-        xa: 0,
-        xb: f.w,
-        out_wrap: 0,
-        out_pitch: 0,
-    }
+    Job::pointwise(l, f.cin, f.w, f.h * f.w * l, 0)
 }
 
 #[inline(always)]
@@ -224,23 +194,14 @@ unsafe fn unit<S: Simd>(f: &Fused, part: &Part) {
         let r1 = (pt + f.h).saturating_sub(first).clamp(r0, win_rows);
         if r1 > r0 {
             let iy0 = first + r0 - pt;
-            let pixels = (r1 - r0) * f.w;
             let mut e = job(f, l);
             e.x = f.x.add((image * f.icb * f.h + iy0) * f.w * l);
             e.wts = f.e_wts.add(b0 * e.w_block);
             e.bias = f.e_bias.add(b0 * l);
             e.act = f.acts.0;
-            (e.w, e.wo, e.xb) = (pixels, pixels, pixels);
             e.out = buf.as_mut_ptr().add(r0 * row + pl * l);
             e.out_block = win;
-            (e.out_wrap, e.out_pitch) = (f.w, row);
-            let u = Unit {
-                images: 0..1,
-                blocks: 0..g,
-                rows: 0..1,
-                cols: 0..pixels,
-            };
-            dense_unit::<S, true>(&e, &u);
+            pointwise_rows(S::ISA, &e, 0..g, (r1 - r0, f.w, row));
         }
         // The depthwise convolution over the windows.
         let mut d = job(f, l);

@@ -13,6 +13,7 @@
 mod conv;
 mod fused;
 mod layout;
+mod mbconv;
 mod simd;
 mod winograd;
 
@@ -405,6 +406,9 @@ impl PackedConv {
     }
 }
 
+/// Widest plane the fused kernels take (they address rows by an exact division of pixel indices).
+pub const MAX_FUSED_WIDTH: usize = 1 << 16;
+
 /// `act_dw(depthwise(act_expand(expand(x))))` for an inverted-residual block: `expand` a 1x1
 /// stride-1 convolution of a blocked input, `depthwise` its depthwise successor, `pad` the latter's
 /// padding. Equal to the two calls in sequence, without writing the expanded activation.
@@ -425,6 +429,11 @@ pub fn expand_depthwise(
     if !d.depthwise || d.cin != e.cout || expand.isa != depthwise.isa {
         return Err(KernelError::Shape(format!(
             "{d:?} after the expansion {e:?}"
+        )));
+    }
+    if w >= MAX_FUSED_WIDTH {
+        return Err(KernelError::Unsupported(format!(
+            "fused convolutions of planes {w} pixels wide"
         )));
     }
     let (ho, wo) = depthwise.output_size(h, w, pad)?;
@@ -454,6 +463,119 @@ pub fn expand_depthwise(
         out,
     );
     Ok(())
+}
+
+/// An inverted-residual block (MobileNet-v2 / EfficientNet's MBConv) from its blocked input `x`
+/// to its blocked output: `act[2](project(act[1](depthwise(act[0](expand(x))))))`, plus `x` where
+/// `residual`. `expand` (absent in a block of expansion 1) and `project` are 1x1 stride-1
+/// convolutions, `depthwise` a depthwise convolution padded by `pad`. Equal to the convolutions in
+/// sequence; streamed over strips of rows where the shapes allow (see `mbconv.rs`), so that the
+/// expanded activation is never written whole.
+#[allow(clippy::too_many_arguments)]
+pub fn inverted_residual(
+    expand: Option<&PackedConv>,
+    depthwise: &PackedConv,
+    project: &PackedConv,
+    x: &[f32],
+    (n, h, w): (usize, usize, usize),
+    pad: Pad,
+    acts: [Act; 3],
+    residual: bool,
+    out: &mut [MaybeUninit<f32>],
+) -> Result<(), KernelError> {
+    let (d, p) = (depthwise.spec, project.spec);
+    let pointwise = |c: &PackedConv| {
+        let s = c.spec;
+        s.kh == 1 && s.kw == 1 && s.stride == 1 && !s.depthwise && c.input == Input::Blocked
+    };
+    let first = expand.unwrap_or(depthwise);
+    if expand.is_some_and(|e| !pointwise(e) || e.spec.cout != d.cin)
+        || !d.depthwise
+        || depthwise.input != Input::Blocked
+        || !pointwise(project)
+        || p.cin != d.cin
+        || [first.isa, project.isa] != [depthwise.isa; 2]
+    {
+        return Err(KernelError::Unsupported(format!(
+            "an inverted-residual block of {:?}, {d:?}, {p:?}",
+            expand.map(|e| e.spec)
+        )));
+    }
+    if w >= MAX_FUSED_WIDTH {
+        return Err(KernelError::Unsupported(format!(
+            "fused convolutions of planes {w} pixels wide"
+        )));
+    }
+    let (ho, wo) = depthwise.output_size(h, w, pad)?;
+    let l = depthwise.isa.lanes();
+    let cin = first.spec.cin;
+    let need_out = n * p.cout.div_ceil(l) * ho * wo * l;
+    if x.len() != first.input_len(n, h, w) || out.len() != need_out {
+        return Err(KernelError::Shape(format!(
+            "{} input and {} output floats for {n} images of {h}x{w} in an inverted-residual block \
+             of {cin} -> {} -> {} channels",
+            x.len(),
+            out.len(),
+            d.cin,
+            p.cout
+        )));
+    }
+    if residual && (cin != p.cout || (ho, wo) != (h, w)) {
+        return Err(KernelError::Shape(format!(
+            "a residual around a block from {cin} channels at {h}x{w} to {} at {ho}x{wo}",
+            p.cout
+        )));
+    }
+    if !Isa::supported().contains(&depthwise.isa) {
+        return Err(KernelError::Unsupported(format!(
+            "{:?} on this CPU",
+            depthwise.isa
+        )));
+    }
+    let block = mbconv::Block {
+        expand,
+        depthwise,
+        project,
+        pad,
+        acts,
+    };
+    if mbconv::streams(&block, n, (h, w), (ho, wo)) {
+        mbconv::run(&block, x, (n, h, w), (ho, wo), residual, out);
+        return Ok(());
+    }
+    // Two passes: the depthwise output (of the fused expansion), then the projection.
+    let mid_len = n * d.cin.div_ceil(l) * ho * wo * l;
+    let mut mid: Vec<f32> = Vec::with_capacity(mid_len);
+    match expand {
+        Some(e) => fused::run(
+            e,
+            depthwise,
+            x,
+            (n, h, w),
+            (ho, wo),
+            pad,
+            (acts[0], acts[1]),
+            &mut mid.spare_capacity_mut()[..mid_len],
+        ),
+        None => depthwise.run(
+            x,
+            (n, h, w),
+            pad,
+            acts[1],
+            None,
+            &mut mid.spare_capacity_mut()[..mid_len],
+        )?,
+    }
+    // SAFETY: both kernels write every float of their output.
+    unsafe { mid.set_len(mid_len) };
+    project.run(
+        &mid,
+        (n, ho, wo),
+        Pad::default(),
+        acts[2],
+        residual.then_some(x),
+        out,
+    )
 }
 
 #[cfg(test)]

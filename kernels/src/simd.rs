@@ -11,6 +11,8 @@ pub(crate) trait Simd: Copy {
     const LANES: usize;
     /// Output-channel blocks per dense register tile (`Isa::out_blocks`).
     const OUT_BLOCKS: usize;
+    /// The instruction set this is.
+    const ISA: crate::Isa;
     type V: Copy;
     unsafe fn splat(v: f32) -> Self::V;
     unsafe fn load(p: *const f32) -> Self::V;
@@ -32,6 +34,7 @@ pub(crate) struct Avx512;
 impl Simd for Avx512 {
     const LANES: usize = 16;
     const OUT_BLOCKS: usize = 4;
+    const ISA: crate::Isa = crate::Isa::Avx512;
     type V = __m512;
     #[inline(always)]
     unsafe fn splat(v: f32) -> __m512 {
@@ -76,6 +79,7 @@ pub(crate) struct Avx2;
 impl Simd for Avx2 {
     const LANES: usize = 8;
     const OUT_BLOCKS: usize = 2;
+    const ISA: crate::Isa = crate::Isa::Avx2;
     type V = __m256;
     #[inline(always)]
     unsafe fn splat(v: f32) -> __m256 {

@@ -460,3 +460,162 @@ fn fused_expansion_and_depthwise_equal_the_two_convolutions() {
         }
     }
 }
+
+/// The streamed inverted-residual block equals its convolutions in sequence, whether it streams
+/// (strips, bands across threads) or runs as two passes.
+#[test]
+fn inverted_residual_equals_its_convolutions() {
+    // (input, expanded, output channels, kernel, stride, padding t/b/l/r, h, w, residual)
+    let cases = [
+        (16, 96, 24, 3, 2, (0, 1, 0, 1), 112, 64, false),
+        (16, 96, 24, 3, 2, (0, 1, 0, 1), 57, 46, false),
+        (24, 144, 24, 3, 1, (1, 1, 1, 1), 30, 21, true),
+        (24, 144, 40, 5, 2, (1, 2, 1, 2), 29, 28, false),
+        (40, 240, 40, 5, 1, (2, 2, 2, 2), 28, 28, true),
+        (32, 32, 16, 3, 1, (1, 1, 1, 1), 40, 33, false), // no expansion
+        (112, 672, 112, 5, 1, (2, 2, 2, 2), 14, 14, true), // two passes
+        (40, 80, 40, 3, 1, (1, 1, 1, 1), 5, 3, true),
+    ];
+    let mut streamed = [false; 2];
+    for (cin, mid, cout, k, stride, pad, h, w, residual) in cases {
+        let pad = Pad {
+            top: pad.0,
+            bottom: pad.1,
+            left: pad.2,
+            right: pad.3,
+        };
+        for n in [1, 3] {
+            for &isa in Isa::supported() {
+                let l = isa.lanes();
+                let conv = |cin, cout, kk, stride, depthwise, seed| {
+                    let per = if depthwise { 1 } else { cin };
+                    let spec = ConvSpec {
+                        cin,
+                        cout,
+                        kh: kk,
+                        kw: kk,
+                        stride,
+                        depthwise,
+                    };
+                    let wts: Vec<f32> = values(cout * per * kk * kk, seed)
+                        .iter()
+                        .map(|v| v * 0.3)
+                        .collect();
+                    PackedConv::new(isa, spec, Input::Blocked, &wts, &values(cout, seed + 1))
+                        .unwrap()
+                };
+                let e = (mid != cin).then(|| conv(cin, mid, 1, 1, false, 10));
+                let d = conv(mid, mid, k, stride, true, 20);
+                let p = conv(mid, cout, 1, 1, false, 30);
+                let x = values(n * cin.div_ceil(l) * l * h * w, 40);
+                let run = |c: &PackedConv, x: &[f32], h, w, pad, act, res: Option<&[f32]>| {
+                    let (ho, wo) = c.output_size(h, w, pad).unwrap();
+                    let len = n * c.spec().cout.div_ceil(l) * l * ho * wo;
+                    let mut out = vec![MaybeUninit::new(f32::NAN); len];
+                    c.run(x, (n, h, w), pad, act, res, &mut out).unwrap();
+                    out.into_iter()
+                        .map(|v| unsafe { v.assume_init() })
+                        .collect::<Vec<f32>>()
+                };
+                let expanded = match &e {
+                    Some(e) => run(e, &x, h, w, Pad::default(), Act::Relu6, None),
+                    None => x.clone(),
+                };
+                let dw = run(&d, &expanded, h, w, pad, Act::Relu6, None);
+                let (ho, wo) = d.output_size(h, w, pad).unwrap();
+                let want = run(
+                    &p,
+                    &dw,
+                    ho,
+                    wo,
+                    Pad::default(),
+                    Act::Identity,
+                    residual.then_some(&x[..]),
+                );
+                let block = crate::mbconv::Block {
+                    expand: e.as_ref(),
+                    depthwise: &d,
+                    project: &p,
+                    pad,
+                    acts: [Act::Relu6, Act::Relu6, Act::Identity],
+                };
+                // Split across the pool and on one thread; as the block chooses, and streamed
+                // whatever its size.
+                for (one_thread, force) in
+                    [(false, false), (true, false), (false, true), (true, true)]
+                {
+                    let mut got = vec![MaybeUninit::new(f32::NAN); want.len()];
+                    let mut go = || {
+                        if force {
+                            crate::mbconv::run(&block, &x, (n, h, w), (ho, wo), residual, &mut got);
+                            return Ok(());
+                        }
+                        streamed
+                            [usize::from(crate::mbconv::streams(&block, n, (h, w), (ho, wo)))] =
+                            true;
+                        inverted_residual(
+                            e.as_ref(),
+                            &d,
+                            &p,
+                            &x,
+                            (n, h, w),
+                            pad,
+                            [Act::Relu6, Act::Relu6, Act::Identity],
+                            residual,
+                            &mut got,
+                        )
+                    };
+                    if one_thread { on_this_thread(go) } else { go() }.unwrap();
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        let g = unsafe { g.assume_init() };
+                        assert!(
+                            (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                            "{isa:?} {cin}->{mid}->{cout} k{k}/{stride} n{n} at {i} (one thread: \
+                             {one_thread}, forced: {force}): {g} vs {w}"
+                        );
+                    }
+                }
+                // A residual around a block that changes its shape, and short buffers, are refused.
+                let mut short = vec![MaybeUninit::new(0.0); want.len() - 1];
+                let acts = [Act::Relu6, Act::Relu6, Act::Identity];
+                assert!(
+                    inverted_residual(
+                        e.as_ref(),
+                        &d,
+                        &p,
+                        &x,
+                        (n, h, w),
+                        pad,
+                        acts,
+                        residual,
+                        &mut short
+                    )
+                    .is_err()
+                );
+                if !residual {
+                    let mut out = vec![MaybeUninit::new(0.0); want.len()];
+                    assert_eq!(
+                        inverted_residual(
+                            e.as_ref(),
+                            &d,
+                            &p,
+                            &x,
+                            (n, h, w),
+                            pad,
+                            acts,
+                            true,
+                            &mut out
+                        )
+                        .is_err(),
+                        cin != cout || stride != 1
+                    );
+                }
+            }
+        }
+    }
+    assert_eq!(
+        streamed,
+        [true, true],
+        "both the streamed and the two-pass paths ran"
+    );
+}

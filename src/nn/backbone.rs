@@ -146,6 +146,7 @@ pub trait Backbone: Send + Sync {
         !train
             && self.blocked_channels().is_some()
             && x.elem_count() > 0
+            && blocked::spatial(x).is_ok_and(|(_, w)| w < histolens_kernels::MAX_FUSED_WIDTH)
             && blocked::applies(x)
             && self.constant_weights()
     }

@@ -278,65 +278,64 @@ pub fn conv_add(
     )
 }
 
-/// `act_dw(depthwise(act_expand(expand(x))))` in one pass (see `histolens_kernels::expand_depthwise`).
-struct ExpandDepthwise {
-    expand: Arc<PackedConv>,
-    depthwise: Arc<PackedConv>,
-    pad: Pad,
-    acts: (Act, Act),
+/// A whole inverted-residual block in one kernel call (see `histolens_kernels::inverted_residual`);
+/// its input is also its residual.
+struct InvertedResidual {
+    expand: Option<(Arc<PackedConv>, Act)>,
+    depthwise: (Arc<PackedConv>, Pad, Act),
+    project: (Arc<PackedConv>, Act),
+    residual: bool,
 }
 
-impl CustomOp1 for ExpandDepthwise {
+impl CustomOp1 for InvertedResidual {
     fn name(&self) -> &'static str {
-        "histolens-blocked-expand-depthwise"
+        "histolens-blocked-inverted-residual"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "blocked input")?;
-        let isa = self.expand.isa();
+        let (d, pad, act_dw) = &self.depthwise;
+        let (p, act_project) = &self.project;
+        let isa = d.isa();
         let (n, h, w) = match l.dims() {
             &[n, _, h, w, lanes] if lanes == isa.lanes() => (n, h, w),
-            d => bail!("expansion: input of shape {d:?}"),
+            dims => bail!("inverted-residual block: input of shape {dims:?}"),
         };
-        let (ho, wo) = self
-            .depthwise
-            .output_size(h, w, self.pad)
-            .map_err(kernel_err)?;
-        let shape: Shape = (
-            n,
-            self.expand.spec().cout.div_ceil(isa.lanes()),
-            ho,
-            wo,
-            isa.lanes(),
-        )
-            .into();
+        let (ho, wo) = d.output_size(h, w, *pad).map_err(kernel_err)?;
+        let shape: Shape = (n, p.spec().cout.div_ceil(isa.lanes()), ho, wo, isa.lanes()).into();
+        let act_expand = self.expand.as_ref().map_or(Act::Identity, |e| e.1);
         written_by(shape, |o| {
-            histolens_kernels::expand_depthwise(
-                &self.expand,
-                &self.depthwise,
+            histolens_kernels::inverted_residual(
+                self.expand.as_ref().map(|e| &*e.0),
+                d,
+                p,
                 x,
                 (n, h, w),
-                self.pad,
-                self.acts,
+                *pad,
+                [act_expand, *act_dw, *act_project],
+                self.residual,
                 o,
             )
         })
     }
 }
 
-/// `act_dw(depthwise(act_expand(expand(x))))`, all blocked, the expansion never written whole.
-pub fn expand_depthwise(
+/// `act_p(project(act_dw(depthwise(act_e(expand(x))))))`, plus `x` where `residual`: a whole
+/// inverted-residual block, all blocked, its expanded activation never written whole.
+pub fn inverted_residual(
     x: &Tensor,
-    (expand, act_expand): (&Arc<PackedConv>, Activation),
-    (depthwise, pad, act_dw): (&Arc<PackedConv>, Pad, Activation),
+    expand: Option<(&Arc<PackedConv>, Act)>,
+    (depthwise, pad, act_dw): (&Arc<PackedConv>, Pad, Act),
+    (project, act_project): (&Arc<PackedConv>, Act),
+    residual: bool,
 ) -> Result<Tensor> {
     apply(
         x,
-        ExpandDepthwise {
-            expand: expand.clone(),
-            depthwise: depthwise.clone(),
-            pad,
-            acts: (act_expand.into(), act_dw.into()),
+        InvertedResidual {
+            expand: expand.map(|(e, a)| (e.clone(), a)),
+            depthwise: (depthwise.clone(), pad, act_dw),
+            project: (project.clone(), act_project),
+            residual,
         },
     )
 }

@@ -49,27 +49,25 @@ struct MbConv {
 
 impl MbConv {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = match &self.expand {
-            Some(e) if !train && is_blocked(x) => self.depthwise.forward_blocked_after(
+        if !train && is_blocked(x) {
+            return self.depthwise.forward_blocked_inverted_residual(
                 x,
-                (e, Activation::Relu6),
-                Activation::Relu6,
-            )?,
-            Some(e) => {
-                let y = e.forward_act(x, train, Activation::Relu6)?;
-                self.depthwise.forward_act(&y, train, Activation::Relu6)?
-            }
-            None => self.depthwise.forward_act(x, train, Activation::Relu6)?,
+                self.expand.as_ref(),
+                &self.project,
+                [Activation::Relu6, Activation::Relu6, Activation::Identity],
+                self.residual,
+            );
+        }
+        let y = match &self.expand {
+            Some(e) => e.forward_act(x, train, Activation::Relu6)?,
+            None => x.clone(),
         };
-        if !self.residual {
-            return self.project.forward_t(&y, train);
+        let y = self.depthwise.forward_act(&y, train, Activation::Relu6)?;
+        let y = self.project.forward_t(&y, train)?;
+        if self.residual {
+            return add_act(y, x, Activation::Identity);
         }
-        if !train && is_blocked(&y) {
-            return self
-                .project
-                .forward_blocked_add(&y, x, Activation::Identity);
-        }
-        add_act(self.project.forward_t(&y, train)?, x, Activation::Identity)
+        Ok(y)
     }
 }
 

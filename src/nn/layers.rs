@@ -169,30 +169,47 @@ impl ConvBn {
         blocked::conv_add(x, residual, &self.packed(x)?, self.padding(x)?, act)
     }
 
-    /// `act(BatchNorm(depthwise(act_expand(BatchNorm(expand(x))))))` in evaluation, all blocked, with
-    /// `self` the depthwise convolution and `expand` the 1x1 convolution before it: one pass that never
-    /// writes the expanded activation. Other kinds of convolution take the two calls.
-    pub fn forward_blocked_after(
+    /// A whole inverted-residual block in evaluation, all blocked, with `self` its depthwise
+    /// convolution: `acts[2](project(acts[1](self(acts[0](expand(x))))))`, plus `x` where
+    /// `residual`, in one kernel call that never writes the expanded activation whole (see
+    /// `histolens_kernels::inverted_residual`). Shapes the kernel does not take run layer by layer.
+    pub fn forward_blocked_inverted_residual(
         &self,
         x: &Tensor,
-        (expand, act_expand): (&ConvBn, Activation),
-        act: Activation,
+        expand: Option<&ConvBn>,
+        project: &ConvBn,
+        acts: [Activation; 3],
+        residual: bool,
     ) -> Result<Tensor> {
-        let e = &expand.spec;
-        let fusable = self.depthwise()
-            && e.kernel == (1, 1)
-            && e.stride == 1
-            && e.groups == 1
-            && e.cout == self.spec.cin
+        let pointwise = |c: &ConvBn| {
+            let s = &c.spec;
+            s.kernel == (1, 1) && s.stride == 1 && s.groups == 1
+        };
+        let fits = self.depthwise()
+            && expand.is_none_or(|e| pointwise(e) && e.spec.cout == self.spec.cin)
+            && pointwise(project)
+            && project.spec.cin == self.spec.cout
             && blocked::is_blocked(x);
-        if !fusable {
-            let y = expand.forward_blocked(x, act_expand)?;
-            return self.forward_blocked(&y, act);
+        if !fits {
+            let y = match expand {
+                Some(e) => e.forward_blocked(x, acts[0])?,
+                None => x.clone(),
+            };
+            let y = self.forward_blocked(&y, acts[1])?;
+            return match residual {
+                true => project.forward_blocked_add(&y, x, acts[2]),
+                false => project.forward_blocked(&y, acts[2]),
+            };
         }
-        // The depthwise input has the expansion's (= x's) height and width.
-        let pad = self.padding(x)?;
-        let (ep, dp) = (expand.packed(x)?, self.packed(x)?);
-        blocked::expand_depthwise(x, (&ep, act_expand), (&dp, pad, act))
+        // Every convolution of the block reads an input of x's layout; the depthwise one x's size.
+        let e = expand.map(|e| e.packed(x)).transpose()?;
+        blocked::inverted_residual(
+            x,
+            e.as_ref().map(|e| (e, acts[0].into())),
+            (&self.packed(x)?, self.padding(x)?, acts[1].into()),
+            (&project.packed(x)?, acts[2].into()),
+            residual,
+        )
     }
 
     fn depthwise(&self) -> bool {
