@@ -1,7 +1,7 @@
 //! Per-layer time of EfficientNet-Lite0 (224x224, one image) on the blocked kernels, as the model
-//! runs them (stem, fused expansion + depthwise, projection with the residual, head): each layer
-//! alone and repeated (its weights and input hot in the cache), then the whole chain in sequence,
-//! each layer reading the previous one's output, as in a forward pass.
+//! runs them (stem, each block in one `inverted_residual` call, head): each layer alone and
+//! repeated (its weights and input hot in the cache), and inside the whole chain, each layer
+//! reading the previous one's output, as in a forward pass.
 //! `RAYON_NUM_THREADS=1 cargo run --release -p histolens-kernels --example effnet_layers`
 use histolens_kernels::*;
 use std::mem::MaybeUninit;
@@ -93,9 +93,9 @@ fn main() {
     let isa = Isa::detect().expect("no blocked instruction set");
     let l = isa.lanes();
     let blocked = |c: usize, side: usize| c.div_ceil(l) * l * side * side;
-    // BLOCKS=1: each block in one call (`inverted_residual`), else the fused expansion + depthwise
-    // and the projection.
-    let whole_blocks = std::env::var("BLOCKS").is_ok_and(|v| v == "1");
+    // Each block in one call (`inverted_residual`), as the model runs it; BLOCKS=0: its fused
+    // expansion + depthwise and its projection, timed apart.
+    let whole_blocks = std::env::var("BLOCKS").map_or(true, |v| v != "0");
     let iters: usize = std::env::var("ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
