@@ -362,6 +362,39 @@ fn residual_is_added_before_the_activation() {
     }
 }
 
+/// Padding from (top, bottom, left, right).
+fn pad4((top, bottom, left, right): (usize, usize, usize, usize)) -> Pad {
+    Pad {
+        top,
+        bottom,
+        left,
+        right,
+    }
+}
+
+/// A square k x k convolution of blocked input with seeded weights (scaled by `scale`) and bias.
+fn square_conv(
+    isa: Isa,
+    (cin, cout, k, stride, depthwise): (usize, usize, usize, usize, bool),
+    seed: u64,
+    scale: f32,
+) -> PackedConv {
+    let per = if depthwise { 1 } else { cin };
+    let spec = ConvSpec {
+        cin,
+        cout,
+        kh: k,
+        kw: k,
+        stride,
+        depthwise,
+    };
+    let wts: Vec<f32> = values(cout * per * k * k, seed)
+        .iter()
+        .map(|v| v * scale)
+        .collect();
+    PackedConv::new(isa, spec, Input::Blocked, &wts, &values(cout, seed + 1)).unwrap()
+}
+
 /// The fused expansion + depthwise equals the two convolutions in sequence.
 #[test]
 fn fused_expansion_and_depthwise_equal_the_two_convolutions() {
@@ -375,33 +408,12 @@ fn fused_expansion_and_depthwise_equal_the_two_convolutions() {
         (16, 96, 3, 2, (0, 1, 0, 1), 113, 90),
     ];
     for (cin, mid, k, stride, pad, h, w) in cases {
-        let pad = Pad {
-            top: pad.0,
-            bottom: pad.1,
-            left: pad.2,
-            right: pad.3,
-        };
+        let pad = pad4(pad);
         let n = 2;
         for &isa in Isa::supported() {
             let l = isa.lanes();
             let dense = |cin, cout, kk, stride, depthwise, seed| {
-                let per = if depthwise { 1 } else { cin };
-                let spec = ConvSpec {
-                    cin,
-                    cout,
-                    kh: kk,
-                    kw: kk,
-                    stride,
-                    depthwise,
-                };
-                PackedConv::new(
-                    isa,
-                    spec,
-                    Input::Blocked,
-                    &values(cout * per * kk * kk, seed),
-                    &values(cout, seed + 1),
-                )
-                .unwrap()
+                square_conv(isa, (cin, cout, kk, stride, depthwise), seed, 1.0)
             };
             let e = dense(cin, mid, 1, 1, false, 10);
             let d = dense(mid, mid, k, stride, true, 20);
@@ -478,31 +490,12 @@ fn inverted_residual_equals_its_convolutions() {
     ];
     let mut streamed = [false; 2];
     for (cin, mid, cout, k, stride, pad, h, w, residual) in cases {
-        let pad = Pad {
-            top: pad.0,
-            bottom: pad.1,
-            left: pad.2,
-            right: pad.3,
-        };
+        let pad = pad4(pad);
         for n in [1, 3] {
             for &isa in Isa::supported() {
                 let l = isa.lanes();
                 let conv = |cin, cout, kk, stride, depthwise, seed| {
-                    let per = if depthwise { 1 } else { cin };
-                    let spec = ConvSpec {
-                        cin,
-                        cout,
-                        kh: kk,
-                        kw: kk,
-                        stride,
-                        depthwise,
-                    };
-                    let wts: Vec<f32> = values(cout * per * kk * kk, seed)
-                        .iter()
-                        .map(|v| v * 0.3)
-                        .collect();
-                    PackedConv::new(isa, spec, Input::Blocked, &wts, &values(cout, seed + 1))
-                        .unwrap()
+                    square_conv(isa, (cin, cout, kk, stride, depthwise), seed, 0.3)
                 };
                 let e = (mid != cin).then(|| conv(cin, mid, 1, 1, false, 10));
                 let d = conv(mid, mid, k, stride, true, 20);
