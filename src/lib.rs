@@ -40,6 +40,17 @@ pub fn data_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".histolens"))
 }
 
+/// The folder for caches histolens can rebuild (frozen-backbone features): `$HISTOLENS_CACHE_DIR`
+/// when set, else the platform's cache folder, else `data_dir()/cache`. Never beside the user's files.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("HISTOLENS_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    directories::ProjectDirs::from("org", "histolens", "histolens")
+        .map(|p| p.cache_dir().to_path_buf())
+        .unwrap_or_else(|| data_dir().join("cache"))
+}
+
 /// The bundled CC0 sample slide (OpenSlide test data).
 pub fn bundled_sample() -> Option<PathBuf> {
     bundled_asset("samples", "CMU-1-Small-Region.svs")

@@ -117,6 +117,15 @@ fn main() -> std::process::ExitCode {
     histolens::util::memory::tune_allocator();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
+    // A headless command piped into `head` ends quietly, as Unix tools do, instead of panicking on
+    // the closed pipe.
+    #[cfg(unix)]
+    if cli.command.is_some() {
+        // SAFETY: restoring the default disposition of a signal before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Some(Command::Info { file, json }) => cli::info::run(&file, json),
         Some(Command::Dataset(DatasetCommand::Magnification(a))) => cli::magnification::dataset(a),

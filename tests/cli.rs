@@ -328,3 +328,179 @@ fn sharded_heatmaps_merge_into_the_unsharded_run() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("share the output folder"));
 }
+
+/// Every statement about scale is true: a snapshot's stated pixel size is compared with the estimate
+/// as a slide's is ("agrees" only after a comparison that agrees), default resolutions are no pixel
+/// size, and OME-XML pixel sizes are read.
+#[test]
+fn snapshot_scale_statements() {
+    use tiff::tags::ResolutionUnit;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The model answers 20x (0.5 µm/px); the snapshots have no nuclei, so that is the estimate.
+    let model = common::constant_magnification_model(d, 20.0);
+    let img = common::featureless_tissue(256);
+    let far = d.join("far.png");
+    common::png_with_phys(&img, &far, 0.3125);
+    let near = d.join("near.png");
+    common::png_with_phys(&img, &near, 0.48);
+    let bare = d.join("bare.png");
+    img.save(&bare).unwrap();
+    let out = histolens()
+        .args(["predict", "--model"])
+        .arg(&model)
+        .args([&far, &near, &bare])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |name: &str| text.lines().find(|l| l.contains(name)).unwrap().to_string();
+    assert!(line("far.png").contains("20.0x"), "{text}");
+    assert!(line("far.png").contains("MISMATCH") && !line("far.png").contains("agrees"));
+    assert!(line("far.png").contains("+60%"), "{text}");
+    assert!(line("near.png").contains("agrees (+4%)"), "{text}");
+    assert!(!line("bare.png").contains("agrees") && !line("bare.png").contains("MISMATCH"));
+    let out = histolens()
+        .args(["predict", "--json", "--model"])
+        .arg(&model)
+        .args([&far, &bare])
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["mismatch"], true);
+    assert!((rows[0]["relative_difference"].as_f64().unwrap() - 0.6).abs() < 1e-3);
+    assert_eq!(rows[0]["metadata_source"], "PNG pHYs chunk");
+    assert!(rows[1]["mismatch"].is_null() && rows[1]["metadata_mpp"].is_null());
+
+    // What `info --json` reads from each kind of tag.
+    let mpp = |path: &Path| -> (serde_json::Value, serde_json::Value) {
+        let out = histolens()
+            .args(["info", "--json"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v["info"]["mpp"].clone(), v["info"]["properties"].clone())
+    };
+    let ome = |size: &str, unit: &str| {
+        format!(
+            r#"<?xml version="1.0"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint8" SizeX="256" SizeY="256" SizeC="3" SizeZ="1" SizeT="1" PhysicalSizeX="{size}" PhysicalSizeY="{size}" {unit}/></Image></OME>"#
+        )
+    };
+    let cases: Vec<(
+        &str,
+        Option<(ResolutionUnit, u32, u32)>,
+        Option<String>,
+        Option<f64>,
+        &str,
+    )> = vec![
+        (
+            "inch.tif",
+            Some((ResolutionUnit::Inch, 57_531, 1)),
+            None,
+            Some(0.4415),
+            "tiff-resolution",
+        ),
+        (
+            "cm.tif",
+            Some((ResolutionUnit::Centimeter, 20_000, 1)),
+            None,
+            Some(0.5),
+            "tiff-resolution",
+        ),
+        (
+            "ome-um.tif",
+            None,
+            Some(ome(
+                "0.2271",
+                r#"PhysicalSizeXUnit="µm" PhysicalSizeYUnit="µm""#,
+            )),
+            Some(0.2271),
+            "ome-xml",
+        ),
+        (
+            "ome-nm.tif",
+            None,
+            Some(ome(
+                "250",
+                r#"PhysicalSizeXUnit="nm" PhysicalSizeYUnit="nm""#,
+            )),
+            Some(0.25),
+            "ome-xml",
+        ),
+        (
+            "ome-nounit.tif",
+            Some((ResolutionUnit::Inch, 300, 1)),
+            Some(ome("0.5", "")),
+            Some(0.5),
+            "ome-xml",
+        ),
+    ];
+    for (name, res, desc, want, source) in cases {
+        let p = d.join(name);
+        common::tiff_with_tags(&img, &p, res, desc.as_deref());
+        let (m, _) = mpp(&p);
+        let x = m["x"].as_f64().unwrap_or(f64::NAN);
+        assert!((x - want.unwrap()).abs() < 1e-4, "{name}: {m}");
+        assert_eq!(m["source"], source, "{name}");
+    }
+    // Defaults say nothing about the tissue: no pixel size, and `info` says why.
+    for dpi in [72, 96, 150, 300, 600] {
+        let p = d.join(format!("{dpi}dpi.tif"));
+        common::tiff_with_tags(&img, &p, Some((ResolutionUnit::Inch, dpi, 1)), None);
+        let (m, props) = mpp(&p);
+        assert!(m.is_null(), "{dpi} dpi read as {m}");
+        let note = props["histolens.resolution-note"].as_str().unwrap();
+        assert!(
+            note.contains(&format!("{dpi} dpi (a default, ignored)")),
+            "{note}"
+        );
+        let png = d.join(format!("{dpi}dpi.png"));
+        common::png_with_phys(&img, &png, 25_400.0 / f64::from(dpi));
+        assert!(mpp(&png).0.is_null(), "{dpi} dpi PNG");
+    }
+    let unitless = d.join("unitless.tif");
+    common::tiff_with_tags(&img, &unitless, Some((ResolutionUnit::None, 1, 1)), None);
+    assert!(mpp(&unitless).0.is_null());
+    let text = histolens()
+        .arg("info")
+        .arg(d.join("300dpi.tif"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&text.stdout)
+            .contains("resolution tag: 300 dpi (a default, ignored)")
+    );
+}
+
+/// A slide with no pixel size in its metadata is no longer refused for want of `--mpp`: its scale
+/// is estimated, and the command says so.
+#[test]
+fn heatmap_without_a_pixel_size_uses_the_estimate_and_says_so() {
+    let Some(data) =
+        common::shared_data("heatmap_without_a_pixel_size_uses_the_estimate_and_says_so")
+    else {
+        return;
+    };
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = histolens()
+        .arg("heatmap")
+        .arg(data.join("slides/tcga-cr-7395-01a-01-ts1.svs"))
+        .arg("--out")
+        .arg(out_dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("using the ESTIMATED"), "{stderr}");
+    assert!(!stderr.contains("give it with --mpp"), "{stderr}");
+    // The bundled demo model needs 20x fields: on a coarser slide it refuses to upsample, and says
+    // that, not that the scale is unknown.
+    if !out.status.success() {
+        assert!(stderr.contains("would be upsampled"), "{stderr}");
+    }
+}

@@ -239,38 +239,8 @@ fn calibration_by_hand_is_remembered() {
     assert!((h.state().view().unwrap().mpp().unwrap().x - 0.5).abs() < 1e-9);
 }
 
-/// A magnification model that always answers 20x (the GUI test checks the plumbing, not the accuracy):
-/// ResNet-18 on 64 px crops, with the constant m and a trained range in its metadata.
 fn random_magnification_model(dir: &Path) -> PathBuf {
-    use candle_core::{DType, Device};
-    use candle_nn::{VarBuilder, VarMap};
-    use histolens::nn::checkpoint::{CheckpointMeta, FORMAT_VERSION, Normalization, to_bytes};
-    let vars = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
-    histolens::nn::hagnifinder::Hagnifinder::new(histolens::nn::Arch::Resnet18, vb).unwrap();
-    // The output layer answers 20x whatever it sees.
-    for (name, var) in vars.data().lock().unwrap().iter() {
-        if name == "head.fc3.weight" {
-            var.set(&var.as_tensor().zeros_like().unwrap()).unwrap();
-        } else if name == "head.fc3.bias" {
-            var.set(&candle_core::Tensor::new(&[20f32], &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
-    let meta = CheckpointMeta {
-        format_version: FORMAT_VERSION,
-        arch: histolens::nn::Arch::Resnet18,
-        task: "magnification".into(),
-        input_size: [64, 64],
-        normalization: Normalization::IMAGENET,
-        classes: Vec::new(),
-        magnification_range: Some([5.0, 40.0]),
-        constants: [("asm_m".to_string(), 0.5)].into_iter().collect(),
-        provenance: Default::default(),
-    };
-    let path = dir.join("random-magnification.safetensors");
-    std::fs::write(&path, to_bytes(&vars, &meta, true).unwrap()).unwrap();
-    path
+    common::constant_magnification_model(dir, 20.0)
 }
 
 #[test]
@@ -295,15 +265,15 @@ fn a_snapshot_gets_a_magnification_badge() {
     let estimate = result
         .as_ref()
         .expect("the estimate succeeded")
-        .estimate()
+        .estimate
         .clone();
-    assert!((estimate.magnification - 20.0).abs() < 1e-3 && estimate.crops >= 1);
+    // The network says 20x; the estimate is that, fused with the nuclei ruler where it reads.
+    assert!((10.0 / estimate.network_mpp - 20.0).abs() < 1e-3 && estimate.crops >= 1);
     assert!((estimate.mpp * estimate.magnification - 10.0).abs() < 1e-9);
     h.get_by_label_contains("Estimated"); // the badge over the view
     let shown = format!("{:.3} µm/px", estimate.mpp);
-    assert_eq!(
-        h.query_all_by_label_contains(&shown).count(),
-        2,
+    assert!(
+        h.query_all_by_label_contains(&shown).count() >= 2,
         "badge and side panel show {shown}"
     );
     h.get_by_label("Estimate magnification");
@@ -313,6 +283,69 @@ fn a_snapshot_gets_a_magnification_badge() {
     settle(&mut h);
     let calibrated = h.state().view().unwrap().mpp().unwrap().mean();
     assert!((calibrated - estimate.mpp).abs() < 1e-9, "{calibrated}");
+}
+
+/// A snapshot that states its pixel size is compared with the estimate as a slide is: the badge
+/// leads with the stated size and its source, the panel says MISMATCH or agrees with the difference.
+#[test]
+fn a_snapshot_with_a_pixel_size_is_checked_against_it() {
+    let data = tempfile::tempdir().unwrap();
+    let model = random_magnification_model(data.path());
+    let img = common::featureless_tissue(200);
+    for (name, stated, verdict) in [
+        ("far.png", 0.3125, "MISMATCH"),
+        ("near.png", 0.48, "agrees (+4%)"),
+    ] {
+        let snapshot = data.path().join(name);
+        common::png_with_phys(&img, &snapshot, stated);
+        let mut h = harness_with_model(Some(snapshot.clone()), data.path(), Some(model.clone()));
+        settle(&mut h);
+        let check = h
+            .state()
+            .magnification()
+            .result_for(&snapshot)
+            .expect("an estimate ran")
+            .as_ref()
+            .expect("the estimate succeeded")
+            .clone();
+        assert_eq!(check.metadata_mpp, Some(stated));
+        h.get_by_label_contains(&format!(
+            "{stated:.3} µm/px (PNG pHYs chunk) · estimate 20.0x"
+        ));
+        // The badge and the panel's Metadata row both give the verdict.
+        assert_eq!(h.query_all_by_label_contains(verdict).count(), 2, "{name}");
+        // The scale bar follows the stated size (no "est." mark).
+        assert!((h.state().view().unwrap().mpp().unwrap().x - stated).abs() < 1e-9);
+    }
+}
+
+/// Calibrating from a scale bar: a line drawn along the bar and its typed length set the file's
+/// µm/px, which the scale bar then follows.
+#[test]
+fn a_scale_bar_sets_the_pixel_size() {
+    let data = tempfile::tempdir().unwrap();
+    let snapshot = data.path().join("published-figure.png");
+    common::featureless_tissue(400).save(&snapshot).unwrap();
+    let mut h = harness(Some(snapshot), data.path());
+    settle(&mut h);
+    assert!(h.state().view().unwrap().mpp().is_none());
+    h.get_by_label("Measure a scale bar").click();
+    h.run_steps(2);
+    assert!(
+        h.state().view().unwrap().measuring,
+        "drags now draw the line"
+    );
+    // The line a drag along a 200 px bar leaves, and the length printed beside the bar.
+    let view = h.state_mut().view_mut().unwrap();
+    view.scale_line = Some(([50.0, 350.0], [250.0, 350.0]));
+    view.scale_bar_um = 50.0;
+    h.run_steps(2);
+    h.get_by_label("200.0 px");
+    h.get_by_label("Set µm/px from the bar").click();
+    h.run_steps(3);
+    let view = h.state().view().unwrap();
+    assert!((view.mpp().unwrap().x - 0.25).abs() < 1e-12);
+    assert!(!view.measuring && view.scale_line.is_none());
 }
 
 /// A checkerboard heatmap over the sample slide in level-0 cells of 250 px: P(high) is 1 where

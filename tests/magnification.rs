@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::Device;
 use histolens::data::augment::AugmentConfig;
-use histolens::data::magnification::{BuildConfig, Source, build};
+use histolens::data::magnification::{BuildConfig, Scales, Source, build};
 use histolens::data::tissue::background_fraction;
 use histolens::data::{Manifest, Split};
 use histolens::magnification::MagnificationModel;
@@ -29,15 +29,12 @@ fn dataset() -> &'static (tempfile::TempDir, Manifest) {
     DS.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let cfg = BuildConfig {
-            magnifications: vec![5.0, 10.0, 20.0, 40.0],
+            scales: Scales::Magnifications(vec![5.0, 10.0, 20.0, 40.0]),
             per_magnification: 4,
             seed: 7,
             ..Default::default()
         };
-        let sources = [Source {
-            path: common::sample_slide(),
-            mpp: 0.499,
-        }];
+        let sources = [Source::new(common::sample_slide(), 0.499)];
         let (manifest, reports) = build(&sources, dir.path(), &cfg, |_, _| {}).unwrap();
         assert_eq!(
             reports[0].blocks, 4,
@@ -235,6 +232,199 @@ fn histolens() -> Command {
     c
 }
 
+/// The strength of the period `p` (in pixels) in a profile: the magnitude at frequency 1/p of its
+/// Hann-windowed, mean-removed DFT.
+fn period_strength(profile: &[f64], p: f64) -> f64 {
+    let n = profile.len() as f64;
+    let mean = profile.iter().sum::<f64>() / n;
+    let (mut re, mut im) = (0.0, 0.0);
+    for (x, v) in profile.iter().enumerate() {
+        let w = 0.5 - 0.5 * (std::f64::consts::TAU * x as f64 / (n - 1.0)).cos();
+        let a = std::f64::consts::TAU * x as f64 / p;
+        re += w * (v - mean) * a.cos();
+        im += w * (v - mean) * a.sin();
+    }
+    re.hypot(im)
+}
+
+/// Continuous pixel sizes land exactly: stripes of a known period come out of every patch with the
+/// period its label says, from the finest allowed (1.25x upsampling at most) to the coarsest asked.
+#[test]
+fn continuous_builder_scales_are_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let native_period = 20.0;
+    let img = image::RgbImage::from_fn(900, 700, |x, _| {
+        let s = (std::f64::consts::TAU * f64::from(x) / native_period).sin();
+        image::Rgb([(150.0 + 60.0 * s) as u8, (80.0 + 40.0 * s) as u8, 160])
+    });
+    let src = dir.path().join("stripes.png");
+    img.save(&src).unwrap();
+    let cfg = BuildConfig {
+        scales: Scales::Continuous {
+            per_octave: 10,
+            max_upsample: 1.25,
+            coarsest_mpp: 1.0,
+        },
+        min_patch: 64,
+        max_patch: 96,
+        only: Some(Split::Train),
+        seed: 3,
+        ..Default::default()
+    };
+    let out = dir.path().join("ds");
+    let (manifest, _) = build(&[Source::new(src, 0.25)], &out, &cfg, |_, _| {}).unwrap();
+    assert!(
+        manifest.records.len() >= 18,
+        "{} patches",
+        manifest.records.len()
+    );
+    let mpps: Vec<f64> = manifest.records.iter().map(|r| r.mpp).collect();
+    assert!(mpps.iter().all(|&m| (0.2 - 1e-9..=1.0 + 1e-9).contains(&m)));
+    // Both octaves (0.2-0.4 and 0.4-0.8) and the partial one above are drawn.
+    for (a, b) in [(0.2, 0.4), (0.4, 0.8), (0.8, 1.0)] {
+        assert!(mpps.iter().any(|&m| m >= a && m < b), "nothing in {a}-{b}");
+    }
+    for r in &manifest.records {
+        let patch = image::open(manifest.resolve(r)).unwrap().to_rgb8();
+        let profile: Vec<f64> = (0..patch.width())
+            .map(|x| {
+                (0..patch.height())
+                    .map(|y| f64::from(patch.get_pixel(x, y).0[0]))
+                    .sum()
+            })
+            .collect();
+        let expected = native_period * 0.25 / r.mpp;
+        let found = (0..400)
+            .map(|i| 3.0 + f64::from(i) * 0.1)
+            .max_by(|a, b| period_strength(&profile, *a).total_cmp(&period_strength(&profile, *b)))
+            .unwrap();
+        assert!(
+            (found / expected - 1.0).abs() < 0.04,
+            "{}: period {found:.2} px, expected {expected:.2} at {:.3} µm/px",
+            r.path,
+            r.mpp
+        );
+    }
+}
+
+/// Leave-one-source-out on a tiny set: each group is scored by a model trained without it, the
+/// test-only group by the model trained on all others, and the table is written as CSV and JSON.
+#[test]
+fn leave_one_source_out_writes_its_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let slide = histolens::slide::Slide::open(common::sample_slide()).unwrap();
+    // Two more "sources": regions of the sample at half and at its own resolution, as PNGs that
+    // state their pixel size.
+    let region = slide.read_region(0, 200, 1200, 800, 800).unwrap();
+    let half = image::imageops::resize(&region, 400, 400, image::imageops::FilterType::Triangle);
+    let half_rgb = image::DynamicImage::ImageRgba8(half).to_rgb8();
+    common::png_with_phys(&half_rgb, &d.join("half.png"), 0.998);
+    let own = image::DynamicImage::ImageRgba8(slide.read_region(0, 1000, 200, 500, 500).unwrap())
+        .to_rgb8();
+    common::png_with_phys(&own, &d.join("test-only.png"), 0.499);
+    let data = d.join("data");
+    let build = |input: &Path, group: &str, split: &str, append: bool| {
+        let mut c = histolens();
+        c.args(["dataset", "magnification"])
+            .arg(input)
+            .args([
+                "--group",
+                group,
+                "--per-octave",
+                "4",
+                "--split",
+                split,
+                "--out",
+            ])
+            .arg(&data);
+        if append {
+            c.arg("--append");
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    build(&common::sample_slide(), "sample", "train", false);
+    build(&d.join("half.png"), "half", "train", true);
+    build(&d.join("test-only.png"), "held", "test", true);
+    let out = histolens()
+        .env("HISTOLENS_CACHE_DIR", d.join("cache"))
+        .args(["eval", "magnification", "--loso", "--data"])
+        .arg(data.join("manifest.csv"))
+        .arg("--work")
+        .arg(d.join("folds"))
+        .args([
+            "--arch",
+            "efficientnet-lite0",
+            "--freeze-backbone",
+            "--multiscale",
+            "--target",
+            "log2",
+            "--epochs-asm",
+            "1",
+            "--epochs-constant",
+            "1",
+            "--estimate-crops",
+            "2",
+            "--csv",
+        ])
+        .arg(d.join("loso.csv"))
+        .arg("--json")
+        .arg(d.join("loso.json"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("held (eval only)") && table.contains("pooled"),
+        "{table}"
+    );
+    let csv = std::fs::read_to_string(d.join("loso.csv")).unwrap();
+    for estimator in ["network", "ruler", "fused"] {
+        for group in ["sample", "half", "held", "pooled"] {
+            assert!(
+                csv.lines()
+                    .any(|l| l.starts_with(&format!("{estimator},{group},"))),
+                "no {estimator} row for {group}:\n{csv}"
+            );
+        }
+    }
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("loso.json")).unwrap()).unwrap();
+    let manifest: Manifest = Manifest::load(&data.join("manifest.csv")).unwrap();
+    let images = report["images"].as_array().unwrap();
+    assert_eq!(
+        images.len(),
+        manifest.records.len(),
+        "every patch is scored once"
+    );
+    let pooled = &report["network"]["pooled"];
+    assert_eq!(
+        pooled["n"].as_u64().unwrap() as usize,
+        manifest.records.len()
+    );
+    // One fold per trainable group and one for the test-only group, each a run folder.
+    for fold in ["fold-sample", "fold-half", "fold-held"] {
+        assert!(
+            d.join("folds")
+                .join(fold)
+                .join("last.safetensors")
+                .is_file(),
+            "{fold}"
+        );
+    }
+    // The features were cached in the cache folder, never beside the data.
+    assert!(std::fs::read_dir(d.join("cache/features")).unwrap().count() >= 1);
+}
+
 #[test]
 fn predict_and_eval_from_the_command_line() {
     let (_, best) = trained_run();
@@ -334,16 +524,13 @@ fn bundled_model_reaches_its_reported_accuracy() {
                 )
                 .find(|(_, unit)| unit.starts_with("um/px"))
                 .and_then(|(v, _)| v.parse().ok())?;
-            Some(Source {
-                path: data.join("known-mpp").join(cells[0]),
-                mpp,
-            })
+            Some(Source::new(data.join("known-mpp").join(cells[0]), mpp))
         })
         .collect();
     assert_eq!(sources.len(), 16);
     let dir = tempfile::tempdir().unwrap();
     let cfg = BuildConfig {
-        magnifications: (5..=20).map(f64::from).collect(),
+        scales: Scales::Magnifications((5..=20).map(f64::from).collect()),
         per_magnification: 2,
         only: Some(Split::Test),
         ..Default::default()

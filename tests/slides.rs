@@ -190,3 +190,29 @@ fn thumbnail_of_pyramid_matches_aspect() {
     assert_eq!(t.width(), (2220.0f64 * 256.0 / 2967.0).round() as u32);
     assert!(t.pixels().filter(|p| p.0[3] == 255).count() > (t.width() * t.height() / 2) as usize);
 }
+
+/// A JPEG-compressed YCbCr TIFF with OME-XML (the InstanSeg TMA core, as QuPath exports): the `image`
+/// crate refuses its colour type, the `tiff` crate's decoder reads it, and its pixel size comes from
+/// the OME-XML, not from the resolution tags.
+#[test]
+fn ycbcr_ome_tiff_opens_with_its_ome_pixel_size() {
+    let Some(data) = common::shared_data("ycbcr_ome_tiff_opens_with_its_ome_pixel_size") else {
+        return;
+    };
+    let path = data.join("known-mpp/instanseg-he-example/HE_example.tif");
+    let s = Slide::open(&path).expect("the YCbCr TIFF opens");
+    assert_eq!(s.info().dimensions(), (1380, 1484));
+    let mpp = s.info().mpp.expect("OME-XML PhysicalSizeX");
+    assert_eq!(mpp.source, MppSource::OmeXml);
+    assert!((mpp.x - 0.50008).abs() < 1e-4, "{mpp:?}");
+    // Converted to RGB: H&E tissue is pink-purple (red and blue above green), not YCbCr's greens.
+    let r = s.read_region(0, 600, 600, 200, 200).unwrap();
+    let mean = |c: usize| r.pixels().map(|p| f64::from(p.0[c])).sum::<f64>() / 40_000.0;
+    assert!(
+        mean(0) > mean(1) && mean(2) > mean(1),
+        "{} {} {}",
+        mean(0),
+        mean(1),
+        mean(2)
+    );
+}

@@ -16,7 +16,6 @@ use histolens::dmsl::heatmap::{
 use histolens::dmsl::train::{DmslTrainConfig, DmslTrainEvent, Freeze, Mode, evaluate, train};
 use histolens::nn::Arch;
 use histolens::nn::device::{DeviceChoice, select};
-use histolens::slide::CalibrationStore;
 use histolens::slide::Slide;
 use histolens::util::colormap::Colormap;
 use histolens::util::fs::write_atomic;
@@ -62,16 +61,7 @@ pub fn dataset(args: DatasetArgs) -> anyhow::Result<()> {
             .split_once('=')
             .with_context(|| format!("--slide takes SLIDE=REGIONS.geojson, got {s}"))?;
         let path = PathBuf::from(slide);
-        let mpp = match args.mpp {
-            Some(m) => m,
-            None => Slide::open(&path)?
-                .info()
-                .mpp
-                .map(|m| m.mean())
-                .with_context(|| {
-                    format!("{slide}: the µm/px is not in the metadata; give it with --mpp")
-                })?,
-        };
+        let mpp = super::magnification::mpp_or_estimate(&Slide::open(&path)?, args.mpp)?;
         slides.push(SlideSource {
             path,
             mpp,
@@ -589,24 +579,7 @@ fn heatmap_one(
     out: &Path,
 ) -> anyhow::Result<HeatmapRow> {
     let slide = Slide::open(slide_path)?;
-    let mpp = match args.mpp {
-        Some(m) if m.is_finite() && m > 0.0 => m,
-        Some(m) => bail!("--mpp {m} is not a positive number"),
-        None => slide
-            .info()
-            .effective_mpp(
-                &CalibrationStore::load(CalibrationStore::default_path())
-                    .map(|s| s.get(slide_path))
-                    .unwrap_or_default(),
-            )
-            .map(|m| m.mean())
-            .with_context(|| {
-                format!(
-                    "{}: its µm/px is unknown; give it with --mpp",
-                    slide_path.display()
-                )
-            })?,
-    };
+    let mpp = super::magnification::mpp_or_estimate(&slide, args.mpp)?;
     let native = 10.0 / mpp;
     if model.geometry().high_magnification > native * 1.02 {
         bail!(

@@ -38,6 +38,9 @@ pub fn run(path: &Path, json: bool) -> anyhow::Result<()> {
         ),
         None => println!("µm/px:           unknown (not in the metadata)"),
     }
+    if let Some(note) = info.properties.get(histolens::slide::RESOLUTION_NOTE) {
+        println!("                 {note}");
+    }
     if let Some(m) = effective.filter(|m| Some(*m) != info.mpp) {
         println!("µm/px in use:    {:.4} ({})", m.mean(), m.source.label());
     }

@@ -7,9 +7,9 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use histolens::data::Split;
 use histolens::data::augment::AugmentConfig;
-use histolens::data::magnification::{BuildConfig, Source, build};
+use histolens::data::magnification::{BuildConfig, Scales, Source, build};
 use histolens::magnification::MagnificationModel;
-use histolens::magnification::estimate::{check_slide, estimate_snapshot};
+use histolens::magnification::estimate::{check_slide, check_snapshot};
 use histolens::magnification::train::{Start, TrainConfig, TrainEvent, train};
 use histolens::nn::Arch;
 use histolens::nn::device::{DeviceChoice, select};
@@ -95,6 +95,31 @@ pub struct DatasetArgs {
     /// Patches per source block and magnification.
     #[arg(long, default_value_t = 6)]
     pub per_magnification: usize,
+    /// Continuous pixel sizes instead of --magnifications: this many patches per source group and
+    /// octave, from the source's own µm/px (divided by --max-upsample) to as coarse as a patch fits.
+    #[arg(long)]
+    pub per_octave: Option<usize>,
+    /// The most a patch is enlarged (1.25: no fake high magnification).
+    #[arg(long, default_value_t = 1.25)]
+    pub max_upsample: f64,
+    /// The coarsest µm/px drawn (10 = 1x).
+    #[arg(long, default_value_t = 10.0)]
+    pub coarsest_mpp: f64,
+    /// Degrade patches as snapshots from other labs are: resampling filters, screenshot rescaling,
+    /// defocus, stain and white balance, gamma, vignetting, noise, JPEG, borders, scale bars.
+    #[arg(long)]
+    pub degrade: bool,
+    /// The source group of every input (leave-one-source-out leaves a group out); default: the
+    /// table's `dataset` column, else each input argument's name.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Stored width / true width of the pixels (BACH's squashed copies: 0.75).
+    #[arg(long, default_value_t = 1.0)]
+    pub pixel_aspect: f64,
+    /// The inputs' scale is unknown: cut pairs of one field at two relative scales (for the
+    /// scale-equivariance loss) instead of patches with a µm/px.
+    #[arg(long)]
+    pub unlabelled: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Put every source, whole, in this split (train, val or test), e.g. an external test set.
@@ -122,7 +147,8 @@ fn parse_magnifications(s: &str) -> anyhow::Result<Vec<f64>> {
     Ok(out)
 }
 
-fn mpp_table(path: &Path) -> anyhow::Result<Vec<(String, f64)>> {
+/// Rows of an µm/px table: (file name, µm/px, dataset when the table has that column).
+fn mpp_table(path: &Path) -> anyhow::Result<Vec<(String, f64, Option<String>)>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut lines = text.lines();
@@ -131,15 +157,20 @@ fn mpp_table(path: &Path) -> anyhow::Result<Vec<(String, f64)>> {
         .iter()
         .position(|h| *h == "um_per_px_or_magnification" || *h == "mpp")
         .with_context(|| format!("{}: no mpp column", path.display()))?;
+    let dataset = header.iter().position(|h| *h == "dataset");
     Ok(lines
         .filter_map(|l| {
             let cells: Vec<&str> = l.split('\t').collect();
-            Some((cells.first()?.to_string(), parse_mpp_cell(cells.get(col)?)?))
+            Some((
+                cells.first()?.to_string(),
+                parse_mpp_cell(cells.get(col)?)?,
+                dataset.and_then(|d| cells.get(d)).map(|s| s.to_string()),
+            ))
         })
         .collect())
 }
 
-/// "0.2480 um/px (40x)", "40x (0.25 um/px)" or "0.5" → the µm/px.
+/// "0.2480 um/px (40x)", "40x (0.25 um/px)", "~0.933 um/px" or "0.5" → the µm/px.
 fn parse_mpp_cell(cell: &str) -> Option<f64> {
     let tokens: Vec<&str> = cell
         .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
@@ -153,41 +184,74 @@ fn parse_mpp_cell(cell: &str) -> Option<f64> {
         Some(_) => return None,
         None => tokens.first()?,
     };
+    // "~0.933" or "≈0.933": an approximate value is still the value.
     number
+        .trim_start_matches(['~', '≈'])
         .parse()
         .ok()
         .filter(|v: &f64| v.is_finite() && *v > 0.0)
 }
 
 pub fn dataset(args: DatasetArgs) -> anyhow::Result<()> {
-    let files = expand_inputs(&args.sources)?;
     let table = match &args.mpp_table {
         Some(p) => mpp_table(p)?,
         None => Vec::new(),
     };
     let mut sources = Vec::new();
-    for f in files {
-        let from_table = table
-            .iter()
-            .find(|(name, _)| f.to_string_lossy().ends_with(name.as_str()))
-            .map(|(_, m)| *m);
-        let mpp = match args.mpp.or(from_table) {
-            Some(m) => m,
-            None => {
-                let slide = Slide::open(&f)?;
-                slide.info().mpp.map(|m| m.mean()).with_context(|| {
-                    format!(
-                        "{}: the µm/px is not in the metadata; give it with --mpp or --mpp-table",
-                        f.display()
-                    )
-                })?
-            }
-        };
-        sources.push(Source { path: f, mpp });
+    for arg in &args.sources {
+        let arg_group = arg
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "source".into());
+        for f in expand_inputs(std::slice::from_ref(arg))? {
+            let row = table
+                .iter()
+                .find(|(name, _, _)| f.to_string_lossy().ends_with(name.as_str()));
+            let mpp = if args.unlabelled {
+                1.0
+            } else {
+                match args.mpp.or(row.map(|r| r.1)) {
+                    Some(m) => m,
+                    None => {
+                        let slide = Slide::open(&f)?;
+                        slide.info().mpp.map(|m| m.mean()).with_context(|| {
+                            format!(
+                                "{}: the µm/px is not in the metadata; give it with --mpp or \
+                                 --mpp-table (or build pairs with --unlabelled)",
+                                f.display()
+                            )
+                        })?
+                    }
+                }
+            };
+            let group = args
+                .group
+                .clone()
+                .or_else(|| row.and_then(|r| r.2.clone()))
+                .unwrap_or_else(|| arg_group.clone());
+            sources.push(Source {
+                path: f,
+                mpp,
+                squash_x: args.pixel_aspect,
+                group,
+                absolute: !args.unlabelled,
+            });
+        }
+    }
+    if !(args.pixel_aspect > 0.0 && args.pixel_aspect.is_finite()) {
+        bail!("--pixel-aspect must be a positive number");
     }
     let cfg = BuildConfig {
-        magnifications: parse_magnifications(&args.magnifications)?,
+        scales: match args.per_octave {
+            Some(per_octave) => Scales::Continuous {
+                per_octave,
+                max_upsample: args.max_upsample,
+                coarsest_mpp: args.coarsest_mpp,
+            },
+            None => Scales::Magnifications(parse_magnifications(&args.magnifications)?),
+        },
         per_magnification: args.per_magnification,
+        degrade: args.degrade,
         seed: args.seed,
         only: match &args.split {
             Some(s) => Some(Split::parse(s).with_context(|| format!("unknown split {s}"))?),
@@ -230,6 +294,15 @@ pub struct TrainArgs {
     /// The run folder (created; an existing run there is resumed).
     #[arg(long)]
     pub run: PathBuf,
+    #[command(flatten)]
+    pub options: TrainOptions,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+/// How a magnification model trains (`train magnification`, and each fold of `eval --loso`).
+#[derive(Args)]
+pub struct TrainOptions {
     #[arg(long, default_value = "resnet50")]
     pub arch: String,
     /// random, imagenet:FILE or checkpoint:FILE.
@@ -256,10 +329,22 @@ pub struct TrainArgs {
     /// No colour, blur or JPEG augmentation (flips and rotations stay).
     #[arg(long)]
     pub light_augment: bool,
+    /// Weight of the scale-equivariance loss over pairs built with `dataset magnification
+    /// --unlabelled` (frozen backbone and log2 target).
+    #[arg(long, default_value_t = 1.0)]
+    pub equivariance: f64,
+    /// Crops per image whose cached features train a frozen backbone's head.
+    #[arg(long, default_value_t = 4)]
+    pub crops: usize,
+    /// AdamW's decoupled weight decay.
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// The head reads every stage's pooled output, not only the last convolution's (with
+    /// --freeze-backbone).
+    #[arg(long)]
+    pub multiscale: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceChoice,
 }
 
 /// `random`, `imagenet:FILE` or `checkpoint:FILE`.
@@ -272,12 +357,12 @@ pub fn parse_start(s: &str) -> anyhow::Result<Start> {
     })
 }
 
-pub fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
+/// The training configuration the options describe.
+pub fn train_config(args: &TrainOptions) -> anyhow::Result<TrainConfig> {
     let arch =
         Arch::parse(&args.arch).with_context(|| format!("unknown architecture {}", args.arch))?;
-    let start = parse_start(&args.start)?;
     let mut cfg = TrainConfig::new(arch);
-    cfg.start = start;
+    cfg.start = parse_start(&args.start)?;
     cfg.freeze_backbone = args.freeze_backbone;
     cfg.epochs_asm = args.epochs_asm;
     cfg.epochs_constant = args.epochs_constant;
@@ -285,6 +370,10 @@ pub fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
     cfg.lr = args.lr;
     cfg.input_size = args.size;
     cfg.steps_per_epoch = args.steps_per_epoch;
+    cfg.equivariance = args.equivariance;
+    cfg.crops = args.crops;
+    cfg.multiscale = args.multiscale;
+    cfg.weight_decay = args.weight_decay;
     cfg.seed = args.seed;
     cfg.target = match args.target.as_str() {
         "linear" => Target::Linear,
@@ -298,6 +387,11 @@ pub fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
             ..AugmentConfig::none()
         };
     }
+    Ok(cfg)
+}
+
+pub fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
+    let cfg = train_config(&args.options)?;
     let device = select(args.device)?;
     histolens::runs::write_info(
         &args.run,
@@ -361,6 +455,70 @@ pub struct EvalArgs {
     pub json: Option<PathBuf>,
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
+    /// Leave-one-source-out: for each source group, train without it (with the options below) and
+    /// score it; groups whose patches are all in the test split are scored by the model trained on
+    /// every other group. Needs --work; writes --json and --csv.
+    #[arg(long, requires = "work")]
+    pub loso: bool,
+    /// The folder of the folds' runs (a rerun resumes them).
+    #[arg(long)]
+    pub work: Option<PathBuf>,
+    /// With --loso: the table as CSV here.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// With --loso: crops scored per image.
+    #[arg(long, default_value_t = 16)]
+    pub estimate_crops: usize,
+    #[command(flatten)]
+    pub train: TrainOptions,
+}
+
+/// The µm/px to work at for `slide`: `given` (a command's --mpp), else the hand calibration, else
+/// the pixel size its metadata states, else the bundled model's estimate with a warning on
+/// standard error (never silently: the output says the scale is estimated).
+pub fn mpp_or_estimate(slide: &Slide, given: Option<f64>) -> anyhow::Result<f64> {
+    use histolens::slide::CalibrationStore;
+    match given {
+        Some(m) if m.is_finite() && m > 0.0 => return Ok(m),
+        Some(m) => bail!("--mpp {m} is not a positive number"),
+        None => {}
+    }
+    let path = slide.path();
+    let calibration = CalibrationStore::load(CalibrationStore::default_path())
+        .map(|s| s.get(path))
+        .unwrap_or_default();
+    if let Some(m) = slide.info().effective_mpp(&calibration) {
+        return Ok(m.mean());
+    }
+    let model = load_model(None, DeviceChoice::Auto).with_context(|| {
+        format!(
+            "{}: its µm/px is unknown and cannot be estimated; give it with --mpp",
+            path.display()
+        )
+    })?;
+    let e = if slide.info().is_whole_slide() {
+        check_slide(&model, slide, 16, 0)?.estimate
+    } else {
+        check_snapshot(&model, slide, 16)?.estimate
+    };
+    if !(e.mpp.is_finite() && e.mpp > 0.0) {
+        bail!(
+            "{}: its µm/px is unknown and the estimate failed; give it with --mpp",
+            path.display()
+        );
+    }
+    eprintln!(
+        "warning: {}: no µm/px in the metadata; using the ESTIMATED {:.3} µm/px ({:.1}x; \
+         network {:.3}, nuclei {}); give --mpp or calibrate the file to override",
+        path.display(),
+        e.mpp,
+        e.magnification,
+        e.network_mpp,
+        e.ruler
+            .as_ref()
+            .map_or("-".to_string(), |r| format!("{:.3}", r.mpp)),
+    );
+    Ok(e.mpp)
 }
 
 pub fn load_model(path: Option<&Path>, device: DeviceChoice) -> anyhow::Result<MagnificationModel> {
@@ -374,7 +532,75 @@ pub fn load_model(path: Option<&Path>, device: DeviceChoice) -> anyhow::Result<M
         .with_context(|| format!("loading the model {}", path.display()))
 }
 
+/// Writes `text` to `out` atomically, or to standard output for "-".
+fn write_out(out: &Path, text: &str) -> anyhow::Result<()> {
+    if out.as_os_str() == "-" {
+        println!("{text}");
+        return Ok(());
+    }
+    histolens::util::fs::write_atomic(out, text.as_bytes())
+        .with_context(|| format!("writing {}", out.display()))
+}
+
+fn eval_loso(args: &EvalArgs, work: &Path) -> anyhow::Result<()> {
+    use histolens::magnification::loso::{LosoEvent, loso};
+    let cfg = train_config(&args.train)?;
+    let device = select(args.device)?;
+    let stop = AtomicBool::new(false);
+    let pb = bar(0, "fold");
+    let report = loso(
+        &args.data,
+        &cfg,
+        args.estimate_crops,
+        work,
+        &device,
+        &stop,
+        |e| match e {
+            LosoEvent::Fold {
+                fold,
+                folds,
+                held_out,
+            } => {
+                pb.set_length(folds as u64);
+                pb.set_position(fold as u64 - 1);
+                say(
+                    &pb,
+                    format!("fold {fold}/{folds}: without {}", held_out.join(", ")),
+                );
+            }
+            LosoEvent::Train(TrainEvent::Epoch(log)) => pb.set_message(format!(
+                "epoch {} train loss {:.4}",
+                log.epoch, log.train_loss
+            )),
+            LosoEvent::Train(TrainEvent::Info(s)) => say(&pb, format!("  {s}")),
+            LosoEvent::Train(TrainEvent::Step { .. }) => {}
+            LosoEvent::Scored(s) => say(
+                &pb,
+                format!(
+                    "  {}: n {}, within ±25% {:.1}%, median |log2 error| {:.3}",
+                    s.source,
+                    s.n,
+                    100.0 * s.within_25,
+                    s.median_abs_log2
+                ),
+            ),
+        },
+    )?;
+    pb.finish_and_clear();
+    print!("{}", report.table());
+    if let Some(out) = &args.json {
+        write_out(out, &serde_json::to_string_pretty(&report)?)?;
+    }
+    if let Some(out) = &args.csv {
+        write_out(out, &report.csv())?;
+    }
+    Ok(())
+}
+
 pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    if let (true, Some(work)) = (args.loso, &args.work) {
+        return eval_loso(&args, work);
+    }
     let split =
         Split::parse(&args.split).with_context(|| format!("unknown split {}", args.split))?;
     let model = load_model(args.model.as_deref(), args.device)?;
@@ -387,13 +613,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     pb.finish_and_clear();
     print!("{}", metrics.table());
     if let Some(out) = args.json {
-        let json = serde_json::to_string_pretty(&metrics)?;
-        if out.as_os_str() == "-" {
-            println!("{json}");
-        } else {
-            histolens::util::fs::write_atomic(&out, json.as_bytes())
-                .with_context(|| format!("writing {}", out.display()))?;
-        }
+        write_out(&out, &serde_json::to_string_pretty(&metrics)?)?;
     }
     Ok(())
 }
@@ -427,12 +647,23 @@ pub struct PredictArgs {
 struct PredictRow {
     path: String,
     kind: &'static str,
+    /// The estimate (the network fused with the nuclei ruler where that reads inside its range).
     magnification: Option<f64>,
     mpp: Option<f64>,
+    /// The network's own estimate and the nuclei ruler's reading.
+    network_mpp: Option<f64>,
+    nuclei_mpp: Option<f64>,
+    /// The nuclei ruler only says "at least this coarse".
+    nuclei_lower_bound: Option<bool>,
     spread: Option<f64>,
     crops: Option<usize>,
     metadata_mpp: Option<f64>,
+    metadata_source: Option<&'static str>,
+    /// (estimate − metadata) / metadata; None when the file states no pixel size.
+    relative_difference: Option<f64>,
     mismatch: Option<bool>,
+    #[serde(skip)]
+    comparison: Option<String>,
     out_of_range: Option<bool>,
     warnings: String,
     error: Option<String>,
@@ -478,17 +709,20 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
             match (&r.error, r.magnification) {
                 (Some(e), _) => println!("{}: error: {e}", r.path),
                 (None, Some(m)) => println!(
-                    "{}: {m:.1}x ({:.3} µm/px), spread {:.1}x over {} crops{}{}",
+                    "{}: {m:.1}x ({:.3} µm/px; network {:.3}, nuclei {}), spread {:.1}x over {} crops{}{}",
                     r.path,
                     r.mpp.unwrap_or(f64::NAN),
+                    r.network_mpp.unwrap_or(f64::NAN),
+                    match (r.nuclei_mpp, r.nuclei_lower_bound) {
+                        (Some(n), Some(true)) => format!("≥ {n:.3}"),
+                        (Some(n), _) => format!("{n:.3}"),
+                        (None, _) => "-".into(),
+                    },
                     r.spread.unwrap_or(f64::NAN),
                     r.crops.unwrap_or(0),
-                    match (r.metadata_mpp, r.mismatch) {
-                        (Some(mm), Some(true)) =>
-                            format!("; metadata says {mm:.3} µm/px: MISMATCH"),
-                        (Some(mm), _) => format!("; metadata {mm:.3} µm/px agrees"),
-                        _ => String::new(),
-                    },
+                    r.comparison
+                        .as_ref()
+                        .map_or(String::new(), |c| format!("; metadata {c}")),
                     if r.warnings.is_empty() {
                         String::new()
                     } else {
@@ -512,32 +746,42 @@ fn predict_one(model: &MagnificationModel, path: &Path, crops: usize) -> Predict
         kind: "image",
         magnification: None,
         mpp: None,
+        network_mpp: None,
+        nuclei_mpp: None,
+        nuclei_lower_bound: None,
         spread: None,
         crops: None,
         metadata_mpp: None,
+        metadata_source: None,
+        relative_difference: None,
         mismatch: None,
+        comparison: None,
         out_of_range: None,
         warnings: String::new(),
         error: None,
     };
     let result: anyhow::Result<()> = (|| {
         let slide = Slide::open(path)?;
-        let (estimate, meta) = if slide.info().is_whole_slide() {
+        // One comparison with the stated pixel size for slides and snapshots.
+        let c = if slide.info().is_whole_slide() {
             row.kind = "slide";
-            let c = check_slide(model, &slide, crops, 0)?;
-            row.mismatch = c.metadata_mpp.map(|_| c.mismatch);
-            (c.estimate, c.metadata_mpp)
+            check_slide(model, &slide, crops, 0)?
         } else {
-            (
-                estimate_snapshot(model, &slide, crops)?,
-                slide.info().mpp.map(|m| m.mean()),
-            )
+            check_snapshot(model, &slide, crops)?
         };
+        row.mismatch = c.relative_difference.map(|_| c.mismatch);
+        row.relative_difference = c.relative_difference;
+        row.metadata_mpp = c.metadata_mpp;
+        row.metadata_source = c.metadata_source.map(|s| s.label());
+        row.comparison = c.describe();
+        let estimate = c.estimate;
         row.magnification = Some(estimate.magnification);
         row.mpp = Some(estimate.mpp);
+        row.network_mpp = Some(estimate.network_mpp);
+        row.nuclei_mpp = estimate.ruler.as_ref().map(|r| r.mpp);
+        row.nuclei_lower_bound = estimate.ruler.as_ref().map(|r| r.lower_bound);
         row.spread = Some(estimate.spread);
         row.crops = Some(estimate.crops);
-        row.metadata_mpp = meta;
         row.out_of_range = Some(estimate.out_of_range);
         row.warnings = estimate.warnings.join("; ");
         Ok(())

@@ -248,7 +248,7 @@ fn bilinear(img: &RgbImage, x: f32, y: f32) -> image::Rgb<u8> {
 
 /// Stain variation as a per-channel change of optical density (OD = −ln(I/255)): OD' = OD·a + b,
 /// then a brightness shift.
-fn jitter_colour(img: &mut RgbImage, cfg: &AugmentConfig, rng: &mut impl Rng) {
+pub(crate) fn jitter_colour(img: &mut RgbImage, cfg: &AugmentConfig, rng: &mut impl Rng) {
     let mut lut = [[0u8; 256]; 3];
     let bright = if cfg.brightness > 0.0 {
         rng.random_range(-cfg.brightness..cfg.brightness) * 255.0
@@ -278,7 +278,7 @@ fn jitter_colour(img: &mut RgbImage, cfg: &AugmentConfig, rng: &mut impl Rng) {
     }
 }
 
-fn jpeg_round_trip(img: &RgbImage, quality: u8) -> Option<RgbImage> {
+pub(crate) fn jpeg_round_trip(img: &RgbImage, quality: u8) -> Option<RgbImage> {
     let mut bytes = Vec::new();
     let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, quality);
     img.write_with_encoder(enc).ok()?;

@@ -43,6 +43,32 @@ pub struct MagnificationRecord {
     /// Level-0 rectangle "x,y,w,h" of the source the patch covers.
     pub region: String,
     pub split: Split,
+    /// The lab, scanner or dataset of the source (leave-one-source-out leaves a group out); empty in
+    /// manifests written before groups existed.
+    #[serde(default)]
+    pub group: String,
+    /// Whether `mpp` is a documented pixel size; false for patches of images of unknown scale, whose
+    /// `mpp` is relative to the file (only ratios between patches of one `field` mean something).
+    #[serde(default = "yes")]
+    pub absolute: bool,
+    /// Patches of one field at several scales share this (empty for lone patches).
+    #[serde(default)]
+    pub field: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl MagnificationRecord {
+    /// The group, or the source itself when the manifest names none.
+    pub fn group(&self) -> &str {
+        if self.group.is_empty() {
+            &self.source
+        } else {
+            &self.group
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -227,6 +253,9 @@ mod tests {
             source: source.into(),
             region: "0,0,10,10".into(),
             split,
+            group: String::new(),
+            absolute: true,
+            field: String::new(),
         }
     }
 

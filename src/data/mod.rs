@@ -2,6 +2,7 @@
 //! augmentation. Reads slides and images through [`crate::slide`]; knows nothing of models or the GUI.
 
 pub mod augment;
+pub mod degrade;
 pub mod magnification;
 pub mod manifest;
 pub mod pairs;

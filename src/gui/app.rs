@@ -357,7 +357,10 @@ impl HistolensApp {
                     calibration,
                 );
                 // A heatmap saved beside the slide for this model comes back.
-                let mpp = view.mpp().map(|m| m.mean());
+                // Metadata or calibration first; else the estimate, which the panels then say they use.
+                let stated = view.mpp().map(|m| m.mean());
+                let mpp = stated.or(view.estimated_mpp.map(|e| e.0));
+                self.heatmap.scale_estimated = stated.is_none() && mpp.is_some();
                 self.heatmap.slide_opened(ctx, slide.clone(), mpp);
                 if self.compute_heatmap {
                     self.heatmap.start(ctx, slide, mpp);
@@ -666,6 +669,9 @@ impl eframe::App for HistolensApp {
         }
         self.poll_open_job(&ctx);
         self.magnification.poll();
+        if let Some(v) = self.view.as_mut() {
+            v.estimated_mpp = self.magnification.estimated_mpp(v.slide.path());
+        }
         self.gradcam.poll();
         self.training.poll();
         self.heatmap.poll(
@@ -734,7 +740,10 @@ impl eframe::App for HistolensApp {
                 .label_set()
                 .map(|s| s.classes().to_vec())
                 .unwrap_or_default();
-            let mpp = view.mpp().map(|m| m.mean());
+            // Metadata or calibration first; else the estimate, which the panels then say they use.
+            let stated = view.mpp().map(|m| m.mean());
+            let mpp = stated.or(view.estimated_mpp.map(|e| e.0));
+            self.heatmap.scale_estimated = stated.is_none() && mpp.is_some();
             egui::Panel::right("side")
                 .resizable(true)
                 .default_size(320.0)

@@ -144,6 +144,8 @@ pub struct HeatmapState {
     pub visible: bool,
     /// The last problem, for the panel.
     pub message: Option<String>,
+    /// The slide states no pixel size: the µm/px given to `start` is the magnification estimate.
+    pub scale_estimated: bool,
     /// The last finished run.
     pub last_run: Option<HeatmapRun>,
     overlay: Arc<Mutex<OverlayData>>,
@@ -194,6 +196,7 @@ impl HeatmapState {
             threshold: 0.0,
             visible: true,
             message: None,
+            scale_estimated: false,
             last_run: None,
             overlay: Default::default(),
             overlay_class: None,
@@ -301,6 +304,13 @@ impl HeatmapState {
 
     /// Starts (or resumes) computing the heatmap of `slide` at `mpp` µm/px.
     pub fn start(&mut self, ctx: &egui::Context, slide: Arc<Slide>, mpp: Option<f64>) {
+        let note = self.scale_estimated.then(|| {
+            format!(
+                "No µm/px in the metadata: computed at the ESTIMATED {:.3} µm/px; set it under \
+                 Calibration to override.",
+                mpp.unwrap_or(f64::NAN)
+            )
+        });
         self.message = None;
         if self.model_path.is_none() {
             self.message = Some(
@@ -321,6 +331,9 @@ impl HeatmapState {
         self.last_run = None;
         self.slide = Some(slide.path().to_path_buf());
         self.spawn(ctx, JobKind::Compute, slide, mpp);
+        if note.is_some() {
+            self.message = note;
+        }
     }
 
     /// Asks the worker to stop after its current batch (it saves the sidecar first).

@@ -9,27 +9,14 @@ use std::sync::{Arc, Mutex};
 use crossbeam_channel::Receiver;
 use egui::RichText;
 
-use crate::magnification::estimate::{SlideCheck, check_slide, estimate_snapshot};
-use crate::magnification::{Estimate, MagnificationModel};
+use crate::magnification::estimate::{check_slide, check_snapshot};
+use crate::magnification::{Check, MagnificationModel};
 use crate::slide::{Calibration, Slide};
 
 const CROPS: usize = 16;
 
-/// What the estimate is of.
-#[derive(Debug, Clone)]
-pub enum Outcome {
-    Image(Estimate),
-    Slide(SlideCheck),
-}
-
-impl Outcome {
-    pub fn estimate(&self) -> &Estimate {
-        match self {
-            Outcome::Image(e) => e,
-            Outcome::Slide(c) => &c.estimate,
-        }
-    }
-}
+/// An estimate and its comparison with the pixel size the file states (slides and snapshots alike).
+pub type Outcome = Check;
 
 /// An estimate and the trained range of the model that made it.
 type JobResult = Result<(Outcome, Option<(f64, f64)>), String>;
@@ -81,15 +68,12 @@ fn load_cached(cached: &Cached, path: &Path) -> Result<Arc<MagnificationModel>, 
 }
 
 fn run(model: &MagnificationModel, slide: &Slide) -> Result<Outcome, String> {
-    let info = slide.info();
-    if info.is_whole_slide() {
-        return check_slide(model, slide, CROPS, 0)
-            .map(Outcome::Slide)
-            .map_err(|e| e.to_string());
-    }
-    estimate_snapshot(model, slide, CROPS)
-        .map(Outcome::Image)
-        .map_err(|e| e.to_string())
+    let checked = if slide.info().is_whole_slide() {
+        check_slide(model, slide, CROPS, 0)
+    } else {
+        check_snapshot(model, slide, CROPS)
+    };
+    checked.map_err(|e| e.to_string())
 }
 
 impl MagnificationState {
@@ -157,6 +141,14 @@ impl MagnificationState {
         }
     }
 
+    /// The estimated µm/px of `path` and its relative uncertainty (half the crops' interquartile
+    /// range, at least 10%), for a scale bar that has nothing better.
+    pub fn estimated_mpp(&self, path: &Path) -> Option<(f64, f64)> {
+        let e = &self.result_for(path)?.as_ref().ok()?.estimate;
+        (e.mpp.is_finite() && e.mpp > 0.0)
+            .then(|| (e.mpp, (e.spread / 2.0 / e.magnification).max(0.1)))
+    }
+
     /// The short text of the badge over the view.
     pub fn badge_text(&self, path: &Path) -> Option<String> {
         if self.job.as_ref().is_some_and(|(p, _)| p == path) {
@@ -164,23 +156,31 @@ impl MagnificationState {
         }
         match self.result_for(path)? {
             Ok(o) => {
-                let e = o.estimate();
-                let mut s = format!(
-                    "Estimated {:.1}x · {:.3} µm/px · ±{:.1}x",
-                    e.magnification,
-                    e.mpp,
-                    e.spread / 2.0
-                );
+                let e = &o.estimate;
+                // Metadata first: a stated pixel size leads, the estimate checks it.
+                let mut s = match (o.metadata_mpp, o.relative_difference) {
+                    (Some(m), Some(d)) => format!(
+                        "{m:.3} µm/px ({}) · estimate {:.1}x {} ({:+.0}%)",
+                        o.metadata_source.map_or("metadata", |s| s.label()),
+                        e.magnification,
+                        if o.mismatch { "MISMATCH" } else { "agrees" },
+                        100.0 * d
+                    ),
+                    _ => format!(
+                        "Estimated {:.1}x · {:.3} µm/px · ±{:.1}x",
+                        e.magnification,
+                        e.mpp,
+                        e.spread / 2.0
+                    ),
+                };
                 if e.out_of_range {
                     s += " · outside the trained range";
                 }
                 if let Some((a, b)) = self.trained_range {
                     s += &format!(" (model trained on {a:.0}x–{b:.0}x)");
                 }
-                if let Outcome::Slide(c) = o
-                    && c.mismatch
-                {
-                    s += " · differs from the metadata";
+                if e.disagreement {
+                    s += " · nuclei disagree";
                 }
                 Some(s)
             }
@@ -246,7 +246,7 @@ pub fn section(
                     ui.colored_label(ui.visuals().warn_fg_color, e);
                 }
                 Ok(o) => {
-                    let e = o.estimate();
+                    let e = &o.estimate;
                     egui::Grid::new("mag-estimate")
                         .num_columns(2)
                         .show(ui, |ui| {
@@ -256,19 +256,35 @@ pub fn section(
                             ui.label("Spread (IQR)");
                             ui.label(format!("{:.1}x over {} crops", e.spread, e.crops));
                             ui.end_row();
-                            if let Outcome::Slide(c) = o {
-                                ui.label("Metadata");
-                                match (c.metadata_mpp, c.relative_difference) {
-                                    (Some(m), Some(d)) => ui.label(format!(
-                                        "{m:.3} µm/px: {} ({:+.0}%)",
-                                        if c.mismatch { "MISMATCH" } else { "agrees" },
-                                        100.0 * d
-                                    )),
-                                    _ => ui
-                                        .label(RichText::new("no µm/px in the metadata").italics()),
-                                };
-                                ui.end_row();
-                            }
+                            ui.label("Network");
+                            ui.label(format!("{:.3} µm/px", e.network_mpp));
+                            ui.end_row();
+                            ui.label("Nuclei");
+                            ui.label(match &e.ruler {
+                                Some(r) if r.lower_bound => {
+                                    format!("at least {:.2} µm/px (nuclei under 4 px)", r.mpp)
+                                }
+                                Some(r) => format!(
+                                    "{:.3} µm/px ({} nuclei{})",
+                                    r.mpp,
+                                    r.nuclei,
+                                    if r.reliable() {
+                                        ""
+                                    } else {
+                                        ", outside its range"
+                                    }
+                                ),
+                                None => "too few nuclei".into(),
+                            });
+                            ui.end_row();
+                            ui.label("Metadata");
+                            match o.describe() {
+                                Some(d) => ui.label(d),
+                                None => {
+                                    ui.label(RichText::new("no µm/px in the metadata").italics())
+                                }
+                            };
+                            ui.end_row();
                         });
                     for w in &e.warnings {
                         ui.colored_label(ui.visuals().warn_fg_color, w);

@@ -93,6 +93,41 @@ pub fn show(
                     .labelled_by(label);
                 edit.objective_power = has_power.then_some(v);
             });
+            // From a scale bar in the image: draw a line along it, type its length.
+            ui.horizontal(|ui| {
+                let label = if view.measuring { "Stop measuring" } else { "Measure a scale bar" };
+                if ui
+                    .button(label)
+                    .on_hover_text("Then drag along the scale bar in the image")
+                    .clicked()
+                {
+                    view.measuring = !view.measuring;
+                }
+                if let Some(px) = view.scale_line_px() {
+                    ui.label(format!("{px:.1} px"));
+                }
+            });
+            if let Some(px) = view.scale_line_px() {
+                ui.horizontal(|ui| {
+                    let label = ui.label("Bar length").id;
+                    ui.add(
+                        egui::DragValue::new(&mut view.scale_bar_um)
+                            .speed(1.0)
+                            .range(0.01..=100_000.0)
+                            .suffix(" µm"),
+                    )
+                    .labelled_by(label);
+                    if ui.button("Set µm/px from the bar").clicked() {
+                        let mpp = view.scale_bar_um / px;
+                        view.measuring = false;
+                        view.scale_line = None;
+                        action = SidePanelAction::SaveCalibration(Calibration {
+                            mpp: Some(mpp),
+                            objective_power: None,
+                        });
+                    }
+                });
+            }
             ui.horizontal(|ui| {
                 if ui.button("Apply calibration").clicked() {
                     action = SidePanelAction::SaveCalibration(view.calibration_edit);

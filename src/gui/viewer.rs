@@ -26,6 +26,9 @@ pub struct SlideView {
     pub overview: TextureHandle,
     pub associated: Vec<(String, TextureHandle, [usize; 2])>,
     pub calibration: Calibration,
+    /// The magnification estimate (µm/px and its relative uncertainty), used by the scale bar
+    /// (marked "est.") only when neither the metadata nor a calibration gives a pixel size.
+    pub estimated_mpp: Option<(f64, f64)>,
     /// Text fields of the calibration editor.
     pub calibration_edit: Calibration,
     pub plan: Option<TilePlan>,
@@ -40,6 +43,12 @@ pub struct SlideView {
     zoom_requested: f64,
     /// Drags draw regions instead of panning (a drawing tool is active).
     pub drawing: bool,
+    /// Drags draw a line along a scale bar (the calibration's measuring tool is active).
+    pub measuring: bool,
+    /// The line drawn along a scale bar: its ends in level-0 pixels.
+    pub scale_line: Option<([f64; 2], [f64; 2])>,
+    /// The length the user types for that bar, µm.
+    pub scale_bar_um: f64,
 }
 
 /// What the open job hands to the window.
@@ -92,6 +101,7 @@ impl SlideView {
             overview,
             associated,
             calibration,
+            estimated_mpp: None,
             calibration_edit: calibration,
             plan: None,
             cursor: None,
@@ -101,6 +111,9 @@ impl SlideView {
             one_to_one_requested: false,
             zoom_requested: 1.0,
             drawing: false,
+            measuring: false,
+            scale_line: None,
+            scale_bar_um: 100.0,
         }
     }
 
@@ -177,6 +190,7 @@ impl SlideView {
         for o in overlays {
             o.paint(&painter, rect, &vp, dims);
         }
+        self.draw_scale_line(&painter, rect, &vp);
         self.draw_scale_bar(&painter, rect, &vp);
         self.plan = Some(plan);
         self.show_overview(ui, rect);
@@ -196,7 +210,19 @@ impl SlideView {
         min_scale: f64,
     ) {
         let local = |p: Pos2| [f64::from(p.x - rect.min.x), f64::from(p.y - rect.min.y)];
-        if response.dragged() && !self.drawing {
+        if self.measuring
+            && let Some(p) = response.interact_pointer_pos()
+        {
+            let at = vp.screen_to_slide(local(p));
+            if response.drag_started() {
+                self.scale_line = Some((at, at));
+            } else if response.dragged()
+                && let Some((a, _)) = self.scale_line
+            {
+                self.scale_line = Some((a, at));
+            }
+        }
+        if response.dragged() && !self.drawing && !self.measuring {
             let d = response.drag_delta();
             vp.pan_by([f64::from(d.x), f64::from(d.y)]);
         }
@@ -309,12 +335,46 @@ impl SlideView {
         }
     }
 
-    fn draw_scale_bar(&self, painter: &egui::Painter, rect: ERect, vp: &Viewport) {
-        let (per_point, unit) = match self.mpp() {
-            Some(m) => (m.mean() / vp.scale, "µm"),
-            None => (1.0 / vp.scale, "px"),
+    /// The length in level-0 pixels of the line drawn along a scale bar.
+    pub fn scale_line_px(&self) -> Option<f64> {
+        let (a, b) = self.scale_line?;
+        let len = (b[0] - a[0]).hypot(b[1] - a[1]);
+        (len >= 1.0).then_some(len)
+    }
+
+    fn draw_scale_line(&self, painter: &egui::Painter, rect: ERect, vp: &Viewport) {
+        let (Some((a, b)), Some(len)) = (self.scale_line, self.scale_line_px()) else {
+            return;
         };
-        let (len, label) = scale_bar_length(per_point, 120.0, unit);
+        let screen = |p: [f64; 2]| {
+            let s = vp.slide_to_screen(p);
+            rect.min + vec2(s[0] as f32, s[1] as f32)
+        };
+        let (pa, pb) = (screen(a), screen(b));
+        let colour = Color32::from_rgb(255, 200, 0);
+        painter.line_segment([pa, pb], Stroke::new(2.0, colour));
+        for p in [pa, pb] {
+            painter.circle_filled(p, 3.0, colour);
+        }
+        painter.text(
+            pb + vec2(6.0, -6.0),
+            egui::Align2::LEFT_BOTTOM,
+            format!("{len:.1} px"),
+            egui::FontId::proportional(13.0),
+            colour,
+        );
+    }
+
+    fn draw_scale_bar(&self, painter: &egui::Painter, rect: ERect, vp: &Viewport) {
+        let (per_point, unit, estimated) = match (self.mpp(), self.estimated_mpp) {
+            (Some(m), _) => (m.mean() / vp.scale, "µm", None),
+            (None, Some((m, rel))) => (m / vp.scale, "µm", Some(rel)),
+            (None, None) => (1.0 / vp.scale, "px", None),
+        };
+        let (len, mut label) = scale_bar_length(per_point, 120.0, unit);
+        if let Some(rel) = estimated {
+            label += &format!(" (est. ±{:.0}%)", 100.0 * rel);
+        }
         let bar = len as f32;
         let origin = rect.left_bottom() + vec2(16.0, -20.0);
         let bg = ERect::from_min_size(origin + vec2(-8.0, -22.0), vec2(bar + 16.0, 32.0));

@@ -51,6 +51,9 @@ impl LabelSet {
                 source: e.split_unit(),
                 region: format!("0,0,{w},{h}"),
                 split,
+                group: e.split_unit(),
+                absolute: true,
+                field: String::new(),
             });
         }
         if records.is_empty() {

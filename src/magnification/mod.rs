@@ -2,10 +2,13 @@
 //! slides, training with the two ASM rounds, and the metrics.
 
 pub mod estimate;
+pub mod features;
+pub mod loso;
 pub mod metrics;
 pub mod model;
+pub mod ruler;
 pub mod train;
 
-pub use estimate::{Estimate, SlideCheck};
+pub use estimate::{Check, Estimate};
 pub use metrics::MagnificationMetrics;
 pub use model::{MagnificationModel, ModelError};

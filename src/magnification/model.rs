@@ -17,6 +17,8 @@ pub const TASK: &str = "magnification";
 /// Metadata constants.
 pub const CONST_M: &str = "asm_m";
 pub const CONST_TARGET_LOG2: &str = "target_log2";
+/// 1 when the head reads every stage's pooled output ([`Hagnifinder::multiscale`]).
+pub const CONST_MULTISCALE: &str = "multiscale";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -75,8 +77,12 @@ impl MagnificationModel {
         } else {
             Target::Linear
         };
+        let multiscale = meta
+            .constants
+            .get(CONST_MULTISCALE)
+            .is_some_and(|&v| v > 0.5);
         let constants = Constants::from_bytes(bytes, &LoadOptions::default())?;
-        let model = Hagnifinder::new(meta.arch, constants.var_builder(device))
+        let model = Hagnifinder::new(meta.arch, multiscale, constants.var_builder(device))
             .map_err(|e| ModelError::Checkpoint(CheckpointError::BadMetadata(e.to_string())))?;
         constants.check_all_used()?;
         Ok(MagnificationModel {
@@ -118,18 +124,36 @@ impl MagnificationModel {
             self.meta.normalization,
             &self.device,
         )?;
+        // A multi-scale head also reads the earlier stages: their averages stay constant here, and
+        // the gradient flows through the last convolution's.
+        let earlier = if self.model.multiscale {
+            let all = self.model.backbone.stage_pooled(&x)?;
+            let width = all.dim(1)? - self.meta.arch.feature_dim();
+            Some(all.narrow(1, 0, width)?.detach())
+        } else {
+            None
+        };
         let output = |high: &Tensor| -> candle_core::Result<Tensor> {
+            let pooled = global_avg_pool(high)?;
+            let pooled = match &earlier {
+                Some(e) => Tensor::cat(&[e, &pooled], 1)?,
+                None => pooled,
+            };
             let (out, _) = self
                 .model
                 .head
-                .forward(&global_avg_pool(high)?, Scaling::Constant(self.m))?;
+                .forward(&pooled, Scaling::Constant(self.m))?;
             Ok(out)
         };
         Ok(grad_cam(self.model.backbone.as_ref(), &x, tap, &output)?)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Vec<f32>, ModelError> {
-        let (out, _, _) = self.model.forward(x, false, Scaling::Constant(self.m))?;
+        let pooled = self.model.pooled(x, false)?;
+        let (out, _) = self
+            .model
+            .head
+            .forward(&pooled, Scaling::Constant(self.m))?;
         Ok(out.to_dtype(DType::F32)?.to_vec1()?)
     }
 }

@@ -18,8 +18,9 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::features::{CropSettings, FeatureError, FeatureTable, features_for};
 use super::metrics::MagnificationMetrics;
-use super::model::{CONST_M, CONST_TARGET_LOG2, TASK};
+use super::model::{CONST_M, CONST_MULTISCALE, CONST_TARGET_LOG2, TASK};
 use crate::data::augment::{AugmentConfig, augment, center_crop};
 use crate::data::manifest::{MagnificationRecord, Manifest, ManifestError, Split};
 use crate::data::tensor::to_tensor;
@@ -53,7 +54,23 @@ pub struct TrainConfig {
     pub augment: AugmentConfig,
     /// Cap on training steps per epoch (None: the whole training split).
     pub steps_per_epoch: Option<usize>,
+    /// Weight of the scale-equivariance loss over pairs of one field at two scales (log2 target
+    /// and frozen backbone only).
+    #[serde(default)]
+    pub equivariance: f64,
+    /// The head reads every stage's pooled output, not only the last convolution's (frozen backbone
+    /// only).
+    #[serde(default)]
+    pub multiscale: bool,
+    /// Crops per image whose cached features train a frozen backbone's head (as many as an estimate
+    /// scores at most).
+    #[serde(default = "default_crops")]
+    pub crops: usize,
     pub seed: u64,
+}
+
+fn default_crops() -> usize {
+    4
 }
 
 impl TrainConfig {
@@ -75,6 +92,9 @@ impl TrainConfig {
             target: Target::Linear,
             augment: AugmentConfig::default(),
             steps_per_epoch: None,
+            equivariance: 1.0,
+            multiscale: false,
+            crops: default_crops(),
             seed: 0,
         }
     }
@@ -158,6 +178,8 @@ pub enum TrainError {
     },
     #[error(transparent)]
     Run(#[from] RunError),
+    #[error(transparent)]
+    Features(#[from] FeatureError),
     #[error("{0}")]
     Config(String),
     #[error("model error: {0}")]
@@ -182,6 +204,28 @@ pub fn train(
     dir: &Path,
     device: &Device,
     stop: &AtomicBool,
+    on_event: impl FnMut(TrainEvent),
+) -> Result<TrainOutcome, TrainError> {
+    train_selected(
+        manifest_path,
+        &|r| Some(r.split),
+        cfg,
+        dir,
+        device,
+        stop,
+        on_event,
+    )
+}
+
+/// [`train`] with the split of each record chosen by `split_of` (None leaves a record out), as
+/// leave-one-source-out folds do.
+pub fn train_selected(
+    manifest_path: &Path,
+    split_of: &dyn Fn(&MagnificationRecord) -> Option<Split>,
+    cfg: &TrainConfig,
+    dir: &Path,
+    device: &Device,
+    stop: &AtomicBool,
     mut on_event: impl FnMut(TrainEvent),
 ) -> Result<TrainOutcome, TrainError> {
     if cfg.batch == 0 || cfg.input_size < cfg.arch.min_input() {
@@ -192,8 +236,19 @@ pub fn train(
     }
     let manifest: Manifest = Manifest::load(manifest_path)?;
     manifest.check_disjoint()?;
-    let train_set = manifest.split(Split::Train);
-    let val_set = manifest.split(Split::Val);
+    let chosen = |split: Split| -> Vec<usize> {
+        (0..manifest.records.len())
+            .filter(|&i| split_of(&manifest.records[i]) == Some(split))
+            .collect()
+    };
+    // Patches of images of unknown scale only ever enter the equivariance loss.
+    let (train_set, relative): (Vec<usize>, Vec<usize>) = chosen(Split::Train)
+        .into_iter()
+        .partition(|&i| manifest.records[i].absolute);
+    let val_set: Vec<usize> = chosen(Split::Val)
+        .into_iter()
+        .filter(|&i| manifest.records[i].absolute)
+        .collect();
     if train_set.is_empty() {
         return Err(TrainError::NoTrainingData);
     }
@@ -221,7 +276,12 @@ pub fn train(
 
     let vars = VarMap::new();
     let vb = VarBuilder::from_varmap(&vars, DType::F32, device);
-    let model = Hagnifinder::new(cfg.arch, vb)?;
+    if cfg.multiscale && !cfg.freeze_backbone {
+        return Err(TrainError::Config(
+            "a multi-scale head trains on a frozen backbone (--freeze-backbone)".into(),
+        ));
+    }
+    let model = Hagnifinder::new(cfg.arch, cfg.multiscale, vb)?;
     if state.epoch > 0 {
         let bytes = std::fs::read(last_path).map_err(io(last_path))?;
         load_into(&bytes, &vars, &LoadOptions::default())?;
@@ -260,7 +320,7 @@ pub fn train(
     if state.epoch == 0 && !matches!(cfg.start, Start::Checkpoint(_)) {
         let mean = train_set
             .iter()
-            .map(|r| cfg.target.encode(r.magnification))
+            .map(|&i| cfg.target.encode(manifest.records[i].magnification))
             .sum::<f64>()
             / train_set.len() as f64;
         vars::set(
@@ -288,6 +348,57 @@ pub fn train(
         },
     )?;
 
+    // A frozen backbone's features are computed once (and cached across runs).
+    let cache = match frozen.as_deref() {
+        Some(b) => {
+            on_event(TrainEvent::Info(
+                "the frozen backbone's features: read from the cache, or computed once and cached"
+                    .into(),
+            ));
+            let started = Instant::now();
+            let table = features_for(
+                &manifest,
+                b,
+                vars::fingerprint(&vars, "backbone.")?,
+                CropSettings {
+                    input: cfg.input_size as u32,
+                    max_crops: cfg.crops.max(1),
+                    norm: cfg.normalization(),
+                    multiscale: cfg.multiscale,
+                },
+                &crate::cache_dir(),
+                device,
+                |done, total| {
+                    // A line at every quarter: the panel shows it in its log.
+                    if done * 4 / total.max(1) != (done - done.min(16)) * 4 / total.max(1) {
+                        on_event(TrainEvent::Info(format!(
+                            "features: {done}/{total} images ({:.1} images/s)",
+                            done as f64 / started.elapsed().as_secs_f64().max(1e-9)
+                        )));
+                    }
+                },
+            )?;
+            Some(table)
+        }
+        None => None,
+    };
+    let pairs = match (&cache, cfg.target, cfg.equivariance > 0.0) {
+        (Some(_), Target::Log2, true) => {
+            let mut members = relative.clone();
+            members.extend(&train_set);
+            field_pairs(&manifest, &members)
+        }
+        _ => {
+            if !relative.is_empty() {
+                on_event(TrainEvent::Info(format!(
+                    "{} patches of unknown scale are left out: the equivariance loss needs a \
+                     frozen backbone, the log2 target and --equivariance above 0",
+                    relative.len()
+                )));
+            }
+            Vec::new()
+        }
+    };
     let ctx = Ctx {
         manifest: &manifest,
         cfg,
@@ -295,8 +406,12 @@ pub fn train(
         norm: cfg.normalization(),
         model: &model,
         frozen: frozen.as_deref(),
+        cache: cache.as_ref(),
     };
-    let range = manifest.magnification_range(Split::Train);
+    let range = train_set.iter().fold(None, |acc: Option<(f64, f64)>, &i| {
+        let m = manifest.records[i].magnification;
+        Some(acc.map_or((m, m), |(a, b)| (a.min(m), b.max(m))))
+    });
     let save =
         |path: &Path, m: Option<f64>, epoch: usize, metrics: &EpochLog| -> Result<(), TrainError> {
             let meta = checkpoint_meta(cfg, manifest_path, range, m, epoch, metrics);
@@ -320,8 +435,18 @@ pub fn train(
         }
         let scaling = state.m.map_or(Scaling::Adaptive, Scaling::Constant);
         let started = Instant::now();
-        let mut order: Vec<usize> = (0..train_set.len()).collect();
+        // What a step draws from: cached crops (rows) with a frozen backbone, else whole records.
+        let mut order: Vec<usize> = match ctx.cache {
+            Some(c) => train_set
+                .iter()
+                .flat_map(|&i| c.rows_of(i).iter().copied())
+                .collect(),
+            None => train_set.clone(),
+        };
         order.shuffle(&mut rng);
+        let mut pair_order: Vec<usize> = (0..pairs.len()).collect();
+        pair_order.shuffle(&mut rng);
+        let mut pair_cursor = 0usize;
         let mut batches: Vec<&[usize]> = order.chunks(cfg.batch).collect();
         if let Some(cap) = cfg.steps_per_epoch {
             batches.truncate(cap.max(1));
@@ -329,18 +454,42 @@ pub fn train(
         let steps = batches.len();
         let (mut loss_sum, mut seen) = (0.0, 0usize);
         for (step, idx) in batches.into_iter().enumerate() {
-            let records: Vec<&MagnificationRecord> = idx.iter().map(|&i| train_set[i]).collect();
-            let seeds: Vec<u64> = records.iter().map(|_| rng.random()).collect();
-            let images = ctx.load(&records, Some(&seeds))?;
-            let x = to_tensor(&images, ctx.norm, device)?;
-            let y = ctx.targets(&records)?;
-            let pooled = match ctx.frozen {
-                Some(b) => b.forward(&x, false)?.pooled,
-                None => model.backbone.forward(&x, true)?.pooled,
+            let (pooled, y) = ctx.batch(idx, &mut rng)?;
+            let n = idx.len();
+            let mut loss = match ctx.cache {
+                Some(c) if !pairs.is_empty() => {
+                    // The batch and as many pairs go through the head together (one ASM factor).
+                    let take: Vec<&(usize, usize, f64)> = (0..n)
+                        .map(|k| &pairs[pair_order[(pair_cursor + k) % pairs.len()]])
+                        .collect();
+                    pair_cursor += n;
+                    let pick = |rows: &[usize], rng: &mut rand::rngs::StdRng| {
+                        rows[rng.random_range(0..rows.len())]
+                    };
+                    let a: Vec<usize> = take
+                        .iter()
+                        .map(|p| pick(c.rows_of(p.0), &mut rng))
+                        .collect();
+                    let b: Vec<usize> = take
+                        .iter()
+                        .map(|p| pick(c.rows_of(p.1), &mut rng))
+                        .collect();
+                    let all = Tensor::cat(&[&pooled, &c.select(&a)?, &c.select(&b)?], 0)?;
+                    let (out, _) = model.head.forward(&all, scaling)?;
+                    let absolute = candle_nn::loss::huber(&out.narrow(0, 0, n)?, &y, 1.0)?;
+                    let want: Vec<f32> = take.iter().map(|p| p.2 as f32).collect();
+                    let want = Tensor::from_vec(want, n, device)?;
+                    let relative =
+                        equivariance_loss(&out.narrow(0, n, n)?, &out.narrow(0, 2 * n, n)?, &want)?;
+                    (absolute + relative.affine(cfg.equivariance, 0.0)?)?
+                }
+                _ => {
+                    let (out, _) = model.head.forward(&pooled, scaling)?;
+                    candle_nn::loss::huber(&out, &y, 1.0)?
+                }
             };
-            let (out, _) = model.head.forward(&pooled, scaling)?;
-            let loss = candle_nn::loss::huber(&out, &y, 1.0)?;
-            let l = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+            loss = loss.to_dtype(DType::F32)?;
+            let l = f64::from(loss.to_scalar::<f32>()?);
             if !l.is_finite() {
                 return Err(TrainError::NonFinite {
                     epoch,
@@ -349,8 +498,8 @@ pub fn train(
                 });
             }
             opt.backward_step(&loss)?;
-            loss_sum += l * records.len() as f64;
-            seen += records.len();
+            loss_sum += l * n as f64;
+            seen += n;
             on_event(TrainEvent::Step {
                 epoch,
                 step: step + 1,
@@ -465,6 +614,9 @@ fn checkpoint_meta(
         CONST_TARGET_LOG2.to_string(),
         f64::from(u8::from(cfg.target == Target::Log2)),
     );
+    if cfg.multiscale {
+        constants.insert(CONST_MULTISCALE.to_string(), 1.0);
+    }
     let mut metrics = std::collections::BTreeMap::new();
     for (k, v) in [
         ("train_loss", Some(log.train_loss)),
@@ -500,6 +652,42 @@ fn checkpoint_meta(
     }
 }
 
+/// The scale-equivariance loss: an image downsampled by k must move the log2 output by exactly
+/// log2 k. `fine` and `coarse` are the outputs for the two patches of each pair, `log2_ratio` the
+/// log2 of their magnification ratio (Huber, δ = 1).
+pub fn equivariance_loss(
+    fine: &Tensor,
+    coarse: &Tensor,
+    log2_ratio: &Tensor,
+) -> candle_core::Result<Tensor> {
+    candle_nn::loss::huber(&(fine - coarse)?, log2_ratio, 1.0)
+}
+
+/// Pairs of patches of one field at two scales, among `records` (manifest indexes): (finer, coarser,
+/// log2 of their magnification ratio), for the scale-equivariance loss.
+fn field_pairs(manifest: &Manifest, records: &[usize]) -> Vec<(usize, usize, f64)> {
+    let mut fields: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
+    for &i in records {
+        let f = manifest.records[i].field.as_str();
+        if !f.is_empty() {
+            fields.entry(f).or_default().push(i);
+        }
+    }
+    let mut out = Vec::new();
+    for members in fields.values() {
+        for (k, &a) in members.iter().enumerate() {
+            for &b in &members[k + 1..] {
+                let (ma, mb) = (
+                    manifest.records[a].magnification,
+                    manifest.records[b].magnification,
+                );
+                out.push((a, b, (ma / mb).log2()));
+            }
+        }
+    }
+    out
+}
+
 /// What the loops share.
 struct Ctx<'a> {
     manifest: &'a Manifest,
@@ -508,22 +696,20 @@ struct Ctx<'a> {
     norm: Normalization,
     model: &'a Hagnifinder,
     frozen: Option<&'a dyn Backbone>,
+    /// A frozen backbone's features of every record's crops.
+    cache: Option<&'a FeatureTable>,
 }
 
 impl Ctx<'_> {
     /// Decodes the records' images in parallel: augmented crops when `seeds` are given (one per
     /// image), centre crops otherwise.
-    fn load(
-        &self,
-        records: &[&MagnificationRecord],
-        seeds: Option<&[u64]>,
-    ) -> Result<Vec<RgbImage>, TrainError> {
+    fn load(&self, records: &[usize], seeds: Option<&[u64]>) -> Result<Vec<RgbImage>, TrainError> {
         let size = self.cfg.input_size as u32;
         records
             .par_iter()
             .enumerate()
-            .map(|(i, r)| {
-                let path = self.manifest.resolve(r);
+            .map(|(i, &r)| {
+                let path = self.manifest.resolve(&self.manifest.records[r]);
                 let img = image::open(&path)
                     .map_err(|e| TrainError::Image {
                         path: path.clone(),
@@ -541,54 +727,100 @@ impl Ctx<'_> {
             .collect()
     }
 
-    fn targets(&self, records: &[&MagnificationRecord]) -> Result<Tensor, TrainError> {
+    fn targets(&self, records: impl Iterator<Item = usize>) -> Result<Tensor, TrainError> {
         let t: Vec<f32> = records
-            .iter()
-            .map(|r| self.cfg.target.encode(r.magnification) as f32)
+            .map(|r| {
+                self.cfg
+                    .target
+                    .encode(self.manifest.records[r].magnification) as f32
+            })
             .collect();
-        Ok(Tensor::from_vec(t, records.len(), self.device)?)
+        let n = t.len();
+        Ok(Tensor::from_vec(t, n, self.device)?)
     }
 
-    fn pooled_eval(&self, x: &Tensor) -> Result<Tensor, TrainError> {
-        let b = self.frozen.unwrap_or(self.model.backbone.as_ref());
-        Ok(b.forward(x, false)?.pooled.detach())
+    /// A training batch: pooled features and targets of cached rows, or of augmented records through
+    /// the (trained) backbone.
+    fn batch(
+        &self,
+        units: &[usize],
+        rng: &mut rand::rngs::StdRng,
+    ) -> Result<(Tensor, Tensor), TrainError> {
+        if let Some(c) = self.cache {
+            let y = self.targets(units.iter().map(|&row| c.record[row]))?;
+            return Ok((c.select(units)?, y));
+        }
+        let seeds: Vec<u64> = units.iter().map(|_| rng.random()).collect();
+        let images = self.load(units, Some(&seeds))?;
+        let x = to_tensor(&images, self.norm, self.device)?;
+        let y = self.targets(units.iter().copied())?;
+        Ok((self.model.backbone.forward(&x, true)?.pooled, y))
     }
 
-    /// m: the mean over training batches (centre crops, evaluation mode) of the ASM factor z / X.
-    fn mean_factor(&self, set: &[&MagnificationRecord]) -> Result<f64, TrainError> {
+    /// Pooled evaluation-mode features of `records`: (features, owning record of each row).
+    fn pooled_eval(&self, records: &[usize]) -> Result<(Tensor, Vec<usize>), TrainError> {
+        if let Some(c) = self.cache {
+            let rows: Vec<usize> = records
+                .iter()
+                .flat_map(|&r| c.rows_of(r).iter().copied())
+                .collect();
+            let owners = rows.iter().map(|&row| c.record[row]).collect();
+            return Ok((c.select(&rows)?, owners));
+        }
+        let images = self.load(records, None)?;
+        let x = to_tensor(&images, self.norm, self.device)?;
+        let pooled = match self.frozen {
+            Some(b) => b.forward(&x, false)?.pooled,
+            None => self.model.pooled(&x, false)?,
+        };
+        Ok((pooled.detach(), records.to_vec()))
+    }
+
+    /// m: the mean over training batches (evaluation mode) of the ASM factor z / X.
+    fn mean_factor(&self, set: &[usize]) -> Result<f64, TrainError> {
         let mut factors = Vec::new();
         for chunk in set.chunks(self.cfg.batch) {
-            let images = self.load(chunk, None)?;
-            let x = to_tensor(&images, self.norm, self.device)?;
-            let z = self.model.head.bottleneck(&self.pooled_eval(&x)?)?;
+            let (pooled, _) = self.pooled_eval(chunk)?;
+            let z = self.model.head.bottleneck(&pooled)?;
             factors.push(asm_factor(&z)?);
         }
         Ok(factors.iter().sum::<f64>() / factors.len().max(1) as f64)
     }
 
-    /// Mean Huber loss and metrics over `set` (centre crops, evaluation mode).
+    /// Mean Huber loss (over crops) and metrics (each record's median crop) over `set`.
     fn evaluate(
         &self,
-        set: &[&MagnificationRecord],
+        set: &[usize],
         scaling: Scaling,
     ) -> Result<(f64, MagnificationMetrics), TrainError> {
-        let mut pairs = Vec::with_capacity(set.len());
-        let mut loss_sum = 0.0;
+        let mut outputs: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
+        let (mut loss_sum, mut rows) = (0.0, 0usize);
         for chunk in set.chunks(self.cfg.batch) {
-            let images = self.load(chunk, None)?;
-            let x = to_tensor(&images, self.norm, self.device)?;
-            let (out, _) = self.model.head.forward(&self.pooled_eval(&x)?, scaling)?;
-            let y = self.targets(chunk)?;
+            let (pooled, owners) = self.pooled_eval(chunk)?;
+            let (out, _) = self.model.head.forward(&pooled, scaling)?;
+            let y = self.targets(owners.iter().copied())?;
             let out = out.detach();
             let l = candle_nn::loss::huber(&out, &y, 1.0)?.to_scalar::<f32>()?;
-            loss_sum += f64::from(l) * chunk.len() as f64;
+            loss_sum += f64::from(l) * owners.len() as f64;
+            rows += owners.len();
             let out: Vec<f32> = out.to_vec1()?;
-            for (r, o) in chunk.iter().zip(out) {
-                pairs.push((r.magnification, self.cfg.target.decode(f64::from(o))));
+            for (r, o) in owners.into_iter().zip(out) {
+                outputs.entry(r).or_default().push(f64::from(o));
             }
         }
+        let pairs: Vec<(f64, f64)> = outputs
+            .into_iter()
+            .map(|(r, mut v)| {
+                v.sort_by(f64::total_cmp);
+                let median = v[v.len() / 2];
+                (
+                    self.manifest.records[r].magnification,
+                    self.cfg.target.decode(median),
+                )
+            })
+            .collect();
         Ok((
-            loss_sum / set.len().max(1) as f64,
+            loss_sum / rows.max(1) as f64,
             MagnificationMetrics::compute(&pairs),
         ))
     }
@@ -632,4 +864,58 @@ pub fn evaluate(
         progress(pairs.len(), records.len());
     }
     Ok(MagnificationMetrics::compute(&pairs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A perfectly equivariant model (its output is log2 of the magnification) has no equivariance
+    /// loss; one that ignores the scale does.
+    #[test]
+    fn equivariance_loss_of_toy_models() {
+        let dev = Device::Cpu;
+        let fine_mag = [40.0f32, 20.0, 13.3, 7.0];
+        let k = [2.0f32, 1.5, 3.0, 2.5];
+        let coarse_mag: Vec<f32> = fine_mag.iter().zip(&k).map(|(m, k)| m / k).collect();
+        let t = |v: Vec<f32>| Tensor::from_vec(v, 4, &dev).unwrap();
+        let log2 = |v: &[f32]| v.iter().map(|m| m.log2()).collect::<Vec<_>>();
+        let ratio = t(k.iter().map(|k| k.log2()).collect());
+        let exact = equivariance_loss(&t(log2(&fine_mag)), &t(log2(&coarse_mag)), &ratio)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(exact.abs() < 1e-10, "{exact}");
+        let blind = equivariance_loss(&t(vec![4.3; 4]), &t(vec![4.3; 4]), &ratio)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(blind > 0.3, "{blind}");
+    }
+
+    #[test]
+    fn pairs_of_a_field() {
+        let record = |field: &str, mag: f64| MagnificationRecord {
+            path: format!("{field}-{mag}.png"),
+            magnification: mag,
+            mpp: 10.0 / mag,
+            source: "s".into(),
+            region: String::new(),
+            split: Split::Train,
+            group: "unlabelled".into(),
+            absolute: false,
+            field: field.into(),
+        };
+        let manifest = Manifest {
+            root: ".".into(),
+            records: vec![
+                record("a", 8.0),
+                record("a", 4.0),
+                record("b", 1.0),
+                record("", 2.0),
+            ],
+        };
+        let pairs = field_pairs(&manifest, &[0, 1, 2, 3]);
+        assert_eq!(pairs, vec![(0, 1, 1.0)]);
+    }
 }

@@ -189,6 +189,19 @@ pub trait Backbone: Send + Sync {
         self.last_block(&self.body(low, train)?, train)
     }
 
+    /// Channels of [`Backbone::stage_pooled`]'s output.
+    fn stage_pooled_dim(&self) -> usize {
+        self.arch().feature_dim()
+    }
+
+    /// Pooled descriptors from fine to coarse, in evaluation mode: the global average of the
+    /// output of each stage and of the last convolution, concatenated, (N, `stage_pooled_dim`).
+    /// Scale shows in textures at every depth, not only in the last one. Backbones that list no
+    /// stages give the last convolution's average alone.
+    fn stage_pooled(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward(x, false)?.pooled)
+    }
+
     fn forward(&self, x: &Tensor, train: bool) -> Result<Features> {
         let (_, _, h, w) = x.dims4()?;
         let min = self.arch().min_input();

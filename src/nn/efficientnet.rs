@@ -9,9 +9,10 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::backbone::{Arch, Backbone};
-use super::blocked::is_blocked;
+use super::blocked::{global_avg_pool as blocked_avg_pool, is_blocked};
 use super::cpu_conv::add_act;
 use super::layers::{Activation, ConvBn, ConvSpec, Padding};
+use super::pool::global_avg_pool;
 
 /// (expansion, kernel, stride of the first block, output channels, repeats) per stage, as EfficientNet-B0.
 const STAGES: [(usize, usize, usize, usize, usize); 7] = [
@@ -74,6 +75,8 @@ impl MbConv {
 pub struct EfficientNetLite0 {
     stem: ConvBn,
     blocks: Vec<MbConv>,
+    /// (index of the stage's last block, its output channels) per stage.
+    stage_ends: Vec<(usize, usize)>,
     head: ConvBn,
     constant: OnceLock<bool>,
 }
@@ -82,8 +85,10 @@ impl EfficientNetLite0 {
     pub fn new(vb: VarBuilder) -> Result<Self> {
         let stem = ConvBn::new(spec(3, 32, 3, 2, 1), vb.pp("_conv_stem"), vb.pp("_bn0"))?;
         let mut blocks = Vec::new();
+        let mut stage_ends = Vec::new();
         let mut cin = 32;
         for (expansion, kernel, first_stride, cout, repeats) in STAGES {
+            stage_ends.push((blocks.len() + repeats - 1, cout));
             for r in 0..repeats {
                 let b = vb.pp("_blocks").pp(blocks.len().to_string());
                 let stride = if r == 0 { first_stride } else { 1 };
@@ -120,6 +125,7 @@ impl EfficientNetLite0 {
         Ok(EfficientNetLite0 {
             stem,
             blocks,
+            stage_ends,
             head,
             constant: OnceLock::new(),
         })
@@ -153,6 +159,43 @@ impl Backbone for EfficientNetLite0 {
 
     fn blocked_channels(&self) -> Option<(usize, usize)> {
         Some((32, 320))
+    }
+
+    fn stage_pooled_dim(&self) -> usize {
+        32 + self.stage_ends.iter().map(|s| s.1).sum::<usize>() + 1280
+    }
+
+    fn stage_pooled(&self, x: &Tensor) -> Result<Tensor> {
+        let blocked = self.blocked_here(x, false);
+        let pool = |t: &Tensor, channels: usize| {
+            if blocked {
+                blocked_avg_pool(t, channels)
+            } else {
+                global_avg_pool(t)
+            }
+        };
+        let run = || -> Result<Tensor> {
+            let mut t = self.stem(x, false, blocked)?;
+            let mut parts = vec![pool(&t, 32)?];
+            let mut ends = self.stage_ends.iter().peekable();
+            for (i, b) in self.blocks.iter().enumerate() {
+                t = b.forward_t(&t, false)?;
+                if let Some(&&(end, channels)) = ends.peek()
+                    && end == i
+                {
+                    parts.push(pool(&t, channels)?);
+                    ends.next();
+                }
+            }
+            let high = self.head.forward_act(&t, false, Activation::Relu6)?;
+            parts.push(pool(&high, 1280)?);
+            Tensor::cat(&parts, 1)
+        };
+        if blocked {
+            super::blocked::on_worker(run)
+        } else {
+            run()
+        }
     }
 
     fn constant_weights(&self) -> bool {

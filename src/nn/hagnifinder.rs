@@ -12,7 +12,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{Linear, Module, VarBuilder, linear};
 
-use super::backbone::{Arch, Backbone, Features, build};
+use super::backbone::{Arch, Backbone, build};
 
 /// The ASM's target variance: z = sqrt(TARGET_VARIANCE / v).
 pub const ASM_TARGET_VARIANCE: f64 = 2.2;
@@ -97,33 +97,32 @@ impl MagnificationHead {
 pub struct Hagnifinder {
     pub backbone: Box<dyn Backbone>,
     pub head: MagnificationHead,
+    /// The head reads every stage's pooled output ([`Backbone::stage_pooled`]), not only the last
+    /// convolution's (evaluation only: the backbone is frozen).
+    pub multiscale: bool,
 }
 
 impl Hagnifinder {
-    pub fn new(arch: Arch, vb: VarBuilder) -> Result<Self> {
-        Self::from_parts(arch, vb.pp("backbone"), vb.pp("head"))
-    }
-
-    /// Backbone and head from separate builders (e.g. a frozen backbone of constants and a trainable
-    /// head), with the same tensor names as [`Hagnifinder::new`] relative to each.
-    pub fn from_parts(arch: Arch, backbone: VarBuilder, head: VarBuilder) -> Result<Self> {
+    pub fn new(arch: Arch, multiscale: bool, vb: VarBuilder) -> Result<Self> {
+        let backbone = build(arch, vb.pp("backbone"))?;
+        let width = if multiscale {
+            backbone.stage_pooled_dim()
+        } else {
+            arch.feature_dim()
+        };
         Ok(Hagnifinder {
-            backbone: build(arch, backbone)?,
-            head: MagnificationHead::new(arch.feature_dim(), head)?,
+            head: MagnificationHead::new(width, vb.pp("head"))?,
+            backbone,
+            multiscale,
         })
     }
 
-    /// Normalised images (N, 3, H, W) → the regression output (N,), the scale factor used, and the
-    /// backbone's features (for Grad-CAM).
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        train: bool,
-        scaling: Scaling,
-    ) -> Result<(Tensor, f64, Features)> {
-        let f = self.backbone.forward(x, train)?;
-        let (out, factor) = self.head.forward(&f.pooled, scaling)?;
-        Ok((out, factor, f))
+    /// The head's input for normalised images: the pooled last convolution, or every stage's.
+    pub fn pooled(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if self.multiscale {
+            return self.backbone.stage_pooled(x);
+        }
+        Ok(self.backbone.forward(x, train)?.pooled)
     }
 }
 

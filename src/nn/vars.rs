@@ -48,6 +48,28 @@ pub fn selected(vars: &VarMap, keep: impl Fn(&str) -> bool) -> Result<Vec<Var>> 
     Ok(named.into_iter().map(|(_, v)| v.clone()).collect())
 }
 
+/// A 64-bit FNV-1a fingerprint of the names and values of the variables under `prefix`: what a
+/// cache of a frozen model's outputs is keyed on.
+pub fn fingerprint(vars: &VarMap, prefix: &str) -> Result<u64> {
+    let data = locked(vars)?;
+    let mut named: Vec<(&String, &Var)> =
+        data.iter().filter(|(n, _)| n.starts_with(prefix)).collect();
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    let mut h = crate::util::fs::Fnv::default();
+    for (name, var) in named {
+        h.write(name.as_bytes());
+        let values: Vec<f32> = var
+            .as_tensor()
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
+        for v in values {
+            h.write(&v.to_le_bytes());
+        }
+    }
+    Ok(h.finish())
+}
+
 /// Sets the variable `name` (no-op when the model has none of that name).
 pub fn set(vars: &VarMap, name: &str, value: &Tensor) -> Result<()> {
     if let Some(v) = locked(vars)?.get(name) {

@@ -17,6 +17,7 @@ use serde::Serialize;
 pub use calibration::{CalibrationStore, CalibrationStoreError};
 pub use error::SlideError;
 pub use resolution::{Calibration, Mpp, MppSource};
+pub use snapshot::RESOLUTION_NOTE;
 
 use snapshot::SnapshotBackend;
 use wsi::WsiBackend;

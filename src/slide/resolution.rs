@@ -19,6 +19,8 @@ pub enum MppSource {
     TiffResolution,
     /// PNG `pHYs` chunk (pixels per metre).
     PngPhys,
+    /// OME-XML `PhysicalSizeX`/`PhysicalSizeY` in a TIFF's ImageDescription (QuPath, Bio-Formats).
+    OmeXml,
     /// Only the nominal objective power is known: 10 / power.
     ObjectivePower,
     /// Set by hand by the user.
@@ -33,6 +35,7 @@ impl MppSource {
             MppSource::OpenSlide => "scanner metadata",
             MppSource::TiffResolution => "TIFF resolution tags",
             MppSource::PngPhys => "PNG pHYs chunk",
+            MppSource::OmeXml => "OME-XML PhysicalSize",
             MppSource::ObjectivePower => "from nominal objective power",
             MppSource::User => "set by hand",
             MppSource::Estimated => "estimated",
@@ -73,8 +76,9 @@ pub fn mpp_from_magnification(mag: f64) -> f64 {
     10.0 / mag
 }
 
-/// Reads the pixel size from OpenSlide properties: `openslide.mpp-x/y`, else `tiff.XResolution/YResolution`
-/// with `tiff.ResolutionUnit`; values outside [`PLAUSIBLE_MPP`] are ignored.
+/// Reads the pixel size from OpenSlide properties: `openslide.mpp-x/y`, else OME-XML in
+/// `tiff.ImageDescription`, else `tiff.XResolution/YResolution` with `tiff.ResolutionUnit` unless
+/// that is a default ([`resolution_mpp`]); values outside [`PLAUSIBLE_MPP`] are ignored.
 pub fn mpp_from_properties(props: &BTreeMap<String, String>) -> Option<Mpp> {
     let num = |k: &str| props.get(k).and_then(|v| v.trim().parse::<f64>().ok());
     if let Some(x) = num("openslide.mpp-x") {
@@ -83,13 +87,67 @@ pub fn mpp_from_properties(props: &BTreeMap<String, String>) -> Option<Mpp> {
             return Some(m);
         }
     }
+    if let Some(m) = props
+        .get("tiff.ImageDescription")
+        .and_then(|d| ome_physical_size(d))
+    {
+        return Some(m);
+    }
     let unit = props
         .get("tiff.ResolutionUnit")
         .map(|s| s.trim().to_ascii_lowercase());
     let xres = num("tiff.XResolution")?;
     let yres = num("tiff.YResolution").unwrap_or(xres);
     let (x, y) = mpp_from_resolution(xres, yres, unit.as_deref()?)?;
-    Mpp::new(x, y, MppSource::TiffResolution)
+    resolution_mpp(x, y, MppSource::TiffResolution).ok()
+}
+
+/// Resolutions that cameras, scanners and image editors write by default, in dots per inch: they say
+/// nothing about the tissue.
+pub const DEFAULT_DPI: [f64; 8] = [72.0, 96.0, 150.0, 180.0, 200.0, 240.0, 300.0, 600.0];
+
+/// A pixel size read from resolution tags, or why it is not one: a default resolution
+/// ([`DEFAULT_DPI`], within 0.5%) is "no pixel size", with the note `info` shows.
+pub fn resolution_mpp(x: f64, y: f64, source: MppSource) -> Result<Mpp, String> {
+    let dpi = 25_400.0 / x;
+    if DEFAULT_DPI.iter().any(|d| (dpi / d - 1.0).abs() < 0.005) {
+        return Err(format!("resolution tag: {dpi:.0} dpi (a default, ignored)"));
+    }
+    Mpp::new(x, y, source).ok_or_else(|| {
+        format!("resolution tag: {x:.4} µm/px (not a plausible microscope pixel size, ignored)")
+    })
+}
+
+/// `PhysicalSizeX`/`PhysicalSizeY` (with their units; µm when absent) of the first `Pixels` element
+/// of an OME-XML document.
+pub fn ome_physical_size(xml: &str) -> Option<Mpp> {
+    if !xml.contains("<OME") && !xml.contains(":OME") {
+        return None;
+    }
+    let attr = |name: &str| -> Option<&str> {
+        let key = format!(" {name}=\"");
+        let at = xml.find(&key)? + key.len();
+        let end = xml[at..].find('"')?;
+        Some(&xml[at..at + end])
+    };
+    let um = |value: &str, unit: Option<&str>| -> Option<f64> {
+        let v: f64 = value.trim().parse().ok()?;
+        let factor = match unit.unwrap_or("µm") {
+            "µm" | "μm" | "um" | "micron" | "&#181;m" | "&#xB5;m" => 1.0,
+            "nm" => 1e-3,
+            "mm" => 1e3,
+            "cm" => 1e4,
+            "m" => 1e6,
+            "Å" => 1e-4,
+            _ => return None,
+        };
+        Some(v * factor)
+    };
+    let x = um(attr("PhysicalSizeX")?, attr("PhysicalSizeXUnit"))?;
+    let y = attr("PhysicalSizeY")
+        .and_then(|v| um(v, attr("PhysicalSizeYUnit")))
+        .unwrap_or(x);
+    Mpp::new(x, y, MppSource::OmeXml)
 }
 
 /// Converts TIFF-style resolutions (pixels per unit) into µm/px. `unit` is "centimeter", "inch"
@@ -176,6 +234,52 @@ mod tests {
             ("tiff.ResolutionUnit", "inch"),
         ]);
         assert!((mpp_from_properties(&inch).unwrap().x - 0.25).abs() < 1e-9);
+    }
+
+    #[test]
+    fn default_resolutions_are_no_pixel_size() {
+        for dpi in DEFAULT_DPI {
+            let um = 25_400.0 / dpi;
+            let why = resolution_mpp(um, um, MppSource::TiffResolution).unwrap_err();
+            assert!(why.contains("a default, ignored"), "{why}");
+        }
+        // 57531 px/inch (0.4415 µm/px) is a real scanner resolution.
+        let m = resolution_mpp(
+            25_400.0 / 57_531.0,
+            25_400.0 / 57_531.0,
+            MppSource::TiffResolution,
+        )
+        .unwrap();
+        assert!((m.x - 0.4415).abs() < 1e-4);
+        // The same through OpenSlide's properties: 300 dpi is dropped, 40000 px/cm kept.
+        let p = props(&[("tiff.XResolution", "300"), ("tiff.ResolutionUnit", "inch")]);
+        assert_eq!(mpp_from_properties(&p), None);
+        let p = props(&[
+            ("tiff.XResolution", "40000"),
+            ("tiff.ResolutionUnit", "centimeter"),
+        ]);
+        assert_eq!(mpp_from_properties(&p).map(|m| m.x), Some(0.25));
+    }
+
+    #[test]
+    fn ome_xml_pixel_sizes() {
+        let ome = |x: &str, unit: &str| {
+            format!(
+                r#"<?xml version="1.0"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image ID="Image:0"><Pixels DimensionOrder="XYCZT" PhysicalSizeX="{x}" {unit} PhysicalSizeY="{x}" SizeX="10"/></Image></OME>"#
+            )
+        };
+        let m = ome_physical_size(&ome("0.2271", r#"PhysicalSizeXUnit="µm""#)).unwrap();
+        assert_eq!((m.x, m.source), (0.2271, MppSource::OmeXml));
+        // No unit: µm (the schema's default).
+        assert_eq!(ome_physical_size(&ome("0.5", "")).map(|m| m.y), Some(0.5));
+        let m = ome_physical_size(&ome("227.1", r#"PhysicalSizeXUnit="nm""#)).unwrap();
+        assert!((m.x - 0.2271).abs() < 1e-9);
+        assert!(ome_physical_size("ImageJ=1.5\nunit=micron").is_none());
+        let p = props(&[("tiff.ImageDescription", &ome("0.25", ""))]);
+        assert_eq!(
+            mpp_from_properties(&p).map(|m| m.source),
+            Some(MppSource::OmeXml)
+        );
     }
 
     #[test]

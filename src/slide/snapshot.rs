@@ -7,7 +7,7 @@ use std::path::Path;
 use image::{ImageError, ImageFormat, ImageReader, RgbaImage};
 
 use super::pixels::halve;
-use super::resolution::{Mpp, MppSource, mpp_from_resolution};
+use super::resolution::{Mpp, MppSource, mpp_from_resolution, ome_physical_size, resolution_mpp};
 use super::{Level, SlideError};
 
 /// Levels are added by halving until the coarsest fits in this many pixels per side.
@@ -80,9 +80,13 @@ impl SnapshotBackend {
             reason: "unknown image format".into(),
         })?;
         // Read the header first: a decompression bomb is refused before anything is allocated.
-        let (width, height) = reader
-            .into_dimensions()
-            .map_err(|e| map_image_error(path, e))?;
+        let (width, height) = match reader.into_dimensions() {
+            Ok(d) => d,
+            Err(e) if format == ImageFormat::Tiff => {
+                tiff_dimensions(path).ok_or_else(|| map_image_error(path, e))?
+            }
+            Err(e) => return Err(map_image_error(path, e)),
+        };
         if width == 0 || height == 0 {
             return Err(SlideError::Corrupt {
                 path: path.to_path_buf(),
@@ -119,7 +123,15 @@ impl SnapshotBackend {
         // The native buffer may be 16-bit with 4 channels: twice the RGBA8 size, plus decoder scratch.
         limits.max_alloc = Some(limit.saturating_mul(2));
         reader.limits(limits);
-        let decoded = reader.decode().map_err(|e| map_image_error(path, e))?;
+        let decoded = match reader.decode() {
+            Ok(d) => d,
+            // `image` refuses some valid TIFFs (YCbCr, e.g. JPEG-compressed OME-TIFF exports) that
+            // the `tiff` crate reads: decode those directly before giving up.
+            Err(e) if format == ImageFormat::Tiff => image::DynamicImage::ImageRgba8(
+                decode_tiff_directly(path, limit).ok_or_else(|| map_image_error(path, e))?,
+            ),
+            Err(e) => return Err(map_image_error(path, e)),
+        };
         let mut properties = std::collections::BTreeMap::new();
         properties.insert("image.format".into(), format!("{format:?}"));
         properties.insert("image.color-type".into(), format!("{:?}", decoded.color()));
@@ -145,7 +157,10 @@ impl SnapshotBackend {
                 downsample: 0.5 * (w0 / f64::from(l.width()) + h0 / f64::from(l.height())),
             })
             .collect();
-        let mpp = read_embedded_mpp(path, format);
+        let (mpp, note) = read_embedded_mpp(path, format);
+        if let Some(note) = note {
+            properties.insert(RESOLUTION_NOTE.into(), note);
+        }
         if let Some(m) = &mpp {
             properties.insert("image.mpp-x".into(), format!("{}", m.x));
             properties.insert("image.mpp-y".into(), format!("{}", m.y));
@@ -200,6 +215,63 @@ impl SnapshotBackend {
 /// A JPEG is complete when an end-of-image marker follows its last start-of-scan marker (entropy-coded
 /// data escapes 0xFF, so markers cannot appear inside it). JPEG decoders silently fill a truncated
 /// image with grey; a pathologist must be told instead.
+fn tiff_dimensions(path: &Path) -> Option<(u32, u32)> {
+    let mut dec = tiff::decoder::Decoder::new(BufReader::new(File::open(path).ok()?)).ok()?;
+    dec.dimensions().ok()
+}
+
+/// A TIFF's first image through the `tiff` crate, for 8-bit grey, RGB, RGBA and YCbCr (converted with
+/// the JPEG/JFIF coefficients, as JPEG-compressed TIFFs store it); None for anything else.
+fn decode_tiff_directly(path: &Path, limit: u64) -> Option<RgbaImage> {
+    use tiff::ColorType;
+    use tiff::decoder::{Decoder, DecodingResult, Limits};
+    let mut limits = Limits::default();
+    limits.decoding_buffer_size = usize::try_from(limit).unwrap_or(usize::MAX);
+    limits.intermediate_buffer_size = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut dec = Decoder::new(BufReader::new(File::open(path).ok()?))
+        .ok()?
+        .with_limits(limits);
+    let (w, h) = dec.dimensions().ok()?;
+    let colour = dec.colortype().ok()?;
+    let DecodingResult::U8(data) = dec.read_image().ok()? else {
+        return None;
+    };
+    let n = (w as usize).checked_mul(h as usize)?;
+    let px: Vec<[u8; 4]> = match colour {
+        ColorType::Gray(8) => data.iter().take(n).map(|&v| [v, v, v, 255]).collect(),
+        ColorType::RGB(8) => data
+            .chunks_exact(3)
+            .map(|c| [c[0], c[1], c[2], 255])
+            .collect(),
+        ColorType::RGBA(8) => data
+            .chunks_exact(4)
+            .map(|c| [c[0], c[1], c[2], c[3]])
+            .collect(),
+        ColorType::YCbCr(8) => data
+            .chunks_exact(3)
+            .map(|c| {
+                let (y, cb, cr) = (
+                    f32::from(c[0]),
+                    f32::from(c[1]) - 128.0,
+                    f32::from(c[2]) - 128.0,
+                );
+                let q = |v: f32| v.round().clamp(0.0, 255.0) as u8;
+                [
+                    q(y + 1.402 * cr),
+                    q(y - 0.344_136 * cb - 0.714_136 * cr),
+                    q(y + 1.772 * cb),
+                    255,
+                ]
+            })
+            .collect(),
+        _ => return None,
+    };
+    if px.len() != n {
+        return None;
+    }
+    RgbaImage::from_raw(w, h, px.into_iter().flatten().collect())
+}
+
 pub(crate) fn jpeg_is_complete(bytes: &[u8]) -> bool {
     let last = |marker: u8| {
         bytes
@@ -213,17 +285,36 @@ pub(crate) fn jpeg_is_complete(bytes: &[u8]) -> bool {
 }
 
 /// A physical pixel size stored in the file: TIFF resolution tags or PNG's pHYs chunk.
-fn read_embedded_mpp(path: &Path, format: ImageFormat) -> Option<Mpp> {
-    match format {
+/// The property that says why a file's resolution tags were not taken as its pixel size.
+pub const RESOLUTION_NOTE: &str = "histolens.resolution-note";
+
+/// The pixel size a snapshot's metadata states, or a note on why its resolution tags say nothing.
+fn read_embedded_mpp(path: &Path, format: ImageFormat) -> (Option<Mpp>, Option<String>) {
+    let found = match format {
         ImageFormat::Tiff => tiff_mpp(path),
         ImageFormat::Png => png_mpp(path),
         _ => None,
+    };
+    match found {
+        Some(Ok(m)) => (Some(m), None),
+        Some(Err(note)) => (None, Some(note)),
+        None => (None, None),
     }
 }
 
-fn tiff_mpp(path: &Path) -> Option<Mpp> {
+/// OME-XML in the ImageDescription first, else the resolution tags (ImageJ's calibration unit
+/// understood); None when there are none.
+fn tiff_mpp(path: &Path) -> Option<Result<Mpp, String>> {
     use tiff::tags::Tag;
     let mut dec = tiff::decoder::Decoder::new(BufReader::new(File::open(path).ok()?)).ok()?;
+    let description = dec
+        .find_tag(Tag::ImageDescription)
+        .ok()
+        .flatten()
+        .and_then(|v| v.into_string().ok());
+    if let Some(m) = description.as_deref().and_then(ome_physical_size) {
+        return Some(Ok(m));
+    }
     let xres = tiff_f64(dec.find_tag(Tag::XResolution).ok()??)?;
     let yres = dec
         .find_tag(Tag::YResolution)
@@ -237,18 +328,24 @@ fn tiff_mpp(path: &Path) -> Option<Mpp> {
         .flatten()
         .and_then(|v| v.into_u16().ok())
         .unwrap_or(2); // TIFF's default unit is the inch
-    let description = dec
-        .find_tag(Tag::ImageDescription)
-        .ok()
-        .flatten()
-        .and_then(|v| v.into_string().ok());
-    let (x, y) = match (unit, description.as_deref().and_then(imagej_unit_um)) {
-        // ImageJ stores pixels per calibration unit with ResolutionUnit "none" and names the unit in
-        // its ImageDescription.
-        (1, Some(um_per_unit)) => (um_per_unit / xres, um_per_unit / yres),
-        _ => mpp_from_resolution(xres, yres, &unit.to_string())?,
-    };
-    Mpp::new(x, y, MppSource::TiffResolution)
+    Some(
+        match (unit, description.as_deref().and_then(imagej_unit_um)) {
+            // ImageJ stores pixels per calibration unit with ResolutionUnit "none" and names the unit in
+            // its ImageDescription: a deliberate calibration, never a default.
+            (1, Some(um_per_unit)) => Mpp::new(
+                um_per_unit / xres,
+                um_per_unit / yres,
+                MppSource::TiffResolution,
+            )
+            .ok_or_else(|| "resolution tag: not a plausible pixel size (ignored)".to_string()),
+            _ => match mpp_from_resolution(xres, yres, &unit.to_string()) {
+                Some((x, y)) => resolution_mpp(x, y, MppSource::TiffResolution),
+                None => Err(format!(
+                    "resolution tag: {xres} px per unit with no unit (ignored)"
+                )),
+            },
+        },
+    )
 }
 
 /// A numeric TIFF tag value (resolutions are RATIONALs) as f64.
@@ -285,18 +382,21 @@ pub(crate) fn imagej_unit_um(description: &str) -> Option<f64> {
     }
 }
 
-fn png_mpp(path: &Path) -> Option<Mpp> {
+fn png_mpp(path: &Path) -> Option<Result<Mpp, String>> {
     let dec = png::Decoder::new(BufReader::new(File::open(path).ok()?));
     let reader = dec.read_info().ok()?;
     let dims = reader.info().pixel_dims?;
     if dims.unit != png::Unit::Meter || dims.xppu == 0 || dims.yppu == 0 {
-        return None;
+        return Some(Err(format!(
+            "pHYs: {} x {} px per unit with no unit (ignored)",
+            dims.xppu, dims.yppu
+        )));
     }
-    Mpp::new(
+    Some(resolution_mpp(
         1e6 / f64::from(dims.xppu),
         1e6 / f64::from(dims.yppu),
         MppSource::PngPhys,
-    )
+    ))
 }
 
 #[cfg(test)]

@@ -1,0 +1,269 @@
+//! A physical cross-check that needs no training: nuclei are about 7–7.5 µm across in most tissues,
+//! so their size in pixels gives a pixel size. Hematoxylin by colour deconvolution (Ruifrok and
+//! Johnston's H&E vectors) → Otsu threshold inside tissue → connected components → round, solid
+//! ones → the area-weighted median equivalent diameter → µm/px = 7.25 µm ÷ diameter.
+//!
+//! What it can and cannot do (measured on images from other labs): a wide prior inside about
+//! 0.3–1.5 µm/px; it reads 40x images somewhat coarse (pale nuclei break up); above about 1.5 µm/px
+//! nuclei are 2–4 px wide and it only says "at least this coarse". So it flags disagreement with the
+//! network and is fused with it only inside its range, never used alone.
+
+use image::RgbImage;
+use serde::Serialize;
+
+use crate::data::tissue::is_background;
+
+/// A typical nucleus diameter, µm.
+pub const NUCLEUS_UM: f64 = 7.25;
+/// Below this many pixels across, nuclei are too small to measure.
+const MIN_DIAMETER_PX: f64 = 4.0;
+/// Fewer nuclei than this give no reading.
+const MIN_NUCLEI: usize = 12;
+/// The range where the ruler reads within a factor of about 1.25.
+pub const RELIABLE_MPP: (f64, f64) = (0.3, 1.5);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RulerReading {
+    /// µm/px from the nuclei; with `lower_bound`, only "at least this coarse".
+    pub mpp: f64,
+    pub nuclei: usize,
+    /// Area-weighted median nucleus diameter in pixels.
+    pub diameter_px: f64,
+    /// The nuclei are too small to measure: the image is at least `mpp` µm/px.
+    pub lower_bound: bool,
+}
+
+impl RulerReading {
+    /// Whether the reading is inside the range where it is a usable estimate.
+    pub fn reliable(&self) -> bool {
+        !self.lower_bound && (RELIABLE_MPP.0..=RELIABLE_MPP.1).contains(&self.mpp)
+    }
+}
+
+/// Hematoxylin optical density of each pixel (NaN on background).
+fn hematoxylin(img: &RgbImage) -> Vec<f32> {
+    // Ruifrok & Johnston's stain vectors (H, E, residual), normalised; the inverse projects OD
+    // onto stain amounts.
+    let h = [0.650f32, 0.704, 0.286];
+    let e = [0.072f32, 0.990, 0.105];
+    let r = [
+        h[1] * e[2] - h[2] * e[1],
+        h[2] * e[0] - h[0] * e[2],
+        h[0] * e[1] - h[1] * e[0],
+    ];
+    let inv = invert3([h, e, r]);
+    let od = |v: u8| -((f32::from(v) + 1.0) / 256.0).ln();
+    img.pixels()
+        .map(|p| {
+            if is_background([p.0[0], p.0[1], p.0[2], 255]) {
+                return f32::NAN;
+            }
+            let o = [od(p.0[0]), od(p.0[1]), od(p.0[2])];
+            o[0] * inv[0][0] + o[1] * inv[1][0] + o[2] * inv[2][0]
+        })
+        .collect()
+}
+
+/// The inverse of the matrix whose rows are `m` (stains as rows), so that OD · inv gives amounts.
+fn invert3(m: [[f32; 3]; 3]) -> [[f32; 3]; 3] {
+    let [a, b, c] = m;
+    let det = a[0] * (b[1] * c[2] - b[2] * c[1]) - a[1] * (b[0] * c[2] - b[2] * c[0])
+        + a[2] * (b[0] * c[1] - b[1] * c[0]);
+    let d = if det.abs() < 1e-12 { 1e-12 } else { det };
+    [
+        [
+            (b[1] * c[2] - b[2] * c[1]) / d,
+            (a[2] * c[1] - a[1] * c[2]) / d,
+            (a[1] * b[2] - a[2] * b[1]) / d,
+        ],
+        [
+            (b[2] * c[0] - b[0] * c[2]) / d,
+            (a[0] * c[2] - a[2] * c[0]) / d,
+            (a[2] * b[0] - a[0] * b[2]) / d,
+        ],
+        [
+            (b[0] * c[1] - b[1] * c[0]) / d,
+            (a[1] * c[0] - a[0] * c[1]) / d,
+            (a[0] * b[1] - a[1] * b[0]) / d,
+        ],
+    ]
+}
+
+/// Otsu's threshold over the finite values.
+fn otsu(values: &[f32]) -> Option<f32> {
+    let finite: Vec<f32> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if finite.len() < 64 {
+        return None;
+    }
+    let (lo, hi) = finite
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    if hi - lo < 1e-6 {
+        return None;
+    }
+    const BINS: usize = 256;
+    let mut hist = [0usize; BINS];
+    for &v in &finite {
+        hist[(((v - lo) / (hi - lo)) * (BINS - 1) as f32) as usize] += 1;
+    }
+    let total = finite.len() as f64;
+    let sum: f64 = hist
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| i as f64 * c as f64)
+        .sum();
+    let (mut w0, mut sum0, mut best, mut best_t) = (0.0, 0.0, -1.0, 0);
+    for (t, &c) in hist.iter().enumerate() {
+        w0 += c as f64;
+        sum0 += t as f64 * c as f64;
+        let w1 = total - w0;
+        if w0 == 0.0 || w1 == 0.0 {
+            continue;
+        }
+        let (m0, m1) = (sum0 / w0, (sum - sum0) / w1);
+        let between = w0 * w1 * (m0 - m1).powi(2);
+        if between > best {
+            best = between;
+            best_t = t;
+        }
+    }
+    Some(lo + (hi - lo) * (best_t as f32 + 0.5) / (BINS - 1) as f32)
+}
+
+/// Reads the pixel size of an H&E image from its nuclei; None when it finds too few.
+pub fn measure(img: &RgbImage) -> Option<RulerReading> {
+    measure_crops(std::slice::from_ref(img))
+}
+
+/// Reads the pixel size from the nuclei of several crops of one image, pooled.
+pub fn measure_crops(crops: &[RgbImage]) -> Option<RulerReading> {
+    let diameters: Vec<(f64, f64)> = crops.iter().flat_map(nuclei).collect();
+    reading(diameters)
+}
+
+/// (equivalent diameter, area) in pixels of the round, solid nuclei of an image.
+fn nuclei(img: &RgbImage) -> Vec<(f64, f64)> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let hem = hematoxylin(img);
+    let Some(t) = otsu(&hem) else {
+        return Vec::new();
+    };
+    let mask: Vec<bool> = hem.iter().map(|&v| v.is_finite() && v > t).collect();
+    let mut label = vec![0u32; w * h];
+    let mut diameters: Vec<(f64, f64)> = Vec::new();
+    let mut stack = Vec::new();
+    let mut next = 0u32;
+    for start in 0..w * h {
+        if !mask[start] || label[start] != 0 {
+            continue;
+        }
+        next += 1;
+        label[start] = next;
+        stack.push(start);
+        let (mut area, mut touches) = (0usize, false);
+        let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
+        while let Some(i) = stack.pop() {
+            let (x, y) = (i % w, i / w);
+            area += 1;
+            (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
+            touches |= x == 0 || y == 0 || x + 1 == w || y + 1 == h;
+            let mut visit = |j: usize| {
+                if mask[j] && label[j] == 0 {
+                    label[j] = next;
+                    stack.push(j);
+                }
+            };
+            if x > 0 {
+                visit(i - 1);
+            }
+            if x + 1 < w {
+                visit(i + 1);
+            }
+            if y > 0 {
+                visit(i - w);
+            }
+            if y + 1 < h {
+                visit(i + w);
+            }
+        }
+        let (bw, bh) = ((x1 - x0 + 1) as f64, (y1 - y0 + 1) as f64);
+        // Round and solid: a blob filling most of its box, not elongated; specks and clumps out.
+        let solid = area as f64 / (bw * bh) >= 0.5;
+        let round = bw.max(bh) / bw.min(bh) <= 2.5;
+        if !touches && solid && round && area >= 6 {
+            diameters.push((
+                2.0 * (area as f64 / std::f64::consts::PI).sqrt(),
+                area as f64,
+            ));
+        }
+    }
+    diameters
+}
+
+fn reading(mut diameters: Vec<(f64, f64)>) -> Option<RulerReading> {
+    if diameters.len() < MIN_NUCLEI {
+        return None;
+    }
+    // The area-weighted median: chromatin specks are many but small.
+    diameters.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total: f64 = diameters.iter().map(|d| d.1).sum();
+    let mut acc = 0.0;
+    let diameter = diameters
+        .iter()
+        .find(|d| {
+            acc += d.1;
+            acc >= total / 2.0
+        })
+        .map_or(diameters[diameters.len() / 2].0, |d| d.0);
+    let lower_bound = diameter < MIN_DIAMETER_PX;
+    Some(RulerReading {
+        mpp: NUCLEUS_UM / diameter.max(MIN_DIAMETER_PX),
+        nuclei: diameters.len(),
+        diameter_px: diameter,
+        lower_bound,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pink tissue with purple discs of a known diameter: the ruler reads the diameter back.
+    fn synthetic(diameter: f64, spacing: u32) -> RgbImage {
+        let side = spacing * 8;
+        RgbImage::from_fn(side, side, |x, y| {
+            let (cx, cy) = (
+                (x / spacing) * spacing + spacing / 2,
+                (y / spacing) * spacing + spacing / 2,
+            );
+            let d = ((f64::from(x) - f64::from(cx)).powi(2)
+                + (f64::from(y) - f64::from(cy)).powi(2))
+            .sqrt();
+            if d <= diameter / 2.0 {
+                image::Rgb([70, 40, 130])
+            } else {
+                image::Rgb([230, 160, 200])
+            }
+        })
+    }
+
+    #[test]
+    fn reads_the_diameter_of_synthetic_nuclei() {
+        for (diameter, spacing) in [(14.5, 40), (29.0, 64), (7.25, 20)] {
+            let r = measure(&synthetic(diameter, spacing)).expect("a reading");
+            assert_eq!(r.nuclei, 64);
+            let mpp = NUCLEUS_UM / diameter;
+            assert!(
+                (r.mpp / mpp - 1.0).abs() < 0.1,
+                "diameter {diameter}: read {} px, {} µm/px",
+                r.diameter_px,
+                r.mpp
+            );
+        }
+        // Nuclei 3 px across: only a lower bound.
+        let r = measure(&synthetic(3.0, 12)).expect("a reading");
+        assert!(r.lower_bound && !r.reliable());
+        // Glass alone: nothing to read.
+        assert!(measure(&RgbImage::from_pixel(200, 200, image::Rgb([245, 245, 245]))).is_none());
+    }
+}
