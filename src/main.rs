@@ -108,7 +108,7 @@ enum TrainCommand {
 #[derive(Subcommand)]
 enum EvalCommand {
     /// ACC0.5/1/5, MAE, per-magnification accuracy, confusion, 4-level accuracy.
-    Magnification(cli::magnification::EvalArgs),
+    Magnification(Box<cli::magnification::EvalArgs>),
     /// Accuracy, precision, recall, F1, AUC and the confusion matrix of a DMSL model.
     Dmsl(cli::dmsl::EvalArgs),
 }
@@ -130,7 +130,7 @@ fn main() -> std::process::ExitCode {
         Some(Command::Info { file, json }) => cli::info::run(&file, json),
         Some(Command::Dataset(DatasetCommand::Magnification(a))) => cli::magnification::dataset(a),
         Some(Command::Train(TrainCommand::Magnification(a))) => cli::magnification::train_cmd(a),
-        Some(Command::Eval(EvalCommand::Magnification(a))) => cli::magnification::eval(a),
+        Some(Command::Eval(EvalCommand::Magnification(a))) => cli::magnification::eval(*a),
         Some(Command::Dataset(DatasetCommand::Dmsl(a))) => cli::dmsl::dataset(a),
         Some(Command::Train(TrainCommand::Dmsl(a))) => cli::dmsl::train_cmd(a),
         Some(Command::Eval(EvalCommand::Dmsl(a))) => cli::dmsl::eval(a),

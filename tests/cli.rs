@@ -392,13 +392,15 @@ fn snapshot_scale_statements() {
             r#"<?xml version="1.0"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint8" SizeX="256" SizeY="256" SizeC="3" SizeZ="1" SizeT="1" PhysicalSizeX="{size}" PhysicalSizeY="{size}" {unit}/></Image></OME>"#
         )
     };
-    let cases: Vec<(
-        &str,
+    // (file, resolution tags, ImageDescription, µm/px read, its source)
+    type Case<'a> = (
+        &'a str,
         Option<(ResolutionUnit, u32, u32)>,
         Option<String>,
         Option<f64>,
-        &str,
-    )> = vec![
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "inch.tif",
             Some((ResolutionUnit::Inch, 57_531, 1)),

@@ -102,8 +102,8 @@ pub fn degrade(field: &RgbaImage, side: u32, rng: &mut impl Rng) -> RgbImage {
 fn white_balance(img: &mut RgbImage, rng: &mut impl Rng) {
     let gains: [f32; 3] = std::array::from_fn(|_| rng.random_range(0.9f32..1.1));
     for p in img.pixels_mut() {
-        for c in 0..3 {
-            p.0[c] = (f32::from(p.0[c]) * gains[c]).round().clamp(0.0, 255.0) as u8;
+        for (v, g) in p.0.iter_mut().zip(gains) {
+            *v = (f32::from(*v) * g).round().clamp(0.0, 255.0) as u8;
         }
     }
 }

@@ -440,7 +440,7 @@ fn plan_targets(
             } else {
                 room / PAIR_MIN
             };
-            if !(coarsest >= finest) || !fits(finest) {
+            if coarsest.is_nan() || coarsest < finest || !fits(finest) {
                 return Vec::new();
             }
             let (lo, hi) = (finest.log2(), coarsest.log2());
@@ -463,6 +463,9 @@ fn plan_targets(
         }
     }
 }
+
+/// A field cut for a patch: its pixels, the patch side, the level-0 rectangle and the target µm/px.
+type Cut = (RgbaImage, u32, String, f64);
 
 /// The narrowest and widest ratios between the two scales of an unlabelled pair.
 const PAIR_MIN: f64 = 1.5;
@@ -577,7 +580,7 @@ fn cut_pair(
     cfg: &BuildConfig,
     rng: &mut impl Rng,
     report: &mut SourceReport,
-) -> Result<Option<Vec<(RgbaImage, u32, String, f64)>>, BuildError> {
+) -> Result<Option<Vec<Cut>>, BuildError> {
     let patch = cfg.min_patch;
     let room = (block.w as f64 / src.squash_x).min(block.h as f64);
     // The widest ratio whose coarser field still fits.
