@@ -272,7 +272,11 @@ mod tests {
         assert_eq!((m.x, m.source), (0.2271, MppSource::OmeXml));
         // No unit: µm (the schema's default).
         assert_eq!(ome_physical_size(&ome("0.5", "")).map(|m| m.y), Some(0.5));
-        let m = ome_physical_size(&ome("227.1", r#"PhysicalSizeXUnit="nm""#)).unwrap();
+        let m = ome_physical_size(&ome(
+            "227.1",
+            r#"PhysicalSizeXUnit="nm" PhysicalSizeYUnit="nm""#,
+        ))
+        .unwrap();
         assert!((m.x - 0.2271).abs() < 1e-9);
         assert!(ome_physical_size("ImageJ=1.5\nunit=micron").is_none());
         let p = props(&[("tiff.ImageDescription", &ome("0.25", ""))]);
