@@ -91,7 +91,7 @@ pub fn png_with_phys(img: &image::RgbImage, path: &std::path::Path, mpp: f64) {
         .unwrap();
 }
 
-/// Writes `img` as an uncompressed RGB TIFF with the given resolution tags and description.
+/// Writes `img` as an uncompressed RGB TIFF with the given resolution tags and (ASCII) description.
 pub fn tiff_with_tags(
     img: &image::RgbImage,
     path: &std::path::Path,
