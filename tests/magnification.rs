@@ -316,11 +316,11 @@ fn leave_one_source_out_writes_its_table() {
     let slide = histolens::slide::Slide::open(common::sample_slide()).unwrap();
     // Two more "sources": regions of the sample at half and at its own resolution, as PNGs that
     // state their pixel size.
-    let region = slide.read_region(0, 200, 1200, 800, 800).unwrap();
+    let region = slide.read_region(0, 700, 1100, 800, 800).unwrap();
     let half = image::imageops::resize(&region, 400, 400, image::imageops::FilterType::Triangle);
     let half_rgb = image::DynamicImage::ImageRgba8(half).to_rgb8();
     common::png_with_phys(&half_rgb, &d.join("half.png"), 0.998);
-    let own = image::DynamicImage::ImageRgba8(slide.read_region(0, 1000, 200, 500, 500).unwrap())
+    let own = image::DynamicImage::ImageRgba8(slide.read_region(0, 1300, 1800, 500, 500).unwrap())
         .to_rgb8();
     common::png_with_phys(&own, &d.join("test-only.png"), 0.499);
     let data = d.join("data");
@@ -527,7 +527,7 @@ fn bundled_model_reaches_its_reported_accuracy() {
             Some(Source::new(data.join("known-mpp").join(cells[0]), mpp))
         })
         .collect();
-    assert_eq!(sources.len(), 16);
+    assert!(sources.len() >= 16, "{} sources", sources.len());
     let dir = tempfile::tempdir().unwrap();
     let cfg = BuildConfig {
         scales: Scales::Magnifications((5..=20).map(f64::from).collect()),
@@ -544,7 +544,7 @@ fn bundled_model_reaches_its_reported_accuracy() {
     }
     let m = histolens::magnification::MagnificationMetrics::compute(&pairs);
     eprintln!("{}", m.table());
-    assert_eq!(m.n, 11);
+    assert!(m.n >= 11, "{} patches", m.n);
     assert!(m.acc5 >= 0.7, "ACC5 {}", m.acc5);
     assert!(m.mae <= 4.0, "MAE {}", m.mae);
 }
