@@ -253,38 +253,33 @@ pub fn section(
                             ui.label("Estimate");
                             ui.strong(format!("{:.1}x ({:.3} µm/px)", e.magnification, e.mpp));
                             ui.end_row();
-                            ui.label("Spread (IQR)");
-                            ui.label(format!("{:.1}x over {} crops", e.spread, e.crops));
-                            ui.end_row();
-                            ui.label("Network");
-                            ui.label(format!("{:.3} µm/px", e.network_mpp));
-                            ui.end_row();
-                            ui.label("Nuclei");
-                            ui.label(match &e.ruler {
-                                Some(r) if r.lower_bound => {
-                                    format!("at least {:.2} µm/px (nuclei under 4 px)", r.mpp)
-                                }
-                                Some(r) => format!(
-                                    "{:.3} µm/px ({} nuclei{})",
-                                    r.mpp,
-                                    r.nuclei,
-                                    if r.reliable() {
-                                        ""
-                                    } else {
-                                        ", outside its range"
-                                    }
-                                ),
-                                None => "too few nuclei".into(),
-                            });
-                            ui.end_row();
-                            ui.label("Metadata");
-                            match o.describe() {
-                                Some(d) => ui.label(d),
-                                None => {
-                                    ui.label(RichText::new("no µm/px in the metadata").italics())
-                                }
+                            // The network and the nuclei ruler (the crops' spread on hover).
+                            ui.label("Readings");
+                            let nuclei = match &e.ruler {
+                                Some(r) if r.lower_bound => format!("≥ {:.2}", r.mpp),
+                                Some(r) if r.reliable() => format!("{:.3}", r.mpp),
+                                Some(r) => format!("{:.3} (out of range)", r.mpp),
+                                None => "-".into(),
                             };
+                            ui.label(format!(
+                                "network {:.3}, nuclei {nuclei} µm/px",
+                                e.network_mpp
+                            ))
+                            .on_hover_text(format!(
+                                "spread (IQR) {:.1}x over {} crops",
+                                e.spread, e.crops
+                            ));
                             ui.end_row();
+                            if let (Some(m), Some(d)) = (o.metadata_mpp, o.relative_difference) {
+                                ui.label("Metadata");
+                                ui.label(format!(
+                                    "{m:.3} µm/px: {} ({:+.0}%)",
+                                    if o.mismatch { "MISMATCH" } else { "agrees" },
+                                    100.0 * d
+                                ))
+                                .on_hover_text(o.describe().unwrap_or_default());
+                                ui.end_row();
+                            }
                         });
                     for w in &e.warnings {
                         ui.colored_label(ui.visuals().warn_fg_color, w);

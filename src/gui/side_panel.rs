@@ -93,6 +93,15 @@ pub fn show(
                     .labelled_by(label);
                 edit.objective_power = has_power.then_some(v);
             });
+            ui.horizontal(|ui| {
+                if ui.button("Apply calibration").clicked() {
+                    action = SidePanelAction::SaveCalibration(view.calibration_edit);
+                }
+                if ui.button("Clear calibration").clicked() {
+                    view.calibration_edit = Calibration::default();
+                    action = SidePanelAction::SaveCalibration(Calibration::default());
+                }
+            });
             // From a scale bar in the image: draw a line along it, type its length.
             ui.horizontal(|ui| {
                 let label = if view.measuring { "Stop measuring" } else { "Measure a scale bar" };
@@ -128,15 +137,6 @@ pub fn show(
                     }
                 });
             }
-            ui.horizontal(|ui| {
-                if ui.button("Apply calibration").clicked() {
-                    action = SidePanelAction::SaveCalibration(view.calibration_edit);
-                }
-                if ui.button("Clear calibration").clicked() {
-                    view.calibration_edit = Calibration::default();
-                    action = SidePanelAction::SaveCalibration(Calibration::default());
-                }
-            });
             if !store_ok {
                 ui.colored_label(ui.visuals().warn_fg_color, "The calibration store could not be read: changes last for this session only.");
             }
