@@ -36,6 +36,18 @@ ln -s "$(realpath "$data/images/tiatoolbox-target-he.png")" "$(realpath "$data/i
   "$(realpath "$data/slides/tcga-cr-7395-01a-01-ts1.svs")" "$unl/"
 $h dataset magnification "$unl" --unlabelled --group unlabelled-tcga --per-octave "$per_octave" \
   --degrade --split train --seed 4 --append --out "$out/data"
+# The large TCGA section as its own group (twice the pairs), and pairs from the large labelled sources
+# in their own group, so that leave-one-source-out leaves them out with their source.
+$h dataset magnification "$data/slides/tcga-cr-7395-01a-01-ts1.svs" --unlabelled --group unlabelled-tcga-slide \
+  --per-octave $((2 * per_octave)) --degrade --split train --seed 5 --append --out "$out/data"
+$h dataset magnification "$data/slides/CMU-1-Small-Region.svs" --unlabelled --group cmu1-aperio \
+  --per-octave "$per_octave" --degrade --split train --seed 6 --append --out "$out/data"
+for pair in "openslide-os1-hamamatsu/OS-1-detail.png openslide-os1" \
+  "instanseg-he-example/HE_example.tif instanseg" "pcam-montage/pcam_readme_montage.jpg pcam"; do
+  set -- $pair
+  $h dataset magnification "$data/known-mpp/$1" --unlabelled --group "$2" --per-octave "$per_octave" \
+    --degrade --split train --seed 7 --append --out "$out/data"
+done
 $h eval magnification --loso --data "$out/data/manifest.csv" --work "$out/folds" \
   --arch efficientnet-lite0 --start "imagenet:$data/weights/efficientnet-lite0-imagenet.safetensors" \
   --freeze-backbone --target log2 --multiscale --weight-decay 1.0 --epochs-asm "${EPOCHS_ASM:-30}" --epochs-constant "${EPOCHS_CONSTANT:-15}" \
