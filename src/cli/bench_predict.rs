@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use clap::Args;
 use histolens::magnification::MagnificationModel;
 use histolens::magnification::estimate::{
-    CropPlan, Estimate, MAX_SNAPSHOT_SIDE, check_slide, estimate_snapshot, plan_crops,
+    CropPlan, Estimate, MAX_SNAPSHOT_SIDE, check_file, plan_crops,
 };
 use histolens::nn::device::DeviceChoice;
 use histolens::slide::Slide;
@@ -56,8 +56,8 @@ struct FirstFile {
     iters: usize,
     crops: usize,
     magnification: f64,
-    /// Median seconds from the path to the estimate (`Slide::open` and `estimate_snapshot` or
-    /// `check_slide`, as `histolens predict`).
+    /// Median seconds from the path to the estimate (`Slide::open` and `check_file`,
+    /// as `histolens predict`).
     end_to_end_seconds: f64,
     /// The same pipeline timed in parts (snapshots only): opening and decoding the file and reading
     /// its central region; scoring the grid for tissue and cutting the crops; normalising and the model.
@@ -120,11 +120,12 @@ fn estimate_file(
     max_crops: usize,
 ) -> anyhow::Result<(Estimate, &'static str)> {
     let slide = Slide::open(path)?;
-    Ok(if slide.info().is_whole_slide() {
-        (check_slide(model, &slide, max_crops, 0)?.estimate, "slide")
+    let kind = if slide.info().is_whole_slide() {
+        "slide"
     } else {
-        (estimate_snapshot(model, &slide, max_crops)?, "image")
-    })
+        "image"
+    };
+    Ok((check_file(model, &slide, max_crops)?.estimate, kind))
 }
 
 /// A snapshot opened and its central region read, as `estimate_snapshot` does; `None` for a slide.

@@ -9,7 +9,7 @@ use histolens::data::Split;
 use histolens::data::augment::AugmentConfig;
 use histolens::data::magnification::{BuildConfig, Scales, Source, build};
 use histolens::magnification::MagnificationModel;
-use histolens::magnification::estimate::{check_slide, check_snapshot};
+use histolens::magnification::estimate::check_file;
 use histolens::magnification::train::{Start, TrainConfig, TrainEvent, train};
 use histolens::nn::Arch;
 use histolens::nn::device::{DeviceChoice, select};
@@ -496,11 +496,7 @@ pub fn mpp_or_estimate(slide: &Slide, given: Option<f64>) -> anyhow::Result<f64>
             path.display()
         )
     })?;
-    let e = if slide.info().is_whole_slide() {
-        check_slide(&model, slide, 16, 0)?.estimate
-    } else {
-        check_snapshot(&model, slide, 16)?.estimate
-    };
+    let e = check_file(&model, slide, 16)?.estimate;
     if !(e.mpp.is_finite() && e.mpp > 0.0) {
         bail!(
             "{}: its µm/px is unknown and the estimate failed; give it with --mpp",
@@ -763,12 +759,10 @@ fn predict_one(model: &MagnificationModel, path: &Path, crops: usize) -> Predict
     let result: anyhow::Result<()> = (|| {
         let slide = Slide::open(path)?;
         // One comparison with the stated pixel size for slides and snapshots.
-        let c = if slide.info().is_whole_slide() {
+        if slide.info().is_whole_slide() {
             row.kind = "slide";
-            check_slide(model, &slide, crops, 0)?
-        } else {
-            check_snapshot(model, &slide, crops)?
-        };
+        }
+        let c = check_file(model, &slide, crops)?;
         row.mismatch = c.relative_difference.map(|_| c.mismatch);
         row.relative_difference = c.relative_difference;
         row.metadata_mpp = c.metadata_mpp;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use crossbeam_channel::Receiver;
 use egui::RichText;
 
-use crate::magnification::estimate::{check_slide, check_snapshot};
+use crate::magnification::estimate::check_file;
 use crate::magnification::{Check, MagnificationModel};
 use crate::slide::{Calibration, Slide};
 
@@ -68,12 +68,7 @@ fn load_cached(cached: &Cached, path: &Path) -> Result<Arc<MagnificationModel>, 
 }
 
 fn run(model: &MagnificationModel, slide: &Slide) -> Result<Outcome, String> {
-    let checked = if slide.info().is_whole_slide() {
-        check_slide(model, slide, CROPS, 0)
-    } else {
-        check_snapshot(model, slide, CROPS)
-    };
-    checked.map_err(|e| e.to_string())
+    check_file(model, slide, CROPS).map_err(|e| e.to_string())
 }
 
 impl MagnificationState {

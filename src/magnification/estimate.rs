@@ -9,9 +9,8 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
-use super::loso::fuse;
 use super::model::{MagnificationModel, ModelError};
-use super::ruler::{RulerReading, measure_crops};
+use super::ruler::{RulerReading, fuse, measure_crops};
 use crate::data::augment::{pad_to, to_rgb};
 use crate::data::tissue::{background_fraction, background_fraction_rgb};
 use crate::slide::{Slide, SlideError};
@@ -52,7 +51,8 @@ pub enum EstimateError {
     Slide(#[from] SlideError),
 }
 
-fn quantile(sorted: &[f64], q: f64) -> f64 {
+/// The `q` quantile of sorted values (linear interpolation), NaN for none.
+pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -248,6 +248,19 @@ impl Check {
         } else {
             format!("{m:.3} µm/px{source}: agrees ({:+.0}%)", 100.0 * d)
         })
+    }
+}
+
+/// The check of any opened file: [`check_slide`] for a slide, [`check_snapshot`] for a snapshot.
+pub fn check_file(
+    model: &MagnificationModel,
+    file: &Slide,
+    max_crops: usize,
+) -> Result<Check, EstimateError> {
+    if file.info().is_whole_slide() {
+        check_slide(model, file, max_crops, 0)
+    } else {
+        check_snapshot(model, file, max_crops)
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicBool;
 use candle_core::Device;
 use serde::Serialize;
 
-use super::estimate::estimate_image;
+use super::estimate::{estimate_image, quantile};
 use super::model::MagnificationModel;
 use super::ruler::RELIABLE_MPP;
 use super::train::{TrainConfig, TrainError, TrainEvent, train_selected};
@@ -47,11 +47,7 @@ impl SourceScore {
         };
         let mut errors: Vec<f64> = scored.iter().map(|(t, e)| (e / t).log2().abs()).collect();
         errors.sort_by(f64::total_cmp);
-        let median_abs_log2 = match errors.len() {
-            0 => f64::NAN,
-            k if k % 2 == 1 => errors[k / 2],
-            k => (errors[k / 2 - 1] + errors[k / 2]) / 2.0,
-        };
+        let median_abs_log2 = quantile(&errors, 0.5);
         let levelled: Vec<(usize, f64)> = scored
             .iter()
             .filter_map(|&(t, e)| level_of(10.0 / t, 1.25).map(|l| (l, e)))
@@ -207,22 +203,6 @@ impl LosoReport {
         ) + &self.network.csv_rows("network")
             + &self.ruler.csv_rows("ruler")
             + &self.fused.csv_rows("fused")
-    }
-}
-
-/// Prior spreads (log2) of the network's estimate and of the ruler's reading.
-pub const NETWORK_SIGMA: f64 = 0.5;
-pub const RULER_SIGMA: f64 = 0.4;
-
-/// The network's µm/px and the ruler's (where reliable) combined in log space, each weighted by
-/// the inverse of its prior variance.
-pub fn fuse(network_mpp: f64, ruler_mpp: Option<f64>) -> f64 {
-    match ruler_mpp {
-        Some(r) => {
-            let (wn, wr) = (NETWORK_SIGMA.powi(-2), RULER_SIGMA.powi(-2));
-            ((network_mpp.log2() * wn + r.log2() * wr) / (wn + wr)).exp2()
-        }
-        None => network_mpp,
     }
 }
 

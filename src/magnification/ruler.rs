@@ -224,6 +224,22 @@ fn reading(mut diameters: Vec<(f64, f64)>) -> Option<RulerReading> {
     })
 }
 
+/// Prior spreads (log2) of the network's estimate and of the ruler's reading.
+pub const NETWORK_SIGMA: f64 = 0.5;
+pub const RULER_SIGMA: f64 = 0.4;
+
+/// The network's µm/px and the ruler's (where reliable) combined in log space, each weighted by
+/// the inverse of its prior variance.
+pub fn fuse(network_mpp: f64, ruler_mpp: Option<f64>) -> f64 {
+    match ruler_mpp {
+        Some(r) => {
+            let (wn, wr) = (NETWORK_SIGMA.powi(-2), RULER_SIGMA.powi(-2));
+            ((network_mpp.log2() * wn + r.log2() * wr) / (wn + wr)).exp2()
+        }
+        None => network_mpp,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

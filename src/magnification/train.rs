@@ -18,6 +18,7 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::estimate::quantile;
 use super::features::{CropSettings, FeatureError, FeatureTable, features_for};
 use super::metrics::MagnificationMetrics;
 use super::model::{CONST_M, CONST_MULTISCALE, CONST_TARGET_LOG2, TASK};
@@ -812,7 +813,7 @@ impl Ctx<'_> {
             .into_iter()
             .map(|(r, mut v)| {
                 v.sort_by(f64::total_cmp);
-                let median = v[v.len() / 2];
+                let median = quantile(&v, 0.5);
                 (
                     self.manifest.records[r].magnification,
                     self.cfg.target.decode(median),
