@@ -458,15 +458,22 @@ pub struct EvalArgs {
     /// Leave-one-source-out: for each source group, train without it (with the options below) and
     /// score it; groups whose patches are all in the test split are scored by the model trained on
     /// every other group. Needs --work; writes --json and --csv.
-    #[arg(long, requires = "work")]
+    #[arg(long, requires = "work", conflicts_with = "by_source")]
     pub loso: bool,
+    /// Score --model (default: the bundled one) on every source group, in the --loso table: a
+    /// baseline, or the shipped model on sources it never saw (listed with --held-out).
+    #[arg(long)]
+    pub by_source: bool,
+    /// With --by-source: the groups the model never saw (comma-separated), marked in the table.
+    #[arg(long, value_delimiter = ',')]
+    pub held_out: Vec<String>,
     /// The folder of the folds' runs (a rerun resumes them).
     #[arg(long)]
     pub work: Option<PathBuf>,
-    /// With --loso: the table as CSV here.
+    /// With --loso or --by-source: the table as CSV here.
     #[arg(long)]
     pub csv: Option<PathBuf>,
-    /// With --loso: crops scored per image.
+    /// With --loso or --by-source: crops scored per image.
     #[arg(long, default_value_t = 16)]
     pub estimate_crops: usize,
     #[command(flatten)]
@@ -538,6 +545,42 @@ fn write_out(out: &Path, text: &str) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", out.display()))
 }
 
+fn write_report(
+    args: &EvalArgs,
+    report: &histolens::magnification::loso::LosoReport,
+) -> anyhow::Result<()> {
+    print!("{}", report.table());
+    if let Some(out) = &args.json {
+        write_out(out, &serde_json::to_string_pretty(report)?)?;
+    }
+    if let Some(out) = &args.csv {
+        write_out(out, &report.csv())?;
+    }
+    Ok(())
+}
+
+fn scored_line(s: &histolens::magnification::loso::SourceScore) -> String {
+    format!(
+        "  {}: n {}, within ±25% {:.1}%, median |log2 error| {:.3}",
+        s.source,
+        s.n,
+        100.0 * s.within_25,
+        s.median_abs_log2
+    )
+}
+
+fn eval_by_source(args: &EvalArgs) -> anyhow::Result<()> {
+    let model = load_model(args.model.as_deref(), args.device)?;
+    let report = histolens::magnification::loso::score_by_source(
+        &args.data,
+        &model,
+        args.estimate_crops,
+        |g| args.held_out.iter().any(|h| h == g),
+        |s| eprintln!("{}", scored_line(s)),
+    )?;
+    write_report(args, &report)
+}
+
 fn eval_loso(args: &EvalArgs, work: &Path) -> anyhow::Result<()> {
     use histolens::magnification::loso::{LosoEvent, loso};
     let cfg = train_config(&args.train)?;
@@ -570,32 +613,19 @@ fn eval_loso(args: &EvalArgs, work: &Path) -> anyhow::Result<()> {
             )),
             LosoEvent::Train(TrainEvent::Info(s)) => say(&pb, format!("  {s}")),
             LosoEvent::Train(TrainEvent::Step { .. }) => {}
-            LosoEvent::Scored(s) => say(
-                &pb,
-                format!(
-                    "  {}: n {}, within ±25% {:.1}%, median |log2 error| {:.3}",
-                    s.source,
-                    s.n,
-                    100.0 * s.within_25,
-                    s.median_abs_log2
-                ),
-            ),
+            LosoEvent::Scored(s) => say(&pb, scored_line(&s)),
         },
     )?;
     pb.finish_and_clear();
-    print!("{}", report.table());
-    if let Some(out) = &args.json {
-        write_out(out, &serde_json::to_string_pretty(&report)?)?;
-    }
-    if let Some(out) = &args.csv {
-        write_out(out, &report.csv())?;
-    }
-    Ok(())
+    write_report(args, &report)
 }
 
 pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     if let (true, Some(work)) = (args.loso, &args.work) {
         return eval_loso(&args, work);
+    }
+    if args.by_source {
+        return eval_by_source(&args);
     }
     let split =
         Split::parse(&args.split).with_context(|| format!("unknown split {}", args.split))?;

@@ -186,9 +186,18 @@ pub struct LosoReport {
 }
 
 impl LosoReport {
+    fn of(images: Vec<ImageScore>, groups: &[(String, bool)]) -> Self {
+        LosoReport {
+            network: Scores::of(&images, groups, |i| Some(i.network_mpp)),
+            ruler: Scores::of(&images, groups, |i| i.ruler_mpp),
+            fused: Scores::of(&images, groups, |i| Some(i.fused_mpp)),
+            images,
+        }
+    }
+
     pub fn table(&self) -> String {
         format!(
-            "network (what `predict` reports)\n{}\nnuclei ruler (images it reads inside {:.1}-{:.1} µm/px)\n{}\nnetwork and ruler fused\n{}",
+            "network alone\n{}\nnuclei ruler alone (images it reads inside {:.1}-{:.1} µm/px)\n{}\nnetwork and ruler fused (what `predict` reports)\n{}",
             self.network.table(),
             RELIABLE_MPP.0,
             RELIABLE_MPP.1,
@@ -282,31 +291,14 @@ pub fn loso(
         let model = MagnificationModel::load(&outcome.last, device)
             .map_err(|e| TrainError::Config(e.to_string()))?;
         for g in held_out {
-            let mut scored = Vec::new();
-            for r in manifest
-                .records
-                .iter()
-                .filter(|r| r.absolute && r.group() == *g)
-            {
-                let path = manifest.resolve(r);
-                let img = image::open(&path).map_err(|e| TrainError::Image {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-                let e = estimate_image(&model, &img.to_rgba8(), crops)
-                    .map_err(|e| TrainError::Config(e.to_string()))?;
-                scored.push((r.mpp, e.mpp));
-                images.push(ImageScore {
-                    group: g.to_string(),
-                    path: r.path.clone(),
-                    true_mpp: r.mpp,
-                    network_mpp: e.network_mpp,
-                    ruler_mpp: e.ruler.filter(|r| r.reliable()).map(|r| r.mpp),
-                    fused_mpp: e.mpp,
-                });
-            }
-            let score = SourceScore::compute(g, evaluation_only.contains(g), &scored);
-            on_event(LosoEvent::Scored(score));
+            let scored = score_group(&manifest, g, &model, crops)?;
+            let pairs: Vec<Scored> = scored.iter().map(|i| (i.true_mpp, i.fused_mpp)).collect();
+            on_event(LosoEvent::Scored(SourceScore::compute(
+                g,
+                evaluation_only.contains(g),
+                &pairs,
+            )));
+            images.extend(scored);
         }
     }
     let groups: Vec<(String, bool)> = folds
@@ -314,12 +306,66 @@ pub fn loso(
         .flatten()
         .map(|g| (g.to_string(), evaluation_only.contains(g)))
         .collect();
-    Ok(LosoReport {
-        network: Scores::of(&images, &groups, |i| Some(i.network_mpp)),
-        ruler: Scores::of(&images, &groups, |i| i.ruler_mpp),
-        fused: Scores::of(&images, &groups, |i| Some(i.fused_mpp)),
-        images,
-    })
+    Ok(LosoReport::of(images, &groups))
+}
+
+/// Scores one model on every source group of a manifest, in the table of [`loso`]: a baseline, or a
+/// shipped model on the sources it never saw. `held_out` marks the groups reported as unseen.
+pub fn score_by_source(
+    manifest_path: &Path,
+    model: &MagnificationModel,
+    crops: usize,
+    held_out: impl Fn(&str) -> bool,
+    mut on_scored: impl FnMut(&SourceScore),
+) -> Result<LosoReport, TrainError> {
+    let manifest: Manifest = Manifest::load(manifest_path)?;
+    let groups: BTreeSet<&str> = manifest
+        .records
+        .iter()
+        .filter(|r| r.absolute)
+        .map(|r| r.group())
+        .collect();
+    let mut images = Vec::new();
+    for g in &groups {
+        let scored = score_group(&manifest, g, model, crops)?;
+        let pairs: Vec<Scored> = scored.iter().map(|i| (i.true_mpp, i.fused_mpp)).collect();
+        on_scored(&SourceScore::compute(g, held_out(g), &pairs));
+        images.extend(scored);
+    }
+    let groups: Vec<(String, bool)> = groups.iter().map(|g| (g.to_string(), held_out(g))).collect();
+    Ok(LosoReport::of(images, &groups))
+}
+
+/// The estimates of every image of known scale in `group`.
+fn score_group(
+    manifest: &Manifest,
+    group: &str,
+    model: &MagnificationModel,
+    crops: usize,
+) -> Result<Vec<ImageScore>, TrainError> {
+    let mut images = Vec::new();
+    for r in manifest
+        .records
+        .iter()
+        .filter(|r| r.absolute && r.group() == group)
+    {
+        let path = manifest.resolve(r);
+        let img = image::open(&path).map_err(|e| TrainError::Image {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let e = estimate_image(model, &img.to_rgba8(), crops)
+            .map_err(|e| TrainError::Config(e.to_string()))?;
+        images.push(ImageScore {
+            group: group.to_string(),
+            path: r.path.clone(),
+            true_mpp: r.mpp,
+            network_mpp: e.network_mpp,
+            ruler_mpp: e.ruler.filter(|r| r.reliable()).map(|r| r.mpp),
+            fused_mpp: e.mpp,
+        });
+    }
+    Ok(images)
 }
 
 /// A group name as a folder name.
