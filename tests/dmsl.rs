@@ -129,7 +129,7 @@ fn pairs_cover_the_same_field_at_two_magnifications() {
 }
 
 fn small_config(mode: Mode) -> DmslTrainConfig {
-    let mut cfg = DmslTrainConfig::new(Arch::Resnet18);
+    let mut cfg = DmslTrainConfig::new(Arch::RESNET18);
     cfg.mode = mode;
     cfg.batch = 6;
     cfg.epochs = 2;

@@ -35,7 +35,7 @@ impl BlobNet {
 
 impl Backbone for BlobNet {
     fn arch(&self) -> Arch {
-        Arch::Resnet18
+        Arch::RESNET18
     }
     fn stem(&self, x: &Tensor, _: bool, _: bool) -> Result<Tensor> {
         self.first.forward(x)?.relu()

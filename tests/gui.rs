@@ -549,10 +549,10 @@ fn random_dmsl_model(dir: &Path) -> PathBuf {
     };
     let vars = VarMap::new();
     let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
-    histolens::nn::dmsl::Dmsl::new(histolens::nn::Arch::Resnet18, 3, &layout.weights, vb).unwrap();
+    histolens::nn::dmsl::Dmsl::new(histolens::nn::Arch::RESNET18, 3, &layout.weights, vb).unwrap();
     let meta = CheckpointMeta {
         format_version: FORMAT_VERSION,
-        arch: histolens::nn::Arch::Resnet18,
+        arch: histolens::nn::Arch::RESNET18,
         task: "dmsl".into(),
         input_size: [128, 128],
         normalization: Normalization::IMAGENET,
@@ -910,7 +910,7 @@ fn training_panel_trains_stops_and_uses_the_model() {
         let f = &mut h.state_mut().training_mut().form;
         assert_eq!(f.task, histolens::gui::training::Task::Magnification);
         f.run_dir = run_dir.display().to_string();
-        f.arch = histolens::nn::Arch::Resnet18;
+        f.arch = histolens::nn::Arch::RESNET18;
         f.input_size = 40;
         f.batch = 4;
         // Six epochs with the ASM, then three with the constant m: stopped in round 2, the model is

@@ -95,7 +95,7 @@ fn dataset_builder_on_the_sample_slide() {
 }
 
 fn small_config() -> TrainConfig {
-    let mut cfg = TrainConfig::new(Arch::Resnet18);
+    let mut cfg = TrainConfig::new(Arch::RESNET18);
     cfg.input_size = 64;
     cfg.batch = 8;
     cfg.epochs_asm = 3;
@@ -508,51 +508,96 @@ fn shipped_model_reaches_its_reported_accuracy() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let pooled = |args: &[&str], name: &str, held_out: &str| -> (serde_json::Value, serde_json::Value) {
-        let set = dir.path().join(name);
-        let out = histolens()
-            .args(["dataset", "magnification"])
-            .args(args)
-            .args(["--per-octave", "8", "--split", "test", "--seed", "3", "--out"])
-            .arg(&set)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let json = set.join("scores.json");
-        let out = histolens()
-            .args(["eval", "magnification", "--by-source", "--held-out", held_out, "--data"])
-            .arg(set.join("manifest.csv"))
-            .arg("--json")
-            .arg(&json)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
-        (v["network"]["pooled"].clone(), v["fused"]["pooled"].clone())
-    };
+    let pooled =
+        |args: &[&str], name: &str, held_out: &str| -> (serde_json::Value, serde_json::Value) {
+            let set = dir.path().join(name);
+            let out = histolens()
+                .args(["dataset", "magnification"])
+                .args(args)
+                .args([
+                    "--per-octave",
+                    "8",
+                    "--split",
+                    "test",
+                    "--seed",
+                    "3",
+                    "--out",
+                ])
+                .arg(&set)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let json = set.join("scores.json");
+            let out = histolens()
+                .args([
+                    "eval",
+                    "magnification",
+                    "--by-source",
+                    "--held-out",
+                    held_out,
+                    "--data",
+                ])
+                .arg(set.join("manifest.csv"))
+                .arg("--json")
+                .arg(&json)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+            let v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+            (v["network"]["pooled"].clone(), v["fused"]["pooled"].clone())
+        };
     let bach = data.join("bach");
     let (network, fused) = pooled(
-        &[bach.to_str().unwrap(), "--mpp", "0.42", "--pixel-aspect", "0.75", "--group", "bach"],
+        &[
+            bach.to_str().unwrap(),
+            "--mpp",
+            "0.42",
+            "--pixel-aspect",
+            "0.75",
+            "--group",
+            "bach",
+        ],
         "bach",
         "bach",
     );
     assert!(network["n"].as_u64().unwrap() >= 20, "{network}");
     // Measured: within ±25% 20.8% (network and fused), median |log2 error| 0.662 / 0.539 (24 fields).
     assert!(fused["within_25"].as_f64().unwrap() >= 0.15, "{fused}");
-    assert!(fused["median_abs_log2"].as_f64().unwrap() <= 0.65, "{fused}");
-    assert!(network["median_abs_log2"].as_f64().unwrap() <= 0.8, "{network}");
+    assert!(
+        fused["median_abs_log2"].as_f64().unwrap() <= 0.65,
+        "{fused}"
+    );
+    assert!(
+        network["median_abs_log2"].as_f64().unwrap() <= 0.8,
+        "{network}"
+    );
     let known = data.join("known-mpp");
     let table = known.join("SOURCES.tsv");
     let (network, fused) = pooled(
-        &[known.to_str().unwrap(), "--mpp-table", table.to_str().unwrap()],
+        &[
+            known.to_str().unwrap(),
+            "--mpp-table",
+            table.to_str().unwrap(),
+        ],
         "known",
         "",
     );
     assert!(network["n"].as_u64().unwrap() >= 30, "{network}");
     // Measured: network within ±25% 97.3%, median 0.055; fused 81.1%, 0.138 (74 fields).
     assert!(network["within_25"].as_f64().unwrap() >= 0.9, "{network}");
-    assert!(network["median_abs_log2"].as_f64().unwrap() <= 0.1, "{network}");
+    assert!(
+        network["median_abs_log2"].as_f64().unwrap() <= 0.1,
+        "{network}"
+    );
     assert!(fused["within_25"].as_f64().unwrap() >= 0.75, "{fused}");
 }

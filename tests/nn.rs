@@ -37,13 +37,13 @@ fn forward_shapes_and_taps() {
     // arch, input (h, w), expected high-tap spatial size, low-tap channels
     type Case = (Arch, (usize, usize), (usize, usize), usize);
     let cases: &[Case] = &[
-        (Arch::Resnet18, (224, 224), (7, 7), 64),
-        (Arch::Resnet50, (224, 224), (7, 7), 64),
-        (Arch::EfficientnetLite0, (224, 224), (7, 7), 32),
-        (Arch::InceptionV3, (299, 299), (8, 8), 32),
-        (Arch::Resnet18, (160, 256), (5, 8), 64),
-        (Arch::EfficientnetLite0, (150, 200), (5, 7), 32),
-        (Arch::InceptionV3, (75, 120), (1, 2), 32),
+        (Arch::RESNET18, (224, 224), (7, 7), 64),
+        (Arch::RESNET50, (224, 224), (7, 7), 64),
+        (Arch::EFFICIENTNET_LITE0, (224, 224), (7, 7), 32),
+        (Arch::INCEPTION_V3, (299, 299), (8, 8), 32),
+        (Arch::RESNET18, (160, 256), (5, 8), 64),
+        (Arch::EFFICIENTNET_LITE0, (150, 200), (5, 7), 32),
+        (Arch::INCEPTION_V3, (75, 120), (1, 2), 32),
     ];
     for &(arch, (h, w), (fh, fw), low_c) in cases {
         let (_, m) = model(arch);
@@ -64,7 +64,7 @@ fn forward_shapes_and_taps() {
             "the low tap is at about half the input resolution"
         );
     }
-    let (_, inc) = model(Arch::InceptionV3);
+    let (_, inc) = model(Arch::INCEPTION_V3);
     assert!(
         inc.forward(&noise((1, 3, 74, 80), 1), false).is_err(),
         "below 75 px is refused"
@@ -75,7 +75,7 @@ fn forward_shapes_and_taps() {
 /// through the stem's pooling.
 #[test]
 fn gradient_reaches_the_first_convolution() {
-    for arch in [Arch::Resnet18, Arch::InceptionV3] {
+    for arch in [Arch::RESNET18, Arch::INCEPTION_V3] {
         let (_, m) = model(arch);
         let x = noise((1, 3, 96, 96), 2);
         let low = Var::from_tensor(&m.forward_low(&x, false).unwrap()).unwrap();
@@ -108,10 +108,10 @@ fn gradient_reaches_the_first_convolution() {
 #[test]
 fn training_steps_lower_the_loss() {
     for (arch, side) in [
-        (Arch::Resnet18, 48),
-        (Arch::Resnet50, 48),
-        (Arch::EfficientnetLite0, 48),
-        (Arch::InceptionV3, 80),
+        (Arch::RESNET18, 48),
+        (Arch::RESNET50, 48),
+        (Arch::EFFICIENTNET_LITE0, 48),
+        (Arch::INCEPTION_V3, 80),
     ] {
         let vars = VarMap::new();
         let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
@@ -182,13 +182,13 @@ fn meta(arch: Arch) -> CheckpointMeta {
 
 #[test]
 fn checkpoint_round_trip_and_bad_files() {
-    let (vars, m) = model(Arch::Resnet18);
+    let (vars, m) = model(Arch::RESNET18);
     let x = noise((1, 3, 64, 64), 4);
     let before = m.forward(&x, false).unwrap().pooled;
-    let bytes = checkpoint::to_bytes(&vars, &meta(Arch::Resnet18), false).unwrap();
-    assert_eq!(checkpoint::read_meta(&bytes).unwrap(), meta(Arch::Resnet18));
+    let bytes = checkpoint::to_bytes(&vars, &meta(Arch::RESNET18), false).unwrap();
+    assert_eq!(checkpoint::read_meta(&bytes).unwrap(), meta(Arch::RESNET18));
 
-    let (vars2, m2) = model(Arch::Resnet18);
+    let (vars2, m2) = model(Arch::RESNET18);
     checkpoint::load_into(&bytes, &vars2, &LoadOptions::default()).unwrap();
     let after = m2.forward(&x, false).unwrap().pooled;
     let d = (&before - &after)
@@ -202,9 +202,9 @@ fn checkpoint_round_trip_and_bad_files() {
     assert_eq!(d, 0.0, "identical outputs after a round trip");
 
     // f16 halves the size and stays close.
-    let half = checkpoint::to_bytes(&vars, &meta(Arch::Resnet18), true).unwrap();
+    let half = checkpoint::to_bytes(&vars, &meta(Arch::RESNET18), true).unwrap();
     assert!(half.len() < bytes.len() * 6 / 10);
-    let (vars3, m3) = model(Arch::Resnet18);
+    let (vars3, m3) = model(Arch::RESNET18);
     checkpoint::load_into(&half, &vars3, &LoadOptions::default()).unwrap();
     let rel = ((&before - m3.forward(&x, false).unwrap().pooled)
         .unwrap()
@@ -224,7 +224,7 @@ fn checkpoint_round_trip_and_bad_files() {
     assert!(rel < 1e-2, "{rel}");
 
     // Wrong architecture: the first mismatching tensor is named.
-    let (vars50, _) = model(Arch::Resnet50);
+    let (vars50, _) = model(Arch::RESNET50);
     match checkpoint::load_into(&bytes, &vars50, &LoadOptions::default()) {
         Err(
             CheckpointError::Shape { name, .. }
@@ -320,7 +320,7 @@ fn efficientnet_lite0_imagenet_weights_classify_photographs() {
         std::fs::read(data.join("weights/efficientnet-lite0-imagenet.safetensors")).unwrap();
     let vars = VarMap::new();
     let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
-    let m = build(Arch::EfficientnetLite0, vb.clone()).unwrap();
+    let m = build(Arch::EFFICIENTNET_LITE0, vb.clone()).unwrap();
     let fc = candle_nn::linear(1280, 1000, vb.pp("_fc")).unwrap();
     checkpoint::load_into(&bytes, &vars, &LoadOptions::default()).unwrap();
     for (path, ok) in [(cat, 281..=285u32), (coffee, 967..=967)] {
@@ -398,12 +398,12 @@ fn inference_path_matches_the_differentiable_path() {
     // (architecture, size, largest relative difference): rounding differs between the paths (folded
     // BatchNorm, other summation orders) and grows with the depth of EfficientNet's deep features.
     let cases = [
-        (Arch::Resnet18, 67, 90, 1e-4),
-        (Arch::Resnet50, 64, 64, 1e-4),
-        (Arch::EfficientnetLite0, 75, 61, 1e-4),
+        (Arch::RESNET18, 67, 90, 1e-4),
+        (Arch::RESNET50, 64, 64, 1e-4),
+        (Arch::EFFICIENTNET_LITE0, 75, 61, 1e-4),
         // Large enough for the first blocks to stream over strips of rows (measured 0.8-1.5e-4).
-        (Arch::EfficientnetLite0, 224, 200, 5e-4),
-        (Arch::InceptionV3, 80, 91, 1e-4),
+        (Arch::EFFICIENTNET_LITE0, 224, 200, 5e-4),
+        (Arch::INCEPTION_V3, 80, 91, 1e-4),
     ];
     for (arch, h, w, tolerance) in cases {
         let (vars, m) = model(arch);
@@ -445,31 +445,31 @@ fn inference_path_matches_the_differentiable_path() {
 
 #[test]
 fn constants_refuse_bad_checkpoints() {
-    let (vars, _) = model(Arch::Resnet18);
-    let bytes = checkpoint::to_bytes(&vars, &meta(Arch::Resnet18), false).unwrap();
+    let (vars, _) = model(Arch::RESNET18);
+    let bytes = checkpoint::to_bytes(&vars, &meta(Arch::RESNET18), false).unwrap();
     // A tensor the model does not use.
     let extra = Var::from_tensor(&Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()).unwrap();
     vars.data()
         .lock()
         .unwrap()
         .insert("head.extra".into(), extra);
-    let with_extra = checkpoint::to_bytes(&vars, &meta(Arch::Resnet18), false).unwrap();
+    let with_extra = checkpoint::to_bytes(&vars, &meta(Arch::RESNET18), false).unwrap();
     let c = checkpoint::Constants::from_bytes(&with_extra, &LoadOptions::default()).unwrap();
-    build(Arch::Resnet18, c.var_builder(&Device::Cpu)).unwrap();
+    build(Arch::RESNET18, c.var_builder(&Device::Cpu)).unwrap();
     assert!(matches!(c.check_all_used(), Err(CheckpointError::Unexpected(n)) if n == "head.extra"));
     // The wrong architecture: the first mismatch is named.
     let c = checkpoint::Constants::from_bytes(&bytes, &LoadOptions::default()).unwrap();
-    let err = build(Arch::Resnet50, c.var_builder(&Device::Cpu))
+    let err = build(Arch::RESNET50, c.var_builder(&Device::Cpu))
         .err()
         .unwrap()
         .to_string();
     assert!(err.contains("layer1.0.conv1.weight"), "{err}");
     // NaN values and truncated files.
-    let (nan_vars, _) = model(Arch::Resnet18);
+    let (nan_vars, _) = model(Arch::RESNET18);
     nan_vars.data().lock().unwrap()["conv1.weight"]
         .set(&Tensor::full(f32::NAN, (64, 3, 7, 7), &Device::Cpu).unwrap())
         .unwrap();
-    let nan = checkpoint::to_bytes(&nan_vars, &meta(Arch::Resnet18), false).unwrap();
+    let nan = checkpoint::to_bytes(&nan_vars, &meta(Arch::RESNET18), false).unwrap();
     assert!(matches!(
         checkpoint::Constants::from_bytes(&nan, &LoadOptions::default()),
         Err(CheckpointError::NonFinite(n)) if n == "conv1.weight"

@@ -96,7 +96,7 @@ fn resnet50_and_efficientnet_match_onnxruntime() {
         );
         return;
     }
-    parity(Arch::Resnet50, (2, 3, 128, 160));
-    parity(Arch::EfficientnetLite0, (1, 3, 224, 224));
-    parity(Arch::EfficientnetLite0, (1, 3, 150, 201));
+    parity(Arch::RESNET50, (2, 3, 128, 160));
+    parity(Arch::EFFICIENTNET_LITE0, (1, 3, 224, 224));
+    parity(Arch::EFFICIENTNET_LITE0, (1, 3, 150, 201));
 }

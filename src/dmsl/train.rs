@@ -144,8 +144,8 @@ impl DmslTrainConfig {
     }
 
     fn normalization(&self) -> Normalization {
-        match (&self.start, self.arch) {
-            (Start::Imagenet(_), Arch::EfficientnetLite0) => Normalization::TFLITE,
+        match &self.start {
+            Start::Imagenet(_) => self.arch.imagenet_normalization(),
             _ => Normalization::IMAGENET,
         }
     }

@@ -61,7 +61,7 @@ impl Default for TrainingForm {
             task: Task::Dmsl,
             data: String::new(),
             run_dir: String::new(),
-            arch: Arch::EfficientnetLite0,
+            arch: Arch::EFFICIENTNET_LITE0,
             start: StartKind::Random,
             start_file: String::new(),
             epochs: 30,
@@ -568,7 +568,7 @@ pub fn show(ui: &mut egui::Ui, state: &mut TrainingState) -> TrainingAction {
                 egui::ComboBox::from_id_salt("training-arch")
                     .selected_text(f.arch.name())
                     .show_ui(ui, |ui| {
-                        for a in Arch::ALL {
+                        for a in Arch::all() {
                             ui.selectable_value(&mut f.arch, a, a.name());
                         }
                     });

@@ -488,7 +488,7 @@ fn magnification_manifest_loads_back_and_trains() {
     }
     assert!(!loaded.split(Split::Train).is_empty());
 
-    let mut cfg = TrainConfig::new(crate::nn::Arch::Resnet18);
+    let mut cfg = TrainConfig::new(crate::nn::Arch::RESNET18);
     cfg.input_size = 32;
     cfg.batch = 4;
     cfg.epochs_asm = 1;

@@ -332,7 +332,10 @@ pub fn score_by_source(
         on_scored(&SourceScore::compute(g, held_out(g), &pairs));
         images.extend(scored);
     }
-    let groups: Vec<(String, bool)> = groups.iter().map(|g| (g.to_string(), held_out(g))).collect();
+    let groups: Vec<(String, bool)> = groups
+        .iter()
+        .map(|g| (g.to_string(), held_out(g)))
+        .collect();
     Ok(LosoReport::of(images, &groups))
 }
 

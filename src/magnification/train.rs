@@ -105,8 +105,8 @@ impl TrainConfig {
     }
 
     fn normalization(&self) -> Normalization {
-        match (&self.start, self.arch) {
-            (Start::Imagenet(_), Arch::EfficientnetLite0) => Normalization::TFLITE,
+        match &self.start {
+            Start::Imagenet(_) => self.arch.imagenet_normalization(),
             _ => Normalization::IMAGENET,
         }
     }

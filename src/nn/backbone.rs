@@ -10,62 +10,105 @@ use rayon::prelude::*;
 use super::blocked;
 use super::pool::global_avg_pool;
 
-/// The architectures of the zoo.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Arch {
-    Resnet18,
-    Resnet50,
-    InceptionV3,
-    EfficientnetLite0,
+/// Per-channel input normalisation: (pixel / 255 - mean) / std.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Normalization {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
 }
 
-impl Arch {
-    pub const ALL: [Arch; 4] = [
-        Arch::Resnet18,
-        Arch::Resnet50,
-        Arch::InceptionV3,
-        Arch::EfficientnetLite0,
-    ];
+impl Normalization {
+    pub const IMAGENET: Normalization = Normalization {
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+    };
+    /// The TF-Lite EfficientNet convention (pixel - 127) / 128.
+    pub const TFLITE: Normalization = Normalization {
+        mean: [127.0 / 255.0; 3],
+        std: [128.0 / 255.0; 3],
+    };
+}
 
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::Resnet18 => "resnet18",
-            Arch::Resnet50 => "resnet50",
-            Arch::InceptionV3 => "inception-v3",
-            Arch::EfficientnetLite0 => "efficientnet-lite0",
-        }
+/// What the zoo knows of an architecture: each architecture's file declares its own (see
+/// [`crate::nn::architectures`], the registry that lists them).
+pub struct ArchSpec {
+    /// The name used on the command line, in checkpoints and in the window.
+    pub name: &'static str,
+    /// Channels of the last feature map (and of the pooled vector).
+    pub feature_dim: usize,
+    /// The smallest input side the architecture accepts.
+    pub min_input: usize,
+    /// The input side the architecture was designed for.
+    pub default_input: usize,
+    /// The input normalisation its ImageNet weights expect.
+    pub imagenet_normalization: Normalization,
+    /// Builds the backbone with its tensors under `vb`, named as in its reference implementation.
+    pub build: fn(VarBuilder) -> Result<Box<dyn Backbone>>,
+}
+
+/// An architecture of the zoo: a handle on its [`ArchSpec`], compared and serialised by name.
+#[derive(Clone, Copy)]
+pub struct Arch(&'static ArchSpec);
+
+impl Arch {
+    pub const fn new(spec: &'static ArchSpec) -> Self {
+        Arch(spec)
     }
 
-    pub fn parse(s: &str) -> Option<Arch> {
-        Arch::ALL
-            .into_iter()
-            .find(|a| a.name() == s.to_ascii_lowercase())
+    pub fn name(self) -> &'static str {
+        self.0.name
     }
 
     /// Channels of the last feature map (and of the pooled vector).
     pub fn feature_dim(self) -> usize {
-        match self {
-            Arch::Resnet18 => 512,
-            Arch::Resnet50 | Arch::InceptionV3 => 2048,
-            Arch::EfficientnetLite0 => 1280,
-        }
+        self.0.feature_dim
     }
 
     /// The smallest input side the architecture accepts.
     pub fn min_input(self) -> usize {
-        match self {
-            Arch::InceptionV3 => 75,
-            _ => 32,
-        }
+        self.0.min_input
     }
 
     /// The input side the architecture was designed for.
     pub fn default_input(self) -> usize {
-        match self {
-            Arch::InceptionV3 => 299,
-            _ => 224,
-        }
+        self.0.default_input
+    }
+
+    /// The input normalisation its ImageNet weights expect.
+    pub fn imagenet_normalization(self) -> Normalization {
+        self.0.imagenet_normalization
+    }
+}
+
+impl PartialEq for Arch {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Eq for Arch {}
+
+impl std::hash::Hash for Arch {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.name.hash(state);
+    }
+}
+
+impl std::fmt::Debug for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.name)
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.name)
+    }
+}
+
+impl Serialize for Arch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.name)
     }
 }
 
@@ -253,10 +296,5 @@ pub trait Backbone: Send + Sync {
 
 /// Builds a backbone whose tensors live under `vb` with the names of its reference implementation.
 pub fn build(arch: Arch, vb: VarBuilder) -> Result<Box<dyn Backbone>> {
-    Ok(match arch {
-        Arch::Resnet18 => Box::new(super::resnet::ResNet::new(super::resnet::Depth::D18, vb)?),
-        Arch::Resnet50 => Box::new(super::resnet::ResNet::new(super::resnet::Depth::D50, vb)?),
-        Arch::InceptionV3 => Box::new(super::inception::InceptionV3::new(vb)?),
-        Arch::EfficientnetLite0 => Box::new(super::efficientnet::EfficientNetLite0::new(vb)?),
-    })
+    (arch.0.build)(vb)
 }

@@ -11,29 +11,11 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use super::backbone::Arch;
+pub use super::backbone::Normalization;
 
 /// Key of the JSON metadata in the safetensors header.
 pub const META_KEY: &str = "histolens";
 pub const FORMAT_VERSION: u32 = 1;
-
-/// Per-channel input normalisation: (pixel / 255 - mean) / std.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Normalization {
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
-}
-
-impl Normalization {
-    pub const IMAGENET: Normalization = Normalization {
-        mean: [0.485, 0.456, 0.406],
-        std: [0.229, 0.224, 0.225],
-    };
-    /// The TF-Lite EfficientNet convention (pixel - 127) / 128.
-    pub const TFLITE: Normalization = Normalization {
-        mean: [127.0 / 255.0; 3],
-        std: [128.0 / 255.0; 3],
-    };
-}
 
 /// Where a model came from and how well it did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

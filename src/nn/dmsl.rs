@@ -279,7 +279,7 @@ mod tests {
         let dev = Device::Cpu;
         let vars = VarMap::new();
         let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
-        let model = Dmsl::new(Arch::Resnet18, 2, &[0.5, 0.5], vb).unwrap();
+        let model = Dmsl::new(Arch::RESNET18, 2, &[0.5, 0.5], vb).unwrap();
         reseed(&vars, 7).unwrap();
         let (x, y) = tiny_problem(&dev);
         let params: Vec<Var> = vars.all_vars();
@@ -324,7 +324,7 @@ mod tests {
         let dev = Device::Cpu;
         let vars = VarMap::new();
         let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
-        let model = Dmsl::new(Arch::Resnet18, 3, &[0.5, 0.5], vb).unwrap();
+        let model = Dmsl::new(Arch::RESNET18, 3, &[0.5, 0.5], vb).unwrap();
         let (x, y) = tiny_problem(&dev);
         let out = model.forward(&x, false).unwrap();
         let mm = loss(&out, &model.weights, &y, 0.5, 0.0).unwrap();

@@ -137,7 +137,7 @@ mod tests {
         let vars = VarMap::new();
         // f64, so that finite differences are not drowned in rounding.
         let vb = VarBuilder::from_varmap(&vars, DType::F64, &dev);
-        let backbone = build(Arch::Resnet18, vb).unwrap();
+        let backbone = build(Arch::RESNET18, vb).unwrap();
         let x = Tensor::randn(0f64, 1.0, (2, 3, 64, 64), &dev).unwrap();
         let r = Tensor::randn(0f64, 1.0, (512,), &dev).unwrap();
         (vars, backbone, x, r)

@@ -1,19 +1,17 @@
 //! Model code only (no files, no GUI): backbones with feature taps for Grad-CAM, pooling with a
 //! backward pass, checkpoints as bytes, device choice.
 
+pub mod architectures;
 pub mod backbone;
 pub mod blocked;
 pub mod checkpoint;
 pub mod cpu_conv;
 pub mod device;
 pub mod dmsl;
-pub mod efficientnet;
 pub mod gradcam;
 pub mod hagnifinder;
-pub mod inception;
 pub mod layers;
 pub mod pool;
-pub mod resnet;
 pub mod vars;
 
-pub use backbone::{Arch, Backbone, Features, build};
+pub use backbone::{Arch, ArchSpec, Backbone, Features, Normalization, build};

@@ -43,7 +43,7 @@ pub fn constant_magnification_model(dir: &std::path::Path, magnification: f32) -
     use histolens::nn::checkpoint::{CheckpointMeta, FORMAT_VERSION, Normalization, to_bytes};
     let vars = VarMap::new();
     let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
-    histolens::nn::hagnifinder::Hagnifinder::new(histolens::nn::Arch::Resnet18, false, vb).unwrap();
+    histolens::nn::hagnifinder::Hagnifinder::new(histolens::nn::Arch::RESNET18, false, vb).unwrap();
     // The output layer answers the same whatever it sees.
     for (name, var) in vars.data().lock().unwrap().iter() {
         if name == "head.fc3.weight" {
@@ -55,7 +55,7 @@ pub fn constant_magnification_model(dir: &std::path::Path, magnification: f32) -
     }
     let meta = CheckpointMeta {
         format_version: FORMAT_VERSION,
-        arch: histolens::nn::Arch::Resnet18,
+        arch: histolens::nn::Arch::RESNET18,
         task: "magnification".into(),
         input_size: [64, 64],
         normalization: Normalization::IMAGENET,

@@ -6,11 +6,11 @@ use std::sync::OnceLock;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::backbone::{Arch, Backbone};
-use super::blocked::is_blocked;
-use super::cpu_conv::add_act;
-use super::layers::{Activation, ConvBn, ConvSpec};
-use super::pool::max_pool2d;
+use crate::nn::backbone::{Arch, ArchSpec, Backbone, Normalization};
+use crate::nn::blocked::is_blocked;
+use crate::nn::cpu_conv::add_act;
+use crate::nn::layers::{Activation, ConvBn, ConvSpec};
+use crate::nn::pool::max_pool2d;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Depth {
@@ -128,11 +128,35 @@ impl ResNet {
     }
 }
 
+static RESNET18: ArchSpec = ArchSpec {
+    name: "resnet18",
+    feature_dim: 512,
+    min_input: 32,
+    default_input: 224,
+    imagenet_normalization: Normalization::IMAGENET,
+    build: |vb| Ok(Box::new(ResNet::new(Depth::D18, vb)?)),
+};
+
+static RESNET50: ArchSpec = ArchSpec {
+    name: "resnet50",
+    feature_dim: 2048,
+    build: |vb| Ok(Box::new(ResNet::new(Depth::D50, vb)?)),
+    ..RESNET18
+};
+
+impl Arch {
+    pub const RESNET18: Arch = Arch::new(&RESNET18);
+    pub const RESNET50: Arch = Arch::new(&RESNET50);
+}
+
+/// This module's entries in the registry ([`crate::nn::architectures`]).
+pub static ARCHITECTURES: &[Arch] = &[Arch::RESNET18, Arch::RESNET50];
+
 impl Backbone for ResNet {
     fn arch(&self) -> Arch {
         match self.depth {
-            Depth::D18 => Arch::Resnet18,
-            Depth::D50 => Arch::Resnet50,
+            Depth::D18 => Arch::RESNET18,
+            Depth::D50 => Arch::RESNET50,
         }
     }
 

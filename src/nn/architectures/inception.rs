@@ -4,9 +4,9 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::backbone::{Arch, Backbone};
-use super::layers::{Activation, ConvBn, ConvSpec};
-use super::pool::{avg_pool2d, max_pool2d};
+use crate::nn::backbone::{Arch, ArchSpec, Backbone, Normalization};
+use crate::nn::layers::{Activation, ConvBn, ConvSpec};
+use crate::nn::pool::{avg_pool2d, max_pool2d};
 
 const EPS: f64 = 1e-3;
 
@@ -251,9 +251,25 @@ impl InceptionV3 {
     }
 }
 
+static INCEPTION_V3: ArchSpec = ArchSpec {
+    name: "inception-v3",
+    feature_dim: 2048,
+    min_input: 75,
+    default_input: 299,
+    imagenet_normalization: Normalization::IMAGENET,
+    build: |vb| Ok(Box::new(InceptionV3::new(vb)?)),
+};
+
+impl Arch {
+    pub const INCEPTION_V3: Arch = Arch::new(&INCEPTION_V3);
+}
+
+/// This module's entry in the registry ([`crate::nn::architectures`]).
+pub static ARCHITECTURES: &[Arch] = &[Arch::INCEPTION_V3];
+
 impl Backbone for InceptionV3 {
     fn arch(&self) -> Arch {
-        Arch::InceptionV3
+        Arch::INCEPTION_V3
     }
 
     fn stem(&self, x: &Tensor, train: bool, _blocked: bool) -> Result<Tensor> {

@@ -8,11 +8,11 @@ use std::sync::OnceLock;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::backbone::{Arch, Backbone};
-use super::blocked::{global_avg_pool as blocked_avg_pool, is_blocked};
-use super::cpu_conv::add_act;
-use super::layers::{Activation, ConvBn, ConvSpec, Padding};
-use super::pool::global_avg_pool;
+use crate::nn::backbone::{Arch, ArchSpec, Backbone, Normalization};
+use crate::nn::blocked::{global_avg_pool as blocked_avg_pool, is_blocked};
+use crate::nn::cpu_conv::add_act;
+use crate::nn::layers::{Activation, ConvBn, ConvSpec, Padding};
+use crate::nn::pool::global_avg_pool;
 
 /// (expansion, kernel, stride of the first block, output channels, repeats) per stage, as EfficientNet-B0.
 const STAGES: [(usize, usize, usize, usize, usize); 7] = [
@@ -132,9 +132,25 @@ impl EfficientNetLite0 {
     }
 }
 
+static EFFICIENTNET_LITE0: ArchSpec = ArchSpec {
+    name: "efficientnet-lite0",
+    feature_dim: 1280,
+    min_input: 32,
+    default_input: 224,
+    imagenet_normalization: Normalization::TFLITE,
+    build: |vb| Ok(Box::new(EfficientNetLite0::new(vb)?)),
+};
+
+impl Arch {
+    pub const EFFICIENTNET_LITE0: Arch = Arch::new(&EFFICIENTNET_LITE0);
+}
+
+/// This module's entry in the registry ([`crate::nn::architectures`]).
+pub static ARCHITECTURES: &[Arch] = &[Arch::EFFICIENTNET_LITE0];
+
 impl Backbone for EfficientNetLite0 {
     fn arch(&self) -> Arch {
-        Arch::EfficientnetLite0
+        Arch::EFFICIENTNET_LITE0
     }
 
     fn stem(&self, x: &Tensor, train: bool, blocked: bool) -> Result<Tensor> {
@@ -192,7 +208,7 @@ impl Backbone for EfficientNetLite0 {
             Tensor::cat(&parts, 1)
         };
         if blocked {
-            super::blocked::on_worker(run)
+            crate::nn::blocked::on_worker(run)
         } else {
             run()
         }
