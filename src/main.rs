@@ -144,6 +144,10 @@ fn main() -> std::process::ExitCode {
                 p.map_or("(not found)".to_string(), |p| p.display().to_string())
             };
             println!("data folder: {}", histolens::data_dir().display());
+            println!(
+                "cache folder: {} (heatmaps, frozen-backbone features)",
+                histolens::cache_dir().display()
+            );
             println!("sample slide: {}", show(histolens::bundled_sample()));
             println!(
                 "magnification model: {}",

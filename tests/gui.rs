@@ -572,7 +572,7 @@ fn random_dmsl_model(dir: &Path) -> PathBuf {
 #[test]
 fn heatmap_is_computed_from_the_panel() {
     let data = tempfile::tempdir().unwrap();
-    // A copy of the sample, so that the sidecar is written beside it in the temporary folder.
+    // A copy of the sample in the test's folder (the heatmap goes to its cache subfolder).
     let slide = data.path().join("sample.svs");
     std::fs::copy(common::sample_slide(), &slide).unwrap();
     let model = random_dmsl_model(data.path());
@@ -701,14 +701,14 @@ fn heatmap_needs_a_fine_enough_pixel_size() {
     );
     drop(h);
 
-    // 4 µm/px is 2.5x: the model wants 5x fields.
+    // 8 µm/px is 1.25x: the model wants 5x fields (4x upsampling; at most 2x is allowed).
     let mut store =
         histolens::slide::CalibrationStore::load(data.path().join("calibrations.json")).unwrap();
     store
         .set(
             &img,
             histolens::slide::Calibration {
-                mpp: Some(4.0),
+                mpp: Some(8.0),
                 objective_power: None,
             },
         )

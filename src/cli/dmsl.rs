@@ -363,9 +363,13 @@ pub struct HeatmapArgs {
     /// Fields with more background than this share are skipped.
     #[arg(long, default_value_t = 0.8)]
     pub max_background: f64,
-    /// Recompute even when a finished sidecar exists.
+    /// Recompute even when a finished heatmap of the slide is cached.
     #[arg(long)]
     pub fresh: bool,
+    /// Keep the resumable heatmap beside the slide (`SLIDE.MODEL.heatmap.safetensors`) instead of
+    /// histolens's cache folder.
+    #[arg(long)]
+    pub sidecar: bool,
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
     /// Only shard K of N of the slides (0-based; see `histolens merge`).
@@ -580,16 +584,13 @@ fn heatmap_one(
 ) -> anyhow::Result<HeatmapRow> {
     let slide = Slide::open(slide_path)?;
     let mpp = super::magnification::mpp_or_estimate(&slide, args.mpp)?;
-    let native = 10.0 / mpp;
-    if model.geometry().high_magnification > native * 1.02 {
-        bail!(
-            "{} is {native:.1}x; the model needs {}x fields, which would be upsampled",
-            slide_path.display(),
-            model.geometry().high_magnification
-        );
+    match histolens::dmsl::heatmap::field_scale(mpp, model.geometry().high_magnification) {
+        Ok(None) => {}
+        Ok(Some(warning)) => eprintln!("warning: {}: {warning}", slide_path.display()),
+        Err(why) => bail!("{}: {why}", slide_path.display()),
     }
     let header = header_for(&slide, mpp, model, id);
-    let sidecar = sidecar_path(slide_path, id, &histolens::data_dir());
+    let sidecar = sidecar_path(slide_path, id, &histolens::cache_dir(), args.sidecar);
     let mut heatmap = match Heatmap::load_matching(&sidecar, &header)? {
         Some(h) if !args.fresh => {
             eprintln!(

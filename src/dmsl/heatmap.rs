@@ -370,9 +370,10 @@ impl Heatmap {
     }
 }
 
-/// Where a slide's heatmap for a model is kept: beside the slide, or in `fallback_dir` when the slide's
-/// folder cannot be written.
-pub fn sidecar_path(slide: &Path, model_id: &str, fallback_dir: &Path) -> PathBuf {
+/// Where a slide's heatmap for a model is kept: in `cache_dir`/heatmaps (named after the slide and
+/// its canonical path), or beside the slide when the user asks for sidecars (`beside_slide`) and its
+/// folder can be written.
+pub fn sidecar_path(slide: &Path, model_id: &str, cache_dir: &Path, beside_slide: bool) -> PathBuf {
     let name = slide
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
@@ -381,15 +382,12 @@ pub fn sidecar_path(slide: &Path, model_id: &str, fallback_dir: &Path) -> PathBu
         "{name}.{}.heatmap.safetensors",
         &model_id[..model_id.len().min(12)]
     );
-    let dir = slide.parent().filter(|d| writable(d));
-    match dir {
+    match slide.parent().filter(|d| beside_slide && writable(d)) {
         Some(d) => d.join(file),
         None => {
             let abs = std::fs::canonicalize(slide).unwrap_or_else(|_| slide.to_path_buf());
             let tag = content_id(abs.to_string_lossy().as_bytes());
-            fallback_dir
-                .join("heatmaps")
-                .join(format!("{}-{file}", &tag[..8]))
+            cache_dir.join("heatmaps").join(format!("{}-{file}", &tag[..8]))
         }
     }
 }
@@ -420,6 +418,35 @@ impl Default for HeatmapOptions {
             max_background: 0.8,
             save_every: Duration::from_secs(5),
         }
+    }
+}
+
+/// How much a slide's fields may be enlarged to feed a model that wants a finer magnification: up to
+/// 2x the heatmap still follows the tissue, with a warning; beyond it the model sees mostly blur.
+pub const MAX_UPSAMPLE: f64 = 2.0;
+
+/// Slack on the magnification before a field counts as upsampled (scanners round their µm/px).
+const SLACK: f64 = 1.02;
+
+/// Whether fields of a slide at `mpp` µm/px can feed a model whose finer branch wants
+/// `high_magnification`: `Ok(None)` at native resolution or finer, `Ok(Some(warning))` when they are
+/// upsampled up to [`MAX_UPSAMPLE`], `Err(why)` beyond.
+pub fn field_scale(mpp: f64, high_magnification: f64) -> Result<Option<String>, String> {
+    let native = 10.0 / mpp;
+    let factor = high_magnification / native;
+    if factor <= SLACK {
+        Ok(None)
+    } else if factor <= MAX_UPSAMPLE * SLACK {
+        Ok(Some(format!(
+            "this slide is {native:.1}x ({mpp:.3} µm/px), the model wants {high_magnification}x \
+             fields: they are upsampled {factor:.2}x, so fine detail is missing and the heatmap is \
+             less reliable"
+        )))
+    } else {
+        Err(format!(
+            "this slide is {native:.1}x ({mpp:.3} µm/px): too coarse for the model, which needs \
+             {high_magnification}x fields (upsampling {factor:.1}x; at most {MAX_UPSAMPLE}x is allowed)"
+        ))
     }
 }
 
@@ -581,6 +608,18 @@ pub fn compute(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fields_are_upsampled_at_most_twice() {
+        assert_eq!(field_scale(0.5, 20.0), Ok(None));
+        assert_eq!(field_scale(0.25, 20.0), Ok(None));
+        let w = field_scale(0.9, 20.0)
+            .unwrap()
+            .expect("11.1x gives 20x fields upsampled");
+        assert!(w.contains("11.1x") && w.contains("1.80x"), "{w}");
+        let e = field_scale(2.0, 20.0).expect_err("5x cannot give 20x fields");
+        assert!(e.contains("5.0x") && e.contains("20x"), "{e}");
+    }
 
     fn sample() -> Heatmap {
         let mut h = Heatmap::new(HeatmapHeader {

@@ -151,6 +151,7 @@ impl HistolensApp {
         let labels = LabelsState::new(&data_dir);
         let store_path = options
             .data_dir
+            .as_ref()
             .map(|d| d.join("calibrations.json"))
             .unwrap_or_else(CalibrationStore::default_path);
         let calibrations = match CalibrationStore::load(store_path) {
@@ -174,7 +175,11 @@ impl HistolensApp {
             magnification: MagnificationState::default(),
             heatmap: HeatmapState::new(
                 options.dmsl_model.or_else(crate::default_dmsl_model),
-                data_dir,
+                // Heatmaps are caches: histolens's cache folder (beside a test's own data folder).
+                options
+                    .data_dir
+                    .as_ref()
+                    .map_or_else(crate::cache_dir, |d| d.join("cache")),
             ),
             compute_heatmap: options.compute_heatmap,
             gradcam: GradcamState::following(options.gradcam_follow),

@@ -340,12 +340,7 @@ fn compute(
             let (m, _) = load_model(dmsl_cache, model)?;
             let g = m.geometry();
             let mpp = mpp.ok_or("the slide's µm/px is unknown: calibrate it first")?;
-            if g.high_magnification > 10.0 / mpp * 1.02 {
-                return Err(format!(
-                    "the slide is coarser than the model's {}x: its fields would be upsampled",
-                    g.high_magnification
-                ));
-            }
+            crate::dmsl::heatmap::field_scale(mpp, g.high_magnification)?;
             let side = g.level0_side(mpp);
             let [x, y] = corner(centre, side);
             let field = read_field(slide, x, y, side, g.high_px()).map_err(|e| e.to_string())?;

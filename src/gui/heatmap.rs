@@ -17,15 +17,14 @@ use parking_lot::Mutex;
 use super::overlay::{GridOverlay, Layer, NO_DATA, OverlayData, OverlayStyle};
 use crate::dmsl::DmslModel;
 use crate::dmsl::heatmap::{
-    CellState, Heatmap, HeatmapGrid, HeatmapOptions, HeatmapRun, compute, content_id, header_for,
-    mark_background, sidecar_path,
+    CellState, Heatmap, HeatmapGrid, HeatmapOptions, HeatmapRun, compute, content_id, field_scale,
+    header_for, mark_background, sidecar_path,
 };
 use crate::slide::Slide;
 use crate::util::colormap::Colormap;
 use crate::util::fs::write_atomic;
 
 /// A slide coarser than this fraction of the model's high magnification would need upsampled fields.
-const MAGNIFICATION_SLACK: f64 = 1.02;
 
 /// The model in use, loaded once, with the identity of its file's bytes.
 pub(crate) struct LoadedModel {
@@ -94,6 +93,8 @@ enum Msg {
     Loaded { heatmap: Heatmap, sidecar: PathBuf },
     /// Cells just finished: state and probabilities.
     Cells(Vec<(usize, CellState, Vec<f32>)>),
+    /// Something the user should know about this run (e.g. upsampled fields).
+    Note(String),
     /// The end: the run's summary (None for a sidecar look-up), or why it failed.
     Done(Result<Option<HeatmapRun>, String>),
 }
@@ -111,23 +112,12 @@ struct Job {
     stop: Arc<AtomicBool>,
 }
 
-/// Whether a slide scanned at `mpp` µm/px can feed a model wanting fields at `high_magnification`.
-pub fn resolution_problem(mpp: f64, high_magnification: f64) -> Option<String> {
-    let native = 10.0 / mpp;
-    (high_magnification > native * MAGNIFICATION_SLACK).then(|| {
-        format!(
-            "This slide is {native:.1}x ({mpp:.3} µm/px): too coarse for the model, which needs \
-             {high_magnification}x fields (they would be upsampled)."
-        )
-    })
-}
-
 /// The heatmap of the open slide, its worker and how it is shown.
 pub struct HeatmapState {
     /// The DMSL model file (the bundled demo unless the user picked another).
     pub model_path: Option<PathBuf>,
-    /// Where sidecars go when the slide's folder is read-only.
-    data_dir: PathBuf,
+    /// Where heatmaps are kept (histolens's cache folder), so that a slide reopened resumes its map.
+    cache_dir: PathBuf,
     cache: ModelCache,
     /// The slide the heatmap is for.
     slide: Option<PathBuf>,
@@ -161,7 +151,7 @@ pub struct HeatmapState {
 
 impl Default for HeatmapState {
     fn default() -> Self {
-        HeatmapState::new(crate::default_dmsl_model(), crate::data_dir())
+        HeatmapState::new(crate::default_dmsl_model(), crate::cache_dir())
     }
 }
 
@@ -180,10 +170,10 @@ impl HeatmapState {
             .flatten()
     }
 
-    pub fn new(model_path: Option<PathBuf>, data_dir: PathBuf) -> Self {
+    pub fn new(model_path: Option<PathBuf>, cache_dir: PathBuf) -> Self {
         HeatmapState {
             model_path,
-            data_dir,
+            cache_dir,
             cache: Default::default(),
             slide: None,
             heatmap: None,
@@ -353,7 +343,7 @@ impl HeatmapState {
             slide,
             model_path,
             mpp,
-            data_dir: self.data_dir.clone(),
+            cache_dir: self.cache_dir.clone(),
             cache: self.cache.clone(),
             focus: self.focus.clone(),
             stop: stop.clone(),
@@ -413,6 +403,12 @@ impl HeatmapState {
                     self.set_heatmap(&slide, heatmap);
                 }
                 Msg::Cells(cells) => self.apply_cells(cells),
+                Msg::Note(note) => {
+                    self.message = Some(match self.message.take() {
+                        Some(m) => format!("{m} {note}"),
+                        None => note,
+                    })
+                }
                 Msg::Done(r) => {
                     finished = true;
                     match r {
@@ -568,7 +564,7 @@ struct Worker {
     slide: Arc<Slide>,
     model_path: PathBuf,
     mpp: f64,
-    data_dir: PathBuf,
+    cache_dir: PathBuf,
     cache: ModelCache,
     focus: Arc<std::sync::Mutex<Option<(f64, f64)>>>,
     stop: Arc<AtomicBool>,
@@ -586,7 +582,7 @@ impl Worker {
     fn probe(self) {
         let r = (|| -> Result<Option<(Heatmap, PathBuf)>, String> {
             let id = model_id(&self.cache, &self.model_path)?;
-            let path = sidecar_path(self.slide.path(), &id, &self.data_dir);
+            let path = sidecar_path(self.slide.path(), &id, &self.cache_dir, false);
             let bytes = match std::fs::read(&path) {
                 Ok(b) => b,
                 Err(_) => return Ok(None),
@@ -619,11 +615,13 @@ impl Worker {
 
     fn run(&self) -> Result<HeatmapRun, String> {
         let (model, id) = load_model(&self.cache, &self.model_path)?;
-        if let Some(problem) = resolution_problem(self.mpp, model.geometry().high_magnification) {
-            return Err(problem);
+        let upsampled = field_scale(self.mpp, model.geometry().high_magnification)
+            .map_err(|why| sentence(&why))?;
+        if let Some(warning) = upsampled {
+            self.send(Msg::Note(sentence(&warning)));
         }
         let header = header_for(&self.slide, self.mpp, &model, &id);
-        let sidecar = sidecar_path(self.slide.path(), &id, &self.data_dir);
+        let sidecar = sidecar_path(self.slide.path(), &id, &self.cache_dir, false);
         let mut heatmap = match Heatmap::load_matching(&sidecar, &header) {
             Ok(Some(h)) => h,
             Ok(None) => Heatmap::new(header),
@@ -973,15 +971,11 @@ pub fn canvas_legend(
     ))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn coarse_slides_are_refused() {
-        assert!(resolution_problem(0.5, 20.0).is_none());
-        assert!(resolution_problem(0.25, 20.0).is_none());
-        let m = resolution_problem(2.0, 20.0).expect("5x cannot give 20x fields");
-        assert!(m.contains("5.0x") && m.contains("20x"), "{m}");
+/// `s` as a sentence: capital first letter, final full stop.
+fn sentence(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(first) => format!("{}{}.", first.to_uppercase(), c.as_str()),
+        None => String::new(),
     }
 }
