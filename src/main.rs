@@ -75,6 +75,12 @@ enum Command {
     /// Grad-CAM maps at the first and the last convolution of each branch (DMSL) or of the
     /// magnification model, as PNG overlays and .npy arrays.
     Gradcam(cli::gradcam::GradcamArgs),
+    /// Set a file's pixel size by hand (µm/px, objective, a scale bar, or a saved camera), print
+    /// it, or clear it; every command and the window use it over the metadata.
+    Calibrate(cli::calibrate::CalibrateArgs),
+    /// Microscope cameras: one snapshot of known scale gives the camera's µm/px at every objective.
+    #[command(subcommand)]
+    Camera(cli::calibrate::CameraCommand),
     /// Where histolens keeps its state and finds its bundled sample and models.
     Paths,
     /// Combine the outputs of `--shard K/N` runs (JSON or CSV rows) into one, as one run writes it.
@@ -139,6 +145,8 @@ fn main() -> std::process::ExitCode {
         Some(Command::Predict(a)) => cli::magnification::predict(a),
         Some(Command::Runs(r)) => cli::runs::run(r),
         Some(Command::Merge(m)) => cli::shard::merge(m),
+        Some(Command::Calibrate(a)) => cli::calibrate::calibrate(a),
+        Some(Command::Camera(c)) => cli::calibrate::camera(c),
         Some(Command::Paths) => {
             let show = |p: Option<PathBuf>| {
                 p.map_or("(not found)".to_string(), |p| p.display().to_string())

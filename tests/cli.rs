@@ -509,6 +509,126 @@ fn heatmap_without_a_pixel_size_uses_the_estimate_and_says_so() {
     // warning, and the heatmap is written.
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("upsampled"), "{stderr}");
-    assert!(out_dir.path().read_dir().unwrap().next().is_some(), "no output");
+    assert!(
+        out_dir.path().read_dir().unwrap().next().is_some(),
+        "no output"
+    );
 }
+
+/// A scale bar calibrates a snapshot; that snapshot saves a camera; the camera calibrates the next
+/// snapshot at another objective; `info` and the stores follow each step.
+#[test]
+fn calibrate_by_scale_bar_and_by_camera() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_histolens"))
+            .env("HISTOLENS_DATA_DIR", &data)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let img = common::featureless_tissue(320);
+    let (first, second) = (dir.path().join("10x.png"), dir.path().join("40x.png"));
+    img.save(&first).unwrap();
+    image::imageops::crop_imm(&img, 0, 0, 300, 200)
+        .to_image()
+        .save(&second)
+        .unwrap();
+    let effective = |file: &Path| -> Option<f64> {
+        let (ok, text) = run(&[&os("info"), &os("--json"), file.as_os_str()]);
+        assert!(ok, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["effective_mpp"]["x"].as_f64()
+    };
+    assert_eq!(effective(&first), None);
+    // A 100 µm bar 153.8 px long.
+    let (ok, text) = run(&[
+        &os("calibrate"),
+        first.as_os_str(),
+        &os("--bar-px"),
+        &os("153.8"),
+        &os("--bar-um"),
+        &os("100"),
+    ]);
+    assert!(ok && text.contains("0.6502 µm/px"), "{text}");
+    assert!((effective(&first).unwrap() - 100.0 / 153.8).abs() < 1e-9);
+    let (ok, text) = run(&[
+        &os("camera"),
+        &os("add"),
+        &os("lab scope"),
+        &os("--from"),
+        first.as_os_str(),
+        &os("--objective"),
+        &os("10"),
+    ]);
+    assert!(ok && text.contains("frames of 320x320"), "{text}");
+    let (ok, text) = run(&[
+        &os("calibrate"),
+        second.as_os_str(),
+        &os("--camera"),
+        &os("lab scope"),
+        &os("--objective"),
+        &os("40"),
+    ]);
+    assert!(ok, "{text}");
+    assert!((effective(&second).unwrap() - 100.0 / 153.8 / 4.0).abs() < 1e-9);
+    let (ok, text) = run(&[&os("camera"), &os("list")]);
+    assert!(
+        ok && text.contains("lab scope") && text.contains("40x 0.163"),
+        "{text}"
+    );
+    // Mistakes are clear errors, and change nothing.
+    let (ok, text) = run(&[
+        &os("calibrate"),
+        second.as_os_str(),
+        &os("--camera"),
+        &os("other"),
+        &os("--objective"),
+        &os("4"),
+    ]);
+    assert!(!ok && text.contains("no camera named \"other\""), "{text}");
+    let (ok, text) = run(&[&os("calibrate"), second.as_os_str(), &os("--mpp=0")]);
+    assert!(!ok && text.contains("not a positive number"), "{text}");
+    assert!((effective(&second).unwrap() - 100.0 / 153.8 / 4.0).abs() < 1e-9);
+    let (ok, _) = run(&[&os("calibrate"), second.as_os_str(), &os("--clear")]);
+    assert!(ok);
+    assert_eq!(effective(&second), None);
+    let (ok, _) = run(&[&os("camera"), &os("remove"), &os("lab scope")]);
+    assert!(ok);
+    let (ok, text) = run(&[&os("camera"), &os("list")]);
+    assert!(ok && text.contains("no cameras saved"), "{text}");
+}
+
+/// A file name that is not UTF-8 (Latin-1 bytes) gives JSON, not a panic.
+#[cfg(unix)]
+#[test]
+fn info_json_on_a_latin1_file_name() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"coupe-\xe9\xff.png"));
+    common::featureless_tissue(64).save(&path).unwrap();
+    let out = histolens()
+        .args(["info", "--json"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["info"]["path"]
+            .as_str()
+            .unwrap()
+            .contains("coupe-\u{fffd}")
+    );
 }

@@ -349,6 +349,57 @@ fn a_scale_bar_sets_the_pixel_size() {
     assert!(!view.measuring && view.scale_line.is_none());
 }
 
+/// A snapshot of known scale saves its camera; the next snapshot of the same frame size is offered
+/// that camera, and applying it at another objective sets its µm/px.
+#[test]
+fn a_camera_saved_from_one_snapshot_calibrates_the_next() {
+    let data = tempfile::tempdir().unwrap();
+    let img = common::featureless_tissue(240);
+    let known = data.path().join("known-10x.png");
+    common::png_with_phys(&img, &known, 0.65);
+    let mut h = harness(Some(known), data.path());
+    settle(&mut h);
+    h.get_by_label("Calibration").scroll_to_me();
+    h.run_steps(2);
+    h.get_by_label("Calibration").click_accesskit();
+    h.run_steps(2);
+    let view = h.state_mut().view_mut().unwrap();
+    view.new_camera_name = "lab scope".into();
+    view.camera_objective = 10.0;
+    h.run_steps(2);
+    h.get_by_label("Save as camera").scroll_to_me();
+    h.run_steps(2);
+    h.get_by_label("Save as camera").click_accesskit();
+    h.run_steps(2);
+    let saved = histolens::slide::CameraStore::load(data.path().join("cameras.json")).unwrap();
+    let camera = saved.get("lab scope").expect("the camera is saved");
+    assert!((camera.mpp_at(40.0) - 0.65 / 4.0).abs() < 1e-6);
+    assert_eq!(camera.frame, Some((240, 240)));
+    drop(h);
+
+    let next = data.path().join("next.png");
+    img.save(&next).unwrap();
+    let mut h = harness(Some(next), data.path());
+    settle(&mut h);
+    assert!(h.state().view().unwrap().mpp().is_none());
+    // Offered by its frame size.
+    assert_eq!(h.state().view().unwrap().camera_name, "lab scope");
+    h.state_mut().view_mut().unwrap().camera_objective = 40.0;
+    h.run_steps(2);
+    h.get_by_label_contains("= 0.1625 µm/px");
+    h.get_by_label("Apply camera").scroll_to_me();
+    h.run_steps(2);
+    h.get_by_label("Apply camera").click_accesskit();
+    h.run_steps(2);
+    let m = h
+        .state()
+        .view()
+        .unwrap()
+        .mpp()
+        .expect("the camera calibrates the file");
+    assert!((m.x - 0.1625).abs() < 1e-6, "{}", m.x);
+}
+
 /// A checkerboard heatmap over the sample slide in level-0 cells of 250 px: P(high) is 1 where
 /// column + row is even, 0 elsewhere; cell (1, 1) is still pending and (2, 1) is background.
 fn checkerboard(slide: &Path) -> Heatmap {

@@ -216,3 +216,52 @@ fn ycbcr_ome_tiff_opens_with_its_ome_pixel_size() {
         mean(2)
     );
 }
+
+/// A 200000² single-level tiled TIFF: its thumbnail is sampled sparsely, in bounded time, and
+/// shows the tissue's colour.
+#[test]
+fn a_gigapixel_slide_without_a_pyramid_gets_a_thumbnail() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no-pyramid.tif");
+    common::huge_tiled_tiff(&path, 200_000);
+    let slide = histolens::slide::Slide::open(&path).unwrap();
+    assert_eq!(slide.info().levels.len(), 1);
+    assert_eq!(slide.info().dimensions(), (200_000, 200_000));
+    let thumb = slide.thumbnail(512).unwrap();
+    assert_eq!(thumb.dimensions(), (512, 512));
+    assert_eq!(thumb.get_pixel(300, 200).0, [230, 160, 200, 255]);
+}
+
+/// Strip-organised TIFFs as research datasets ship their patches (uncompressed RGB in one strip,
+/// XResolution 1/1 with no unit), classic and BigTIFF, open as snapshots without a pixel size.
+#[test]
+fn strip_tiffs_classic_and_big_open() {
+    let dir = tempfile::tempdir().unwrap();
+    for big in [false, true] {
+        let path = dir.path().join(format!("patch-{big}.tif"));
+        let img = common::featureless_tissue(300);
+        let mut bytes = Vec::new();
+        if big {
+            let mut enc =
+                tiff::encoder::TiffEncoder::new_big(std::io::Cursor::new(&mut bytes)).unwrap();
+            enc.write_image::<tiff::encoder::colortype::RGB8>(300, 300, img.as_raw())
+                .unwrap();
+        } else {
+            let mut enc =
+                tiff::encoder::TiffEncoder::new(std::io::Cursor::new(&mut bytes)).unwrap();
+            enc.write_image::<tiff::encoder::colortype::RGB8>(300, 300, img.as_raw())
+                .unwrap();
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let slide =
+            histolens::slide::Slide::open(&path).unwrap_or_else(|e| panic!("big={big}: {e}"));
+        assert_eq!(slide.info().dimensions(), (300, 300));
+        assert!(
+            slide.info().mpp.is_none(),
+            "1/1 without a unit is no pixel size"
+        );
+        let px = slide.read_region(0, 10, 10, 1, 1).unwrap();
+        let want = img.get_pixel(10, 10).0;
+        assert_eq!(&px.get_pixel(0, 0).0[..3], &want[..]);
+    }
+}

@@ -116,9 +116,10 @@ pub enum BuildError {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
     #[error(
-        "no patch could be cut: every source is too small or too empty for the requested sizes"
+        "no patch could be cut from {files}: too small or too empty (background) for the \
+         requested patch size and scales"
     )]
-    NothingCut,
+    NothingCut { files: String },
 }
 
 /// What the builder did, per source.
@@ -282,7 +283,17 @@ pub fn build(
         progress(i + 1, sources.len());
     }
     if records.is_empty() {
-        return Err(BuildError::NothingCut);
+        let mut names: Vec<String> = sources
+            .iter()
+            .take(5)
+            .map(|s| s.path.display().to_string())
+            .collect();
+        if sources.len() > 5 {
+            names.push(format!("{} more", sources.len() - 5));
+        }
+        return Err(BuildError::NothingCut {
+            files: names.join(", "),
+        });
     }
     let manifest_path = out.join("manifest.csv");
     if cfg.append && manifest_path.exists() {

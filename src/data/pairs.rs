@@ -388,6 +388,17 @@ impl FolderSource {
                 .file_name()
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default();
+            // What is not a readable file is said, not skipped silently.
+            for other in sorted_entries(&dir, |p| !p.is_file())? {
+                let why = if other.is_dir() {
+                    "a sub-folder inside a class folder is not read (move its images up)"
+                } else if std::fs::symlink_metadata(&other).is_ok_and(|m| m.is_symlink()) {
+                    "a symbolic link to nothing (dangling, or a loop)"
+                } else {
+                    "not a regular file"
+                };
+                log::warn!("skipped {}: {why}", other.display());
+            }
             for file in sorted_entries(&dir, Path::is_file)? {
                 images.push(ImageSource {
                     group: file.display().to_string(),
@@ -684,10 +695,14 @@ fn save_png(path: &Path, img: &RgbImage) -> Result<(), PairError> {
         path: path.to_path_buf(),
         message,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-    }
-    img.save(path).map_err(|e| err(e.to_string()))
+    // Atomically: a full disk or a kill never leaves a truncated patch under its name.
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| err(e.to_string()))?;
+    write_atomic(path, &bytes).map_err(|e| err(e.to_string()))
 }
 
 #[cfg(test)]

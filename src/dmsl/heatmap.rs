@@ -387,7 +387,9 @@ pub fn sidecar_path(slide: &Path, model_id: &str, cache_dir: &Path, beside_slide
         None => {
             let abs = std::fs::canonicalize(slide).unwrap_or_else(|_| slide.to_path_buf());
             let tag = content_id(abs.to_string_lossy().as_bytes());
-            cache_dir.join("heatmaps").join(format!("{}-{file}", &tag[..8]))
+            cache_dir
+                .join("heatmaps")
+                .join(format!("{}-{file}", &tag[..8]))
         }
     }
 }

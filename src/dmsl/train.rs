@@ -32,7 +32,7 @@ use crate::nn::pool::global_avg_pool;
 use crate::nn::vars;
 use crate::util::fs::write_atomic;
 pub use crate::util::run::Start;
-use crate::util::run::{Plateau, RunError, RunFiles, append_line, write_json};
+use crate::util::run::{Plateau, RunError, RunFiles};
 
 /// Which branches train, and with which loss: the paper's comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -447,7 +447,8 @@ pub fn train(
         lr: cfg.lr,
         ..State::default()
     };
-    if let Some(saved) = files.open(cfg)? {
+    let lock = files.lock()?;
+    if let Some(saved) = files.open(&lock, cfg)? {
         state = saved;
         on_event(DmslTrainEvent::Info(format!(
             "resuming after epoch {} (learning rate {:.2e})",
@@ -622,8 +623,7 @@ pub fn train(
             save(&files.best, epoch, &log)?;
         }
         state.epoch = epoch;
-        write_json(&files.state, &state).map_err(io(&files.state))?;
-        append_line(&files.log, &log).map_err(io(&files.log))?;
+        files.commit_epoch(&log, &state)?;
         on_event(DmslTrainEvent::Epoch(log));
     }
     Ok(DmslOutcome {

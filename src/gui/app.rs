@@ -18,7 +18,7 @@ use super::side_panel::{self, SidePanelAction};
 use super::status_bar;
 use super::training::{self, Task, TrainingAction, TrainingState};
 use super::viewer::{OVERVIEW_SIDE, OpenedSlide, SlideView};
-use crate::slide::{CalibrationStore, Slide, SlideError};
+use crate::slide::{CalibrationStore, CameraStore, Slide, SlideError};
 use crate::util::colormap::Colormap;
 
 const SETTINGS_KEY: &str = "histolens.settings";
@@ -86,6 +86,8 @@ struct OpenJob {
 pub struct HistolensApp {
     settings: Settings,
     calibrations: Option<CalibrationStore>,
+    /// Microscope cameras (None when the store could not be read).
+    cameras: Option<CameraStore>,
     view: Option<SlideView>,
     opening: Option<OpenJob>,
     /// Errors waiting to be acknowledged by the user, oldest first.
@@ -161,9 +163,22 @@ impl HistolensApp {
                 None
             }
         };
+        let camera_path = options
+            .data_dir
+            .as_ref()
+            .map(|d| d.join("cameras.json"))
+            .unwrap_or_else(CameraStore::default_path);
+        let cameras = match CameraStore::load(camera_path) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                errors.push(e.to_string());
+                None
+            }
+        };
         let mut app = HistolensApp {
             settings,
             calibrations,
+            cameras,
             view: None,
             opening: None,
             errors,
@@ -766,7 +781,13 @@ impl eframe::App for HistolensApp {
                                 self.heatmap.loaded_classes(),
                             );
                             region_action = regions::section(ui, &mut self.regions, &classes);
-                            action = side_panel::show(ui, view, store_ok, &mut self.property_filter)
+                            action = side_panel::show(
+                                ui,
+                                view,
+                                store_ok,
+                                self.cameras.as_ref(),
+                                &mut self.property_filter,
+                            )
                         });
                 });
             match heat_action {
@@ -799,10 +820,25 @@ impl eframe::App for HistolensApp {
                 }
                 MagnificationAction::None => {}
             }
-            if let SidePanelAction::SaveCalibration(c) = action
-                && let Some(msg) = side_panel::save_calibration(self.calibrations.as_mut(), view, c)
-            {
-                self.errors.push(msg);
+            match action {
+                SidePanelAction::SaveCalibration(c) => {
+                    if let Some(msg) =
+                        side_panel::save_calibration(self.calibrations.as_mut(), view, c)
+                    {
+                        self.errors.push(msg);
+                    }
+                }
+                SidePanelAction::SaveCamera(name, camera) => match self.cameras.as_mut() {
+                    Some(store) => {
+                        if let Err(e) = store.set(&name, camera) {
+                            self.errors.push(e.to_string());
+                        }
+                    }
+                    None => self.errors.push(
+                        "the camera store could not be read: the camera was not saved".into(),
+                    ),
+                },
+                SidePanelAction::None => {}
             }
         }
         egui::CentralPanel::no_frame().show(ui, |ui| match self.view.as_mut() {

@@ -24,8 +24,6 @@ use crate::slide::Slide;
 use crate::util::colormap::Colormap;
 use crate::util::fs::write_atomic;
 
-/// A slide coarser than this fraction of the model's high magnification would need upsampled fields.
-
 /// The model in use, loaded once, with the identity of its file's bytes.
 pub(crate) struct LoadedModel {
     path: PathBuf,

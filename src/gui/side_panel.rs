@@ -3,18 +3,20 @@
 use egui::RichText;
 
 use super::viewer::{SlideView, fit_size};
-use crate::slide::{Calibration, CalibrationStore};
+use crate::slide::{Calibration, CalibrationStore, Camera, CameraStore};
 
 /// What the panel asks the app to do.
 pub enum SidePanelAction {
     None,
     SaveCalibration(Calibration),
+    SaveCamera(String, Camera),
 }
 
 pub fn show(
     ui: &mut egui::Ui,
     view: &mut SlideView,
     store_ok: bool,
+    cameras: Option<&CameraStore>,
     filter: &mut String,
 ) -> SidePanelAction {
     let mut action = SidePanelAction::None;
@@ -137,6 +139,9 @@ pub fn show(
                     }
                 });
             }
+            if let Some(a) = camera_editor(ui, view, cameras) {
+                action = a;
+            }
             if !store_ok {
                 ui.colored_label(ui.visuals().warn_fg_color, "The calibration store could not be read: changes last for this session only.");
             }
@@ -180,6 +185,102 @@ pub fn show(
                     });
             },
         );
+    }
+    action
+}
+
+/// Microscope cameras: apply a saved one at an objective (the camera whose frames have this size
+/// first, the objective nearest the estimate suggested), or save this file's scale as a camera.
+fn camera_editor(
+    ui: &mut egui::Ui,
+    view: &mut SlideView,
+    cameras: Option<&CameraStore>,
+) -> Option<SidePanelAction> {
+    let mut action = None;
+    let (w, h) = view.slide.info().dimensions();
+    let frame = u32::try_from(w).ok().zip(u32::try_from(h).ok());
+    ui.separator();
+    let saved: Vec<(String, Camera)> = cameras
+        .map(|s| s.cameras().map(|(n, c)| (n.to_string(), *c)).collect())
+        .unwrap_or_default();
+    if !saved.iter().any(|(n, _)| *n == view.camera_name)
+        && let Some((name, camera)) = saved
+            .iter()
+            .find(|(_, c)| frame.is_some() && c.frame == frame)
+            .or(saved.first())
+    {
+        view.camera_name = name.clone();
+        if let Some((est, _)) = view.estimated_mpp {
+            view.camera_objective = camera.nearest_objective(est);
+        }
+    }
+    if let Some((_, camera)) = saved.iter().find(|(n, _)| *n == view.camera_name) {
+        ui.horizontal(|ui| {
+            egui::ComboBox::from_label("camera")
+                .selected_text(view.camera_name.clone())
+                .show_ui(ui, |ui| {
+                    for (name, _) in &saved {
+                        ui.selectable_value(&mut view.camera_name, name.clone(), name);
+                    }
+                });
+        });
+        ui.horizontal(|ui| {
+            let label = ui.label("at objective").id;
+            ui.add(
+                egui::DragValue::new(&mut view.camera_objective)
+                    .speed(0.1)
+                    .range(0.5..=200.0)
+                    .suffix("x"),
+            )
+            .labelled_by(label);
+            let mpp = camera.mpp_at(view.camera_objective);
+            ui.label(format!("= {mpp:.4} µm/px"));
+        });
+        if let Some((est, _)) = view.estimated_mpp {
+            let nearest = camera.nearest_objective(est);
+            ui.weak(format!(
+                "The estimate ({est:.3} µm/px) is nearest {nearest}x on this camera."
+            ));
+        }
+        if ui.button("Apply camera").clicked() {
+            action = Some(SidePanelAction::SaveCalibration(Calibration {
+                mpp: Some(camera.mpp_at(view.camera_objective)),
+                objective_power: Some(view.camera_objective),
+            }));
+        }
+    }
+    // A stated scale (metadata, scale bar, typed µm/px) can become a camera for later snapshots.
+    if let Some(m) = view.mpp() {
+        ui.horizontal(|ui| {
+            ui.add(
+                egui::TextEdit::singleline(&mut view.new_camera_name)
+                    .hint_text("camera name")
+                    .desired_width(110.0),
+            );
+            let label = ui.label("at").id;
+            ui.add(
+                egui::DragValue::new(&mut view.camera_objective)
+                    .speed(0.1)
+                    .range(0.5..=200.0)
+                    .suffix("x"),
+            )
+            .labelled_by(label);
+        });
+        let name = view.new_camera_name.trim().to_string();
+        let button = ui
+            .add_enabled(!name.is_empty(), egui::Button::new("Save as camera"))
+            .on_hover_text(
+                "This file's µm/px at that objective gives the camera's µm/px at every objective",
+            );
+        if button.clicked()
+            && let Some(camera) = Camera::from_snapshot(m.mean(), view.camera_objective, frame)
+        {
+            view.camera_name = name.clone();
+            view.new_camera_name.clear();
+            action = Some(SidePanelAction::SaveCamera(name, camera));
+        }
+    } else if saved.is_empty() {
+        ui.weak("Once this file's scale is set, it can be saved as a camera for later snapshots.");
     }
     action
 }

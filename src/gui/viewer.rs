@@ -49,6 +49,12 @@ pub struct SlideView {
     pub scale_line: Option<([f64; 2], [f64; 2])>,
     /// The length the user types for that bar, µm.
     pub scale_bar_um: f64,
+    /// The camera chosen in the calibration editor (empty: none chosen yet).
+    pub camera_name: String,
+    /// The objective typed for a camera (to apply it, or to save this file's scale as one).
+    pub camera_objective: f64,
+    /// The name typed for a new camera.
+    pub new_camera_name: String,
 }
 
 /// What the open job hands to the window.
@@ -114,6 +120,9 @@ impl SlideView {
             measuring: false,
             scale_line: None,
             scale_bar_um: 100.0,
+            camera_name: String::new(),
+            camera_objective: calibration.objective_power.unwrap_or(10.0),
+            new_camera_name: String::new(),
         }
     }
 

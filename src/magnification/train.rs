@@ -34,7 +34,7 @@ use crate::nn::hagnifinder::{Hagnifinder, Scaling, Target, asm_factor};
 use crate::nn::vars;
 use crate::util::fs::write_atomic;
 pub use crate::util::run::Start;
-use crate::util::run::{Plateau, RunError, RunFiles, append_line, write_json};
+use crate::util::run::{Plateau, RunError, RunFiles, write_json};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -259,15 +259,15 @@ pub fn train_selected(
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let files = RunFiles::new(dir);
-    let (log_path, last_path, state_path, best_path) =
-        (&files.log, &files.last, &files.state, &files.best);
+    let (last_path, state_path, best_path) = (&files.last, &files.state, &files.best);
 
     // A run folder belongs to one configuration; resuming checks it is the same.
     let mut state = State {
         lr: cfg.lr,
         ..State::default()
     };
-    if let Some(saved) = files.open(cfg)? {
+    let lock = files.lock()?;
+    if let Some(saved) = files.open(&lock, cfg)? {
         state = saved;
         on_event(TrainEvent::Info(format!(
             "resuming after epoch {} (learning rate {:.2e})",
@@ -565,8 +565,7 @@ pub fn train_selected(
             save(best_path, state.m, epoch, &log)?;
         }
         state.epoch = epoch;
-        write_json(state_path, &state).map_err(io(state_path))?;
-        append_line(log_path, &log).map_err(io(log_path))?;
+        files.commit_epoch(&log, &state)?;
         on_event(TrainEvent::Epoch(log));
     }
     // A run without a second round still gets m, so that its checkpoint can be used.

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use image::RgbaImage;
 use serde::Serialize;
 
-pub use calibration::{CalibrationStore, CalibrationStoreError};
+pub use calibration::{CalibrationStore, CalibrationStoreError, Camera, CameraStore};
 pub use error::SlideError;
 pub use resolution::{Calibration, Mpp, MppSource};
 pub use snapshot::RESOLUTION_NOTE;
@@ -55,9 +55,15 @@ pub enum SourceKind {
     Snapshot { format: String },
 }
 
+fn lossy_path<S: serde::Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&path.to_string_lossy())
+}
+
 /// Everything known about a slide or snapshot once it is open.
 #[derive(Debug, Clone, Serialize)]
 pub struct SlideInfo {
+    /// Serialised lossily: a file name that is not UTF-8 still gives JSON (with U+FFFD).
+    #[serde(serialize_with = "lossy_path")]
     pub path: PathBuf,
     pub source: SourceKind,
     pub levels: Vec<Level>,
@@ -271,7 +277,9 @@ impl Slide {
     }
 
     /// The whole slide, antialiased to fit in `max_side` pixels. Reads the coarsest level in chunks,
-    /// so memory stays bounded even for a single-level gigapixel file.
+    /// so memory stays bounded even for a single-level gigapixel file; when that level is larger
+    /// than [`THUMBNAIL_FULL_READ_PIXELS`] (a huge slide without a pyramid), it is sampled sparsely
+    /// instead, so that the time is bounded too.
     pub fn thumbnail(&self, max_side: u32) -> Result<RgbaImage, SlideError> {
         const CHUNK: u64 = 2048;
         let top = self.info.levels.len() - 1;
@@ -279,6 +287,9 @@ impl Slide {
         let scale = (f64::from(max_side) / lv.width.max(lv.height) as f64).min(1.0);
         let tw = ((lv.width as f64 * scale).round() as u32).max(1);
         let th = ((lv.height as f64 * scale).round() as u32).max(1);
+        if lv.width.saturating_mul(lv.height) > THUMBNAIL_FULL_READ_PIXELS {
+            return self.sparse_thumbnail(top, tw, th);
+        }
         let mut thumb = RgbaImage::new(tw, th);
         for cy in (0..lv.height).step_by(CHUNK as usize) {
             for cx in (0..lv.width).step_by(CHUNK as usize) {
@@ -304,6 +315,52 @@ impl Slide {
             }
         }
         Ok(thumb)
+    }
+}
+
+/// Largest coarsest level a thumbnail reads whole (16384² pixels, a few seconds of decoding).
+pub const THUMBNAIL_FULL_READ_PIXELS: u64 = 1 << 28;
+
+/// Samples per side of a sparse thumbnail: one small read each, at most 128² reads.
+const SPARSE_SAMPLES: u32 = 128;
+
+impl Slide {
+    /// A `tw`x`th` thumbnail of `level` from a grid of at most 128x128 small reads (each the mean of
+    /// 8x8 pixels at a cell's centre), scaled up without smoothing: a coarse but bounded picture.
+    fn sparse_thumbnail(&self, level: usize, tw: u32, th: u32) -> Result<RgbaImage, SlideError> {
+        const PATCH: u32 = 8;
+        let lv = self.info.levels[level];
+        let gw = tw.clamp(1, SPARSE_SAMPLES);
+        let gh = th.clamp(1, SPARSE_SAMPLES);
+        log::info!(
+            "{}: {}x{} pixels without a coarser level: thumbnail sampled at {gw}x{gh} points",
+            self.info.path.display(),
+            lv.width,
+            lv.height
+        );
+        let mut grid = RgbaImage::new(gw, gh);
+        for gy in 0..gh {
+            for gx in 0..gw {
+                let cx = ((f64::from(gx) + 0.5) / f64::from(gw) * lv.width as f64) as i64;
+                let cy = ((f64::from(gy) + 0.5) / f64::from(gh) * lv.height as f64) as i64;
+                let x0 = ((cx - i64::from(PATCH / 2)) as f64 * lv.downsample).round() as i64;
+                let y0 = ((cy - i64::from(PATCH / 2)) as f64 * lv.downsample).round() as i64;
+                let patch = self.read_region(level, x0, y0, PATCH, PATCH)?;
+                let mut sum = [0u64; 4];
+                for p in patch.pixels() {
+                    for (s, v) in sum.iter_mut().zip(p.0) {
+                        *s += u64::from(v);
+                    }
+                }
+                let n = u64::from(PATCH * PATCH);
+                grid.put_pixel(gx, gy, image::Rgba(sum.map(|s| (s / n) as u8)));
+            }
+        }
+        Ok(if (gw, gh) == (tw, th) {
+            grid
+        } else {
+            image::imageops::resize(&grid, tw, th, image::imageops::FilterType::Nearest)
+        })
     }
 }
 
@@ -334,7 +391,15 @@ fn image_magic(path: &Path) -> Option<image::ImageFormat> {
     let mut head = [0u8; 64];
     let mut f = std::fs::File::open(path).ok()?;
     let n = f.read(&mut head).ok()?;
-    image::guess_format(&head[..n]).ok()
+    sniff_format(&head[..n])
+}
+
+/// The image format of a file's first bytes: `image`'s guess, and BigTIFF (which it does not know).
+pub(crate) fn sniff_format(head: &[u8]) -> Option<image::ImageFormat> {
+    if head.starts_with(b"II+\0") || head.starts_with(b"MM\0+") {
+        return Some(image::ImageFormat::Tiff);
+    }
+    image::guess_format(head).ok()
 }
 
 #[cfg(test)]

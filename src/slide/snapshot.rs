@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
 
-use image::{ImageError, ImageFormat, ImageReader, RgbaImage};
+use image::{ImageDecoder as _, ImageError, ImageFormat, ImageReader, RgbaImage};
 
 use super::pixels::halve;
 use super::resolution::{Mpp, MppSource, mpp_from_resolution, ome_physical_size, resolution_mpp};
@@ -24,6 +24,38 @@ fn decode_limit_bytes() -> u64 {
     }
     let avail = crate::util::memory::available_ram_bytes().unwrap_or(8 << 30);
     (avail / 3).min(16 << 30)
+}
+
+/// A reader of `path` with its format sniffed from the contents (BigTIFF included).
+fn with_format(path: &Path) -> Result<ImageReader<BufReader<File>>, SlideError> {
+    use std::io::Read as _;
+    let io = |source| SlideError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut head = [0u8; 64];
+    let n = File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(io)?;
+    let mut reader = ImageReader::open(path).map_err(io)?;
+    match super::sniff_format(&head[..n]) {
+        Some(f) => reader.set_format(f),
+        None => reader = reader.with_guessed_format().map_err(io)?,
+    }
+    Ok(reader)
+}
+
+/// The most memory decoding and viewing a `width`x`height` image of `native_bytes` per pixel takes:
+/// the native buffer and its RGBA8 copy side by side while converting (one buffer when it is
+/// RGBA8 already), then the RGBA8 pyramid (4/3 of the base).
+fn peak_decode_bytes(width: u32, height: u32, native_bytes: u64) -> u64 {
+    let px = u64::from(width) * u64::from(height);
+    let converting = if native_bytes == 4 {
+        4
+    } else {
+        native_bytes + 4
+    };
+    px.saturating_mul(converting).max(px.saturating_mul(16) / 3)
 }
 
 pub(crate) struct SnapshotBackend {
@@ -71,19 +103,20 @@ impl SnapshotBackend {
             path: path.to_path_buf(),
             source,
         };
-        let reader = ImageReader::open(path)
-            .map_err(io)?
-            .with_guessed_format()
-            .map_err(io)?;
+        let reader = with_format(path)?;
         let format = reader.format().ok_or_else(|| SlideError::Unsupported {
             path: path.to_path_buf(),
             reason: "unknown image format".into(),
         })?;
         // Read the header first: a decompression bomb is refused before anything is allocated.
-        let (width, height) = match reader.into_dimensions() {
-            Ok(d) => d,
+        let (width, height, native_bytes) = match reader.into_decoder() {
+            Ok(d) => {
+                let (w, h) = d.dimensions();
+                (w, h, u64::from(d.color_type().bytes_per_pixel()))
+            }
             Err(e) if format == ImageFormat::Tiff => {
-                tiff_dimensions(path).ok_or_else(|| map_image_error(path, e))?
+                let (w, h) = tiff_dimensions(path).ok_or_else(|| map_image_error(path, e))?;
+                (w, h, 8)
             }
             Err(e) => return Err(map_image_error(path, e)),
         };
@@ -93,13 +126,16 @@ impl SnapshotBackend {
                 reason: format!("image has no pixels ({width}x{height})"),
             });
         }
-        let needed = u64::from(width) * u64::from(height) * 4;
+        let needed = peak_decode_bytes(width, height, native_bytes);
         let limit = decode_limit_bytes();
         if needed > limit {
             return Err(SlideError::TooLarge {
                 path: path.to_path_buf(),
                 reason: format!(
-                    "{width}x{height} pixels need {} MiB, more than the {} MiB allowed",
+                    "{width}x{height} pixels need {} MiB to decode and view, more than the {} MiB \
+                     budget (a third of the available memory); raise it with \
+                     HISTOLENS_MAX_DECODE_MB, or convert the image to a tiled pyramid (e.g. `vips \
+                     tiffsave IN OUT.tif --tile --pyramid`), which opens in any size",
                     needed >> 20,
                     limit >> 20
                 ),
@@ -115,13 +151,10 @@ impl SnapshotBackend {
                 });
             }
         }
-        let mut reader = ImageReader::open(path)
-            .map_err(io)?
-            .with_guessed_format()
-            .map_err(io)?;
+        let mut reader = with_format(path)?;
         let mut limits = image::Limits::default();
-        // The native buffer may be 16-bit with 4 channels: twice the RGBA8 size, plus decoder scratch.
-        limits.max_alloc = Some(limit.saturating_mul(2));
+        // The decoder's own buffers: the native image plus its scratch, never more than the budget.
+        limits.max_alloc = Some(limit);
         reader.limits(limits);
         let decoded = match reader.decode() {
             Ok(d) => d,
@@ -137,8 +170,8 @@ impl SnapshotBackend {
         properties.insert("image.color-type".into(), format!("{:?}", decoded.color()));
         properties.insert("image.width".into(), width.to_string());
         properties.insert("image.height".into(), height.to_string());
-        let base = decoded.to_rgba8();
-        drop(decoded);
+        // Converted in place when it is already RGBA8 (no second copy).
+        let base = decoded.into_rgba8();
 
         let mut levels = vec![base];
         while let Some(last) = levels.last() {

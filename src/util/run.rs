@@ -48,12 +48,85 @@ pub enum RunError {
         .0.display()
     )]
     ConfigMismatch(PathBuf),
+    #[error(
+        "the run in {} is being written by another process ({holder}): wait for it to finish or \
+         stop it, or use another run folder",
+        dir.display()
+    )]
+    Locked { dir: PathBuf, holder: String },
+}
+
+/// The exclusive right to write a run folder, held while this value lives (an OS file lock, so
+/// a killed process releases it).
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
 }
 
 impl RunFiles {
+    /// Takes the run folder for this process (a second writer, a `train` command or the window's
+    /// panel, is refused with the holder's name) and removes temporary files a crash left behind.
+    pub fn lock(&self) -> Result<RunLock, RunError> {
+        use std::fs::TryLockError;
+        let path = self.dir.join(".lock");
+        let io = |source| RunError::Io {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&self.dir).map_err(io)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path)
+                    .ok()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "unknown process".into());
+                return Err(RunError::Locked {
+                    dir: self.dir.clone(),
+                    holder,
+                });
+            }
+            Err(TryLockError::Error(e)) => return Err(io(e)),
+        }
+        let command: Vec<String> = std::env::args().collect();
+        let holder = format!("pid {}: {}", std::process::id(), command.join(" "));
+        file.set_len(0).map_err(io)?;
+        file.write_all(holder.as_bytes()).map_err(io)?;
+        file.flush().map_err(io)?;
+        self.remove_temporaries();
+        Ok(RunLock { _file: file })
+    }
+
+    /// Removes the `.histolens-*.tmp` files of atomic writes that a kill interrupted.
+    fn remove_temporaries(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".histolens-") && name.ends_with(".tmp") {
+                match std::fs::remove_file(e.path()) {
+                    Ok(()) => log::info!("removed a stale temporary file {}", e.path().display()),
+                    Err(err) => log::warn!("cannot remove {}: {err}", e.path().display()),
+                }
+            }
+        }
+    }
+
     /// Starts a run (writes `config.json`) or resumes one: a folder that holds a run must have been
-    /// made with the same configuration, and its saved state is returned.
-    pub fn open<C, S>(&self, cfg: &C) -> Result<Option<S>, RunError>
+    /// made with the same configuration, and its saved state is returned. The log is cut back to
+    /// the saved state's epochs (an epoch logged but not saved, by a kill, is trained again), so
+    /// that it holds every epoch once. Call with the folder [`locked`](Self::lock).
+    pub fn open<C, S>(&self, _lock: &RunLock, cfg: &C) -> Result<Option<S>, RunError>
     where
         C: Serialize + DeserializeOwned + PartialEq,
         S: DeserializeOwned,
@@ -64,14 +137,76 @@ impl RunFiles {
         };
         if !self.state.exists() {
             write_json(&self.config, cfg).map_err(io(&self.config))?;
+            // A log without a state is of a run killed before its first epoch was saved.
+            if self.log.exists() {
+                trim_log(&self.log, 0).map_err(io(&self.log))?;
+            }
             return Ok(None);
         }
         let old: C = read_json(&self.config).map_err(io(&self.config))?;
         if old != *cfg {
             return Err(RunError::ConfigMismatch(self.dir.clone()));
         }
-        read_json(&self.state).map(Some).map_err(io(&self.state))
+        let state: serde_json::Value = read_json(&self.state).map_err(io(&self.state))?;
+        if let Some(epoch) = state.get("epoch").and_then(|e| e.as_u64())
+            && self.log.exists()
+        {
+            trim_log(&self.log, epoch).map_err(io(&self.log))?;
+        }
+        serde_json::from_value(state)
+            .map(Some)
+            .map_err(|e| io(&self.state)(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
     }
+
+    /// Records a finished epoch: its log line first, then the state that resuming reads (a kill
+    /// between the two is undone by [`open`](Self::open)).
+    pub fn commit_epoch(
+        &self,
+        log: &impl Serialize,
+        state: &impl Serialize,
+    ) -> Result<(), RunError> {
+        append_line(&self.log, log).map_err(|source| RunError::Io {
+            path: self.log.clone(),
+            source,
+        })?;
+        write_json(&self.state, state).map_err(|source| RunError::Io {
+            path: self.state.clone(),
+            source,
+        })
+    }
+}
+
+/// Keeps the log lines of epochs 1..=`epochs`, the last line of each (and lines without an epoch),
+/// dropping lines cut by a crash; rewritten atomically, only when something changes.
+fn trim_log(path: &Path, epochs: u64) -> std::io::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let mut kept: Vec<(Option<u64>, &str)> = Vec::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let epoch = v.get("epoch").and_then(|e| e.as_u64());
+        if epoch.is_some_and(|e| e > epochs) {
+            continue;
+        }
+        if let Some(e) = epoch {
+            kept.retain(|(k, _)| *k != Some(e));
+        }
+        kept.push((epoch, line));
+    }
+    let mut out = String::new();
+    for (_, line) in &kept {
+        out.push_str(line);
+        out.push('\n');
+    }
+    if out != text {
+        log::warn!(
+            "{}: log lines of epochs not saved (or repeated) were dropped",
+            path.display()
+        );
+        write_atomic(path, out.as_bytes())?;
+    }
+    Ok(())
 }
 
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> std::io::Result<T> {
@@ -170,5 +305,70 @@ mod tests {
         f.write_all(b"{\"a\": 3").unwrap();
         let v: Vec<serde_json::Value> = read_lines(&p).unwrap();
         assert_eq!(v.len(), 2);
+    }
+
+    #[test]
+    fn one_writer_per_run_and_stale_temporaries_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = RunFiles::new(dir.path());
+        let stale = dir.path().join(".histolens-abc123.tmp");
+        std::fs::write(&stale, b"half a checkpoint").unwrap();
+        let lock = files.lock().unwrap();
+        assert!(!stale.exists(), "the crash's temporary file is gone");
+        match files.lock() {
+            Err(RunError::Locked { holder, .. }) => {
+                assert!(
+                    holder.contains(&format!("pid {}", std::process::id())),
+                    "{holder}"
+                )
+            }
+            other => panic!("a second writer must be refused: {other:?}"),
+        }
+        drop(lock);
+        files.lock().expect("free again once the first writer ends");
+    }
+
+    #[test]
+    fn a_kill_between_log_and_state_leaves_every_epoch_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = RunFiles::new(dir.path());
+        let lock = files.lock().unwrap();
+        let cfg = serde_json::json!({"lr": 0.1});
+        assert!(
+            files
+                .open::<_, serde_json::Value>(&lock, &cfg)
+                .unwrap()
+                .is_none()
+        );
+        for epoch in 1..=2 {
+            files
+                .commit_epoch(
+                    &serde_json::json!({"epoch": epoch}),
+                    &serde_json::json!({"epoch": epoch}),
+                )
+                .unwrap();
+        }
+        // Epoch 3 logged, then killed before its state was written; and a torn line.
+        append_line(&files.log, &serde_json::json!({"epoch": 3})).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&files.log)
+            .unwrap();
+        f.write_all(b"{\"epoch\": 4, \"train").unwrap();
+        let state: serde_json::Value = files.open(&lock, &cfg).unwrap().unwrap();
+        assert_eq!(state["epoch"], 2);
+        // Epoch 3 is trained again and logged once.
+        files
+            .commit_epoch(
+                &serde_json::json!({"epoch": 3}),
+                &serde_json::json!({"epoch": 3}),
+            )
+            .unwrap();
+        let epochs: Vec<u64> = read_lines::<serde_json::Value>(&files.log)
+            .unwrap()
+            .iter()
+            .map(|v| v["epoch"].as_u64().unwrap())
+            .collect();
+        assert_eq!(epochs, [1, 2, 3]);
     }
 }

@@ -113,3 +113,52 @@ pub fn tiff_with_tags(
     }
     image.write_data(img.as_raw()).unwrap();
 }
+
+/// A single-level tiled TIFF of `side`x`side` pixels (256² uncompressed RGB tiles) whose tiles all
+/// point at one pink tile: a gigapixel slide without a pyramid in a few MB.
+pub fn huge_tiled_tiff(path: &std::path::Path, side: u32) {
+    const T: u32 = 256;
+    let tiles_per_side = side.div_ceil(T);
+    let n_tiles = tiles_per_side * tiles_per_side;
+    let tile_bytes = T * T * 3;
+    let entries: u16 = 10;
+    let ifd_len = 2 + 12 * u32::from(entries) + 4;
+    let bps_off = 8 + ifd_len;
+    let offsets_off = bps_off + 6 + 2;
+    let counts_off = offsets_off + 4 * n_tiles;
+    let data_off = counts_off + 4 * n_tiles;
+    let mut out = b"II*\0".to_vec();
+    out.extend_from_slice(&8u32.to_le_bytes());
+    out.extend_from_slice(&entries.to_le_bytes());
+    let mut tag = |t: u16, ty: u16, count: u32, value: u32| {
+        out.extend_from_slice(&t.to_le_bytes());
+        out.extend_from_slice(&ty.to_le_bytes());
+        out.extend_from_slice(&count.to_le_bytes());
+        out.extend_from_slice(&value.to_le_bytes());
+    };
+    tag(256, 4, 1, side); // ImageWidth
+    tag(257, 4, 1, side); // ImageLength
+    tag(258, 3, 3, bps_off); // BitsPerSample 8,8,8
+    tag(259, 3, 1, 1); // no compression
+    tag(262, 3, 1, 2); // RGB
+    tag(277, 3, 1, 3); // SamplesPerPixel
+    tag(322, 3, 1, T); // TileWidth
+    tag(323, 3, 1, T); // TileLength
+    tag(324, 4, n_tiles, offsets_off); // TileOffsets
+    tag(325, 4, n_tiles, counts_off); // TileByteCounts
+    out.extend_from_slice(&0u32.to_le_bytes());
+    for _ in 0..3 {
+        out.extend_from_slice(&8u16.to_le_bytes());
+    }
+    out.extend_from_slice(&[0, 0]);
+    for _ in 0..n_tiles {
+        out.extend_from_slice(&data_off.to_le_bytes());
+    }
+    for _ in 0..n_tiles {
+        out.extend_from_slice(&tile_bytes.to_le_bytes());
+    }
+    for _ in 0..T * T {
+        out.extend_from_slice(&[230, 160, 200]);
+    }
+    std::fs::write(path, out).unwrap();
+}
