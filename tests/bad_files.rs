@@ -73,10 +73,8 @@ fn encoded(format: image::ImageFormat) -> Vec<u8> {
     buf.into_inner()
 }
 
-#[test]
-fn bad_file_corpus() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// Writes the corpus into `d`: each file's name and the error kinds it may give.
+fn write_corpus(d: &Path) -> Vec<(&'static str, &'static [&'static str])> {
     let sample = std::fs::read(common::sample_slide()).unwrap();
     let png = encoded(image::ImageFormat::Png);
     let jpeg = encoded(image::ImageFormat::Jpeg);
@@ -117,10 +115,21 @@ fn bad_file_corpus() {
             &["unsupported"],
         ),
     ];
-    for (name, bytes, expected) in &cases {
-        let p = d.join(name);
-        std::fs::write(&p, bytes).unwrap();
-        let got = kind_of(&p);
+    cases
+        .into_iter()
+        .map(|(name, bytes, expected)| {
+            std::fs::write(d.join(name), bytes).unwrap();
+            (name, expected)
+        })
+        .collect()
+}
+
+#[test]
+fn bad_file_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (name, expected) in write_corpus(d) {
+        let got = kind_of(&d.join(name));
         assert!(
             expected.contains(&got),
             "{name}: expected one of {expected:?}, got {got}"
@@ -129,6 +138,50 @@ fn bad_file_corpus() {
     assert_eq!(kind_of(&d.join("missing.svs")), "not-found");
     std::fs::create_dir(d.join("folder.svs")).unwrap();
     assert_eq!(kind_of(&d.join("folder.svs")), "unsupported");
+}
+
+/// Every read command over the corpus, as a user runs the binary: no panic, no signal, exit 1 with
+/// `error:` naming the file (or a report row naming it, for `predict`, which goes on).
+#[test]
+fn every_read_command_fails_cleanly_on_the_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("out");
+    let corpus = write_corpus(d);
+    for (name, _) in &corpus {
+        let file = d.join(name);
+        let commands: [&[&str]; 5] = [
+            &["info"],
+            &["info", "--json"],
+            &["predict"],
+            &["heatmap", "--mpp", "0.5", "--out"],
+            &["bench", "tiles"],
+        ];
+        for args in commands {
+            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_histolens"));
+            c.env("HISTOLENS_DATA_DIR", d.join("data")).args(args);
+            if args.contains(&"--out") {
+                c.arg(&out);
+            }
+            let o = c.arg(&file).output().unwrap();
+            let text = String::from_utf8_lossy(&o.stdout).to_string()
+                + &String::from_utf8_lossy(&o.stderr);
+            let code = o.status.code();
+            assert!(
+                code == Some(0) || code == Some(1),
+                "{args:?} {name}: exit {:?} (a panic is 101, a signal none)\n{text}",
+                o.status
+            );
+            assert!(!text.contains("panicked"), "{args:?} {name}\n{text}");
+            assert!(
+                text.contains(name),
+                "{args:?} {name}: the file is not named\n{text}"
+            );
+            if code == Some(1) {
+                assert!(text.contains("error:"), "{args:?} {name}\n{text}");
+            }
+        }
+    }
 }
 
 #[test]

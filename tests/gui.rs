@@ -204,6 +204,39 @@ fn bad_drop_shows_error_and_keeps_the_slide() {
     assert!(h.state().errors().is_empty());
 }
 
+/// A gigapixel slide without a pyramid opens in bounded time (its overview sampled sparsely), and
+/// an open can be cancelled from the toolbar, the slide that was open staying open.
+#[test]
+fn a_pyramidless_gigapixel_slide_opens_and_an_open_can_be_cancelled() {
+    let data = tempfile::tempdir().unwrap();
+    let huge = data.path().join("no-pyramid.tif");
+    common::huge_tiled_tiff(&huge, 200_000);
+    let mut h = harness(Some(common::sample_slide()), data.path());
+    settle(&mut h);
+    h.input_mut()
+        .dropped_files
+        .push(Arc::new(Dropped(huge.clone())));
+    h.step();
+    // The window answers while the file opens: the toolbar offers to cancel.
+    h.get_by_label("Cancel").click_accesskit();
+    h.run_steps(2);
+    assert!(h.state().errors().is_empty(), "{:?}", h.state().errors());
+    assert_eq!(
+        h.state().view().unwrap().slide.path(),
+        common::sample_slide(),
+        "the sample stays open"
+    );
+    h.input_mut()
+        .dropped_files
+        .push(Arc::new(Dropped(huge.clone())));
+    h.step();
+    settle(&mut h);
+    assert!(h.state().errors().is_empty(), "{:?}", h.state().errors());
+    let view = h.state().view().unwrap();
+    assert_eq!(view.slide.path(), huge);
+    assert_eq!(view.slide.info().dimensions(), (200_000, 200_000));
+}
+
 #[test]
 fn calibration_by_hand_is_remembered() {
     let data = tempfile::tempdir().unwrap();

@@ -601,3 +601,77 @@ fn shipped_model_reaches_its_reported_accuracy() {
     );
     assert!(fused["within_25"].as_f64().unwrap() >= 0.75, "{fused}");
 }
+
+/// A real `histolens train` process killed (SIGKILL) at several moments, then resumed: the run
+/// ends with every epoch logged once and no temporary file left; and while one process writes the
+/// run, a second is refused with the holder named. (`scripts/kill-resume.sh` does 20 kills.)
+#[test]
+fn killed_runs_resume_with_every_epoch_once_and_one_writer() {
+    let (ds_dir, _) = dataset();
+    let manifest = ds_dir.path().join("manifest.csv");
+    let run = tempfile::tempdir().unwrap();
+    let train = || {
+        let mut c = histolens();
+        c.args(["train", "magnification", "--data"])
+            .arg(&manifest)
+            .arg("--run")
+            .arg(run.path())
+            .args([
+                "--arch",
+                "resnet18",
+                "--size",
+                "64",
+                "--batch",
+                "8",
+                "--epochs-asm",
+                "4",
+                "--epochs-constant",
+                "2",
+                "--steps-per-epoch",
+                "2",
+                "--target",
+                "log2",
+                "--device",
+                "cpu",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    for (i, ms) in [700u64, 1500, 2600, 4000].into_iter().enumerate() {
+        let mut child = train().spawn().unwrap();
+        if i == 1 {
+            // A second writer while the first holds the run.
+            std::thread::sleep(std::time::Duration::from_millis(400));
+            let out = train().output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            if !out.status.success() {
+                assert!(
+                    err.contains("being written by another process (pid"),
+                    "{err}"
+                );
+            } else {
+                // The first finished before the second started: then it resumed a finished run.
+                assert!(child.try_wait().unwrap().is_some(), "{err}");
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let out = train().output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let epochs: Vec<usize> = read_log(run.path()).iter().map(|l| l.epoch).collect();
+    assert_eq!(epochs, vec![1, 2, 3, 4, 5, 6], "each epoch logged once");
+    let leftovers: Vec<_> = std::fs::read_dir(run.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -297,7 +297,21 @@ pub fn build(
     }
     let manifest_path = out.join("manifest.csv");
     if cfg.append && manifest_path.exists() {
-        let mut old = Manifest::load(&manifest_path)?.records;
+        let old_manifest = Manifest::load(&manifest_path)?;
+        // Patches an earlier run lost (a kill before their rename, a deleted file) leave the
+        // manifest, with a warning, rather than break the training that reads it.
+        let (mut old, lost): (Vec<_>, Vec<_>) =
+            old_manifest.records.iter().cloned().partition(|r| {
+                std::fs::metadata(old_manifest.resolve(r)).is_ok_and(|m| m.len() > 0)
+            });
+        if !lost.is_empty() {
+            log::warn!(
+                "{}: {} patch(es) listed but missing or empty were dropped (first: {})",
+                manifest_path.display(),
+                lost.len(),
+                old_manifest.resolve(&lost[0]).display()
+            );
+        }
         old.append(&mut records);
         records = old;
     }

@@ -531,6 +531,15 @@ impl HistolensApp {
                 ui.separator();
                 ui.spinner();
                 ui.label(format!("Opening {}…", job.path.display()));
+                // The worker finishes on its own; its result is then dropped, and whatever was
+                // open stays open.
+                if ui
+                    .button("Cancel")
+                    .on_hover_text("Stop waiting for this file")
+                    .clicked()
+                {
+                    self.opening = None;
+                }
             }
         });
     }

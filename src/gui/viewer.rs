@@ -312,7 +312,7 @@ impl SlideView {
         let full_uv = ERect::from_min_max(pos2(0.0, 0.0), pos2(1.0, 1.0));
         // The overview under everything while any visible tile is missing: never a blank once the
         // slide is open. (Skipped otherwise: software renderers pay for every overdrawn pixel.)
-        if plan.visible.iter().any(|k| !self.textures.contains(*k)) {
+        if plan.visible.is_empty() || plan.visible.iter().any(|k| !self.textures.contains(*k)) {
             painter.image(self.overview.id(), slide_rect, full_uv, Color32::WHITE);
         }
         let grid = self.streamer.grid().clone();

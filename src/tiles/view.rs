@@ -135,9 +135,23 @@ pub struct TilePlan {
 }
 
 /// Plans tiles for `view` drawn at `pixels_per_point` physical pixels per screen unit.
+/// More visible tiles than this (a slide without a coarse enough level, zoomed out) are not loaded:
+/// the overview stands in, so that a pyramid-less gigapixel slide never floods the loaders.
+pub const MAX_VISIBLE_TILES: f64 = 1024.0;
+
 pub fn plan_tiles(grid: &TileGrid, view: &Viewport, pixels_per_point: f64, ring: u32) -> TilePlan {
     let level = grid.level_for_downsample(view.downsample() / pixels_per_point.max(1e-6));
     let rect = view.visible_rect();
+    let tile_level0 = f64::from(grid.tile_size()) * grid.levels()[level].downsample;
+    let across = (rect.x1 - rect.x0) / tile_level0 + 1.0;
+    let down = (rect.y1 - rect.y0) / tile_level0 + 1.0;
+    if across * down > MAX_VISIBLE_TILES {
+        return TilePlan {
+            level,
+            visible: Vec::new(),
+            wanted: Vec::new(),
+        };
+    }
     let centre = rect.center();
     let by_distance = |keys: &mut Vec<TileKey>| {
         keys.sort_by(|a, b| {
@@ -279,5 +293,26 @@ mod tests {
         assert_eq!(plan_tiles(&g, &v, 1.0, 0).level, 1);
         // At 2 physical pixels per point the screen resolves 2.5 level-0 px: level 1 (4x) is too blurry.
         assert_eq!(plan_tiles(&g, &v, 2.0, 0).level, 0);
+    }
+
+    #[test]
+    fn zoomed_out_on_a_level_too_fine_plans_no_tile() {
+        let g = TileGrid::new(
+            vec![Level {
+                width: 200_000,
+                height: 200_000,
+                downsample: 1.0,
+            }],
+            256,
+        );
+        let fit = Viewport {
+            center: [100_000.0, 100_000.0],
+            scale: 800.0 / 200_000.0,
+            size: [1280.0, 800.0],
+        };
+        let plan = plan_tiles(&g, &fit, 1.0, 1);
+        assert!(plan.visible.is_empty() && plan.wanted.is_empty());
+        let close = Viewport { scale: 1.0, ..fit };
+        assert!(!plan_tiles(&g, &close, 1.0, 1).visible.is_empty());
     }
 }
