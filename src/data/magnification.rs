@@ -353,12 +353,17 @@ pub(crate) fn split_for_rank(rank: usize, n: usize, fractions: [f64; 3]) -> Spli
     }
 }
 
+/// The most blocks a source is cut into (unless `block_px` asks for more).
+const MAX_BLOCKS: u64 = 64;
+
 /// A grid of disjoint blocks over the level 0, dealt to the splits in a shuffled order.
 fn blocks_for((w, h): (u64, u64), cfg: &BuildConfig, rng: &mut impl Rng) -> Vec<Block> {
     let side = if cfg.block_px > 0 {
         cfg.block_px
     } else {
-        (w.min(h) / 2).clamp(1024, 16384)
+        // At most MAX_BLOCKS blocks: a huge slide gets larger blocks, not more of them.
+        let fit = ((w as f64 * h as f64 / MAX_BLOCKS as f64).sqrt().ceil()) as u64;
+        (w.min(h) / 2).clamp(1024, 16384).max(fit)
     };
     let (nx, ny) = ((w / side).max(1), (h / side).max(1));
     let (bw, bh) = (w / nx, h / ny);

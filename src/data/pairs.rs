@@ -638,6 +638,9 @@ fn sorted_entries(dir: &Path, keep: fn(&Path) -> bool) -> Result<Vec<PathBuf>, P
     Ok(paths)
 }
 
+/// The most fields one labelled image gives.
+const MAX_FIELDS_PER_IMAGE: u64 = 256;
+
 /// Whole fields tiled over an image (after downsampling it to the high magnification), centred.
 /// A file that is not an image is skipped: a folder of images often holds a stray note.
 fn image_fields(image: &ImageSource, g: &PairGeometry) -> Result<Vec<Field>, PairError> {
@@ -661,17 +664,28 @@ fn image_fields(image: &ImageSource, g: &PairGeometry) -> Result<Vec<Field>, Pai
     }
     let mx = (w as f64 - nx as f64 * side) / 2.0;
     let my = (h as f64 - ny as f64 * side) / 2.0;
-    let mut fields = Vec::with_capacity((nx * ny) as usize);
-    for j in 0..ny {
-        for i in 0..nx {
-            let (x, y) = (mx + i as f64 * side, my + j as f64 * side);
-            fields.push(Field {
-                class: image.class.clone(),
-                group: image.group.clone(),
-                region: square_region(x, y, side),
-                high: read_field(&slide, x, y, side, out)?,
-            });
-        }
+    // A labelled image is a field of view, not a slide: a huge one gives evenly spread fields, at
+    // most MAX_FIELDS_PER_IMAGE, so that work and memory stay bounded.
+    let total = nx * ny;
+    let step = total.div_ceil(MAX_FIELDS_PER_IMAGE);
+    if step > 1 {
+        log::warn!(
+            "{}: {w}x{h} px holds {total} fields; {} evenly spread are used (give a slide this \
+             large with labelled regions instead)",
+            file.display(),
+            total.div_ceil(step)
+        );
+    }
+    let mut fields = Vec::with_capacity(total.div_ceil(step) as usize);
+    for k in (0..total).step_by(step as usize) {
+        let (i, j) = (k % nx, k / nx);
+        let (x, y) = (mx + i as f64 * side, my + j as f64 * side);
+        fields.push(Field {
+            class: image.class.clone(),
+            group: image.group.clone(),
+            region: square_region(x, y, side),
+            high: read_field(&slide, x, y, side, out)?,
+        });
     }
     Ok(fields)
 }
