@@ -13,12 +13,12 @@ export HISTOLENS_DATA_DIR="$out/data-dir"
 rm -rf "$out" && mkdir -p "$out"
 $h dataset magnification assets/samples/CMU-1-Small-Region.svs --mpp 0.499 --magnifications 5,10,20,40 \
   --per-magnification 8 --out "$out/data" >/dev/null
-train() {
-  $h train magnification --data "$out/data/manifest.csv" --run "$out/run" --arch resnet18 --size 64 \
-    --batch 8 --epochs-asm 8 --epochs-constant 4 --steps-per-epoch 3 --target log2 --device cpu "$@"
-}
+args=(train magnification --data "$out/data/manifest.csv" --run "$out/run" --arch resnet18 --size 64
+  --batch 8 --epochs-asm 8 --epochs-constant 4 --steps-per-epoch 3 --target log2 --device cpu)
+train() { "$h" "${args[@]}"; }
 for i in $(seq "$kills"); do
-  train >/dev/null 2>&1 &
+  # The binary itself in the background (not a subshell), so that kill -9 reaches it.
+  "$h" "${args[@]}" >/dev/null 2>&1 &
   pid=$!
   if [ "$i" -eq 1 ]; then
     sleep 0.5
