@@ -91,8 +91,7 @@ pub fn calibrate(a: CalibrateArgs) -> anyhow::Result<()> {
         positive("--bar-um", a.bar_um)?,
     );
     let slide = Slide::open(&a.file)?;
-    let store_path = CalibrationStore::default_path();
-    let mut store = CalibrationStore::load(&store_path)?;
+    let mut store = CalibrationStore::load(CalibrationStore::default_path())?;
     let calibration = if a.clear {
         Calibration::default()
     } else if let (Some(px), Some(um)) = (bar_px, bar_um) {
@@ -179,9 +178,7 @@ pub fn camera(c: CameraCommand) -> anyhow::Result<()> {
             let (mpp, frame) = match (&a.from, positive("--mpp", a.mpp)?) {
                 (Some(file), _) => {
                     let slide = Slide::open(file)?;
-                    let calibration = CalibrationStore::load(CalibrationStore::default_path())
-                        .map(|s| s.get(file))
-                        .unwrap_or_default();
+                    let calibration = CalibrationStore::saved_for(file);
                     let info = slide.info();
                     let m = info.effective_mpp(&calibration).with_context(|| {
                         format!(

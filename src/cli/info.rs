@@ -8,9 +8,7 @@ use histolens::slide::{CalibrationStore, Slide};
 pub fn run(path: &Path, json: bool) -> anyhow::Result<()> {
     let slide = Slide::open(path)?;
     let info = slide.info();
-    let calibration = CalibrationStore::load(CalibrationStore::default_path())
-        .map(|s| s.get(path))
-        .unwrap_or_default();
+    let calibration = CalibrationStore::saved_for(path);
     let effective = info.effective_mpp(&calibration);
     if json {
         let value = serde_json::json!({

@@ -491,9 +491,7 @@ pub fn mpp_or_estimate(slide: &Slide, given: Option<f64>) -> anyhow::Result<f64>
         None => {}
     }
     let path = slide.path();
-    let calibration = CalibrationStore::load(CalibrationStore::default_path())
-        .map(|s| s.get(path))
-        .unwrap_or_default();
+    let calibration = CalibrationStore::saved_for(path);
     if let Some(m) = slide.info().effective_mpp(&calibration) {
         return Ok(m.mean());
     }

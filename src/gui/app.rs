@@ -151,30 +151,13 @@ impl HistolensApp {
         let data_dir = options.data_dir.clone().unwrap_or_else(crate::data_dir);
         let runs_root = data_dir.join("runs");
         let labels = LabelsState::new(&data_dir);
-        let store_path = options
-            .data_dir
-            .as_ref()
-            .map(|d| d.join("calibrations.json"))
-            .unwrap_or_else(CalibrationStore::default_path);
-        let calibrations = match CalibrationStore::load(store_path) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                errors.push(e.to_string());
-                None
-            }
-        };
-        let camera_path = options
-            .data_dir
-            .as_ref()
-            .map(|d| d.join("cameras.json"))
-            .unwrap_or_else(CameraStore::default_path);
-        let cameras = match CameraStore::load(camera_path) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                errors.push(e.to_string());
-                None
-            }
-        };
+        // A store that cannot be read is reported; changes then last for this session only.
+        let calibrations = CalibrationStore::load(CalibrationStore::path_in(&data_dir))
+            .map_err(|e| errors.push(e.to_string()))
+            .ok();
+        let cameras = CameraStore::load(CameraStore::path_in(&data_dir))
+            .map_err(|e| errors.push(e.to_string()))
+            .ok();
         let mut app = HistolensApp {
             settings,
             calibrations,

@@ -71,7 +71,12 @@ fn key(file: &Path) -> String {
 impl CalibrationStore {
     /// The store in the user's data folder (`$HISTOLENS_DATA_DIR` when set).
     pub fn default_path() -> PathBuf {
-        crate::data_dir().join("calibrations.json")
+        Self::path_in(&crate::data_dir())
+    }
+
+    /// The store in data folder `dir`.
+    pub fn path_in(dir: &Path) -> PathBuf {
+        dir.join("calibrations.json")
     }
 
     /// Loads the store; a missing file is an empty store.
@@ -79,6 +84,13 @@ impl CalibrationStore {
         let path = path.into();
         let entries = load_json(&path)?;
         Ok(CalibrationStore { path, entries })
+    }
+
+    /// The calibration saved for `file` in the default store (none when the store cannot be read).
+    pub fn saved_for(file: &Path) -> Calibration {
+        Self::load(Self::default_path())
+            .map(|s| s.get(file))
+            .unwrap_or_default()
     }
 
     pub fn get(&self, file: &Path) -> Calibration {
@@ -152,7 +164,12 @@ pub struct CameraStore {
 impl CameraStore {
     /// The store in the user's data folder (`$HISTOLENS_DATA_DIR` when set).
     pub fn default_path() -> PathBuf {
-        crate::data_dir().join("cameras.json")
+        Self::path_in(&crate::data_dir())
+    }
+
+    /// The store in data folder `dir`.
+    pub fn path_in(dir: &Path) -> PathBuf {
+        dir.join("cameras.json")
     }
 
     /// Loads the store; a missing file is an empty store.

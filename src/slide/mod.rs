@@ -385,17 +385,14 @@ fn parse_hex_rgb(hex: &str) -> Option<[u8; 3]> {
     Some([c(0)?, c(2)?, c(4)?])
 }
 
-/// The image format announced by the file's first bytes, if any.
-fn image_magic(path: &Path) -> Option<image::ImageFormat> {
+/// The image format announced by the file's first bytes, if any: `image`'s guess, and BigTIFF
+/// (which it does not know).
+pub(crate) fn image_magic(path: &Path) -> Option<image::ImageFormat> {
     use std::io::Read;
     let mut head = [0u8; 64];
     let mut f = std::fs::File::open(path).ok()?;
     let n = f.read(&mut head).ok()?;
-    sniff_format(&head[..n])
-}
-
-/// The image format of a file's first bytes: `image`'s guess, and BigTIFF (which it does not know).
-pub(crate) fn sniff_format(head: &[u8]) -> Option<image::ImageFormat> {
+    let head = &head[..n];
     if head.starts_with(b"II+\0") || head.starts_with(b"MM\0+") {
         return Some(image::ImageFormat::Tiff);
     }

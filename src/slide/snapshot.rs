@@ -28,17 +28,12 @@ fn decode_limit_bytes() -> u64 {
 
 /// A reader of `path` with its format sniffed from the contents (BigTIFF included).
 fn with_format(path: &Path) -> Result<ImageReader<BufReader<File>>, SlideError> {
-    use std::io::Read as _;
     let io = |source| SlideError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let mut head = [0u8; 64];
-    let n = File::open(path)
-        .and_then(|mut f| f.read(&mut head))
-        .map_err(io)?;
     let mut reader = ImageReader::open(path).map_err(io)?;
-    match super::sniff_format(&head[..n]) {
+    match super::image_magic(path) {
         Some(f) => reader.set_format(f),
         None => reader = reader.with_guessed_format().map_err(io)?,
     }
