@@ -262,7 +262,9 @@ pub fn build(
                         block.split.name(),
                         block.index
                     );
-                    save_png(&out.join(&rel), &patch)?;
+                    let path = out.join(&rel);
+                    crate::util::fs::write_png_atomic(&path, &patch)
+                        .map_err(|source| BuildError::Write { path, source })?;
                     records.push(MagnificationRecord {
                         path: rel,
                         magnification: 10.0 / mpp,
@@ -500,23 +502,6 @@ type Cut = (RgbaImage, u32, String, f64);
 /// The narrowest and widest ratios between the two scales of an unlabelled pair.
 const PAIR_MIN: f64 = 1.5;
 const PAIR_MAX: f64 = 3.0;
-
-/// Writes a patch as PNG atomically (a full disk never leaves a truncated patch under its name).
-fn save_png(path: &Path, img: &image::RgbImage) -> Result<(), BuildError> {
-    let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .map_err(|source| BuildError::Write {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    crate::util::fs::write_atomic(path, &bytes).map_err(|e| BuildError::Write {
-        path: path.to_path_buf(),
-        source: image::ImageError::IoError(e),
-    })
-}
 
 /// A square field of `side` µm-true pixels on tissue inside `block` (its x extent squashed as
 /// stored), found on the thumbnail: the top-left corner.

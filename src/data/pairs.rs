@@ -705,18 +705,10 @@ fn sanitize(s: &str) -> String {
 }
 
 fn save_png(path: &Path, img: &RgbImage) -> Result<(), PairError> {
-    let err = |message: String| PairError::Io {
+    crate::util::fs::write_png_atomic(path, img).map_err(|e| PairError::Io {
         path: path.to_path_buf(),
-        message,
-    };
-    // Atomically: a full disk or a kill never leaves a truncated patch under its name.
-    let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .map_err(|e| err(e.to_string()))?;
-    write_atomic(path, &bytes).map_err(|e| err(e.to_string()))
+        message: e.to_string(),
+    })
 }
 
 #[cfg(test)]

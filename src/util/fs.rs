@@ -9,6 +9,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_atomic_with(path, bytes, |_| Ok(()))
 }
 
+/// Encodes `img` as PNG and writes it atomically: a full disk or a kill never leaves a truncated
+/// image under its name.
+pub fn write_png_atomic(path: &Path, img: &image::RgbImage) -> image::ImageResult<()> {
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )?;
+    write_atomic(path, &bytes).map_err(image::ImageError::IoError)
+}
+
 /// [`write_atomic`] with a hook run on the flushed temporary file just before the rename. When the hook
 /// fails, the rename never happens (as after a crash): `path` keeps its previous content and the
 /// temporary file is removed.
