@@ -177,6 +177,7 @@ fn main() -> std::process::ExitCode {
             gradcam_follow: cli.gradcam,
             label_paths: cli.label,
             train_run: cli.train_run,
+            bench: None,
         }),
     };
     match result {

@@ -10,6 +10,8 @@ use histolens::tiles::{TileGrid, TileKey, TileStreamer, Viewport, plan_tiles};
 use histolens::util::memory;
 use serde::Serialize;
 
+pub use super::bench_window::WindowScenario;
+
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Tile throughput: every tile of every level, cold (fresh slide handle, empty cache) then warm.
@@ -62,6 +64,22 @@ pub enum BenchCommand {
     /// DMSL heatmap throughput over a slide: end to end (read, resample, model) against the model
     /// alone on inputs prepared beforehand. Threads follow RAYON_NUM_THREADS.
     Heatmap(super::bench_heatmap::HeatmapBenchArgs),
+    /// Frame intervals of the real window (needs a display) under a scripted workload, and of the
+    /// baseline: a bare eframe window with the same options (`--scenario bare`). Each run repaints
+    /// continuously and measures for SECONDS after a 3 s warm-up.
+    Window {
+        #[arg(long, value_enum, default_value_t = WindowScenario::Pan)]
+        scenario: WindowScenario,
+        /// Slide or image to view (default: the bundled sample slide).
+        file: Option<PathBuf>,
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// The run the training scenario starts or resumes in the panel.
+        #[arg(long, value_name = "DIR")]
+        train_run: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Peak memory while panning across a slide at several zoom levels with a given cache budget.
     Pan {
         file: PathBuf,
@@ -128,6 +146,13 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             save_dir.as_deref(),
             json,
         ),
+        BenchCommand::Window {
+            scenario,
+            file,
+            seconds,
+            train_run,
+            json,
+        } => super::bench_window::run(scenario, file, seconds, train_run, json),
         BenchCommand::Predict(args) => super::bench_predict::run(args),
         BenchCommand::Heatmap(args) => super::bench_heatmap::run(args),
     }

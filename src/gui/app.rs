@@ -18,6 +18,7 @@ use super::side_panel::{self, SidePanelAction};
 use super::status_bar;
 use super::training::{self, Task, TrainingAction, TrainingState};
 use super::viewer::{OVERVIEW_SIDE, OpenedSlide, SlideView};
+use super::window_bench::{self, BenchClock, WindowBench};
 use crate::slide::{CalibrationStore, CameraStore, Slide, SlideError};
 use crate::util::colormap::Colormap;
 
@@ -52,6 +53,8 @@ pub struct LaunchOptions {
     pub label_paths: Vec<PathBuf>,
     /// A run folder to open in the training panel and start (or resume).
     pub train_run: Option<PathBuf>,
+    /// A timed benchmark run: continuous repaint, scripted panning, statistics written on close.
+    pub bench: Option<WindowBench>,
 }
 
 /// Persisted across sessions through eframe's storage.
@@ -94,6 +97,7 @@ pub struct HistolensApp {
     errors: Vec<String>,
     frame_stats: FrameStats,
     frame_stats_path: Option<PathBuf>,
+    bench: Option<(WindowBench, BenchClock)>,
     last_memory_report: Option<std::time::Instant>,
     continuous_repaint: bool,
     property_filter: String,
@@ -167,8 +171,9 @@ impl HistolensApp {
             errors,
             frame_stats: FrameStats::default(),
             frame_stats_path: options.frame_stats_path,
+            bench: options.bench.clone().map(|b| (b, BenchClock::default())),
             last_memory_report: None,
-            continuous_repaint: options.continuous_repaint,
+            continuous_repaint: options.continuous_repaint || options.bench.is_some(),
             property_filter: String::new(),
             magnification: MagnificationState::default(),
             heatmap: HeatmapState::new(
@@ -620,18 +625,40 @@ impl HistolensApp {
         );
     }
 
-    fn write_frame_stats(&self) {
-        let Some(path) = &self.frame_stats_path else {
+    /// A benchmark run's frame: pans the view, and once the time is up writes the statistics and
+    /// closes. The clock starts when the slide (or, for training, the run) is showing.
+    fn bench_step(&mut self, ctx: &egui::Context) {
+        let Some((bench, clock)) = self.bench.as_mut() else {
             return;
         };
-        let summary = self.frame_stats.summary();
-        match serde_json::to_vec_pretty(&summary) {
-            Ok(json) => {
-                if let Err(e) = crate::util::fs::write_atomic(path, &json) {
-                    log::warn!("cannot write frame statistics to {}: {e}", path.display());
-                }
-            }
-            Err(e) => log::warn!("cannot serialise frame statistics: {e}"),
+        let ready =
+            self.mode != Mode::Viewer || self.view.as_ref().is_some_and(|v| v.viewport.is_some());
+        if !ready {
+            return;
+        }
+        if bench.pan
+            && let Some(view) = self.view.as_mut()
+            && let Some(vp) = view.viewport.as_mut()
+        {
+            let (w, h) = view.slide.info().dimensions();
+            // One slide pixel per screen pixel, 8 of them per frame along the circle.
+            vp.scale = 1.0 / f64::from(ctx.pixels_per_point());
+            let radius = 0.3 * (w.min(h) as f64);
+            clock.angle += 8.0 / radius.max(1.0);
+            vp.center = [
+                w as f64 / 2.0 + radius * clock.angle.cos(),
+                h as f64 / 2.0 + radius * clock.angle.sin(),
+            ];
+        }
+        if clock.tick(bench, &mut self.frame_stats) {
+            window_bench::write_stats(&bench.stats_path, &self.frame_stats);
+            ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+        }
+    }
+
+    fn write_frame_stats(&self) {
+        if let Some(path) = &self.frame_stats_path {
+            window_bench::write_stats(path, &self.frame_stats);
         }
     }
 
@@ -680,6 +707,7 @@ impl eframe::App for HistolensApp {
             ctx.request_repaint();
         }
         self.poll_open_job(&ctx);
+        self.bench_step(&ctx);
         self.magnification.poll();
         if let Some(v) = self.view.as_mut() {
             v.estimated_mpp = self.magnification.estimated_mpp(v.slide.path());

@@ -17,7 +17,7 @@ pub struct FrameStats {
 }
 
 /// Percentiles in milliseconds.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq)]
 pub struct FrameSummary {
     pub frames: usize,
     pub cpu_p50_ms: f32,

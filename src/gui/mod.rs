@@ -15,6 +15,7 @@ mod textures;
 mod thumbnails;
 pub mod training;
 mod viewer;
+pub mod window_bench;
 
 pub use app::{HistolensApp, LaunchOptions, Mode};
 pub use frame_stats::{FrameStats, FrameSummary};
@@ -113,18 +114,9 @@ fn lower_thread_priority() {
 /// Opens the main window and runs until it is closed.
 pub fn run(options: LaunchOptions) -> eframe::Result<()> {
     crate::util::memory::tune_allocator_for_long_sessions();
-    let native = eframe::NativeOptions {
-        viewport: egui::ViewportBuilder::default()
-            .with_title("histolens")
-            .with_inner_size([1280.0, 800.0])
-            .with_min_inner_size([480.0, 320.0])
-            .with_drag_and_drop(true),
-        persist_window: true,
-        ..Default::default()
-    };
     eframe::run_native(
         "histolens",
-        native,
+        window_bench::native_options(),
         Box::new(move |cc| Ok(Box::new(HistolensApp::new(cc, options)))),
     )
 }

@@ -12,6 +12,29 @@ use super::textures::TileTextures;
 use crate::slide::{Calibration, Mpp, Slide};
 use crate::tiles::{self, TilePlan, TileStreamer, Viewport, plan_tiles};
 
+/// The parts of `canvas` outside `inner`: up to four strips (above, below, left, right).
+fn outside(canvas: ERect, inner: ERect) -> Vec<ERect> {
+    let inner = canvas.intersect(inner);
+    if !inner.is_positive() {
+        return vec![canvas];
+    }
+    [
+        ERect::from_min_max(canvas.min, pos2(canvas.max.x, inner.min.y)),
+        ERect::from_min_max(pos2(canvas.min.x, inner.max.y), canvas.max),
+        ERect::from_min_max(
+            pos2(canvas.min.x, inner.min.y),
+            pos2(inner.min.x, inner.max.y),
+        ),
+        ERect::from_min_max(
+            pos2(inner.max.x, inner.min.y),
+            pos2(canvas.max.x, inner.max.y),
+        ),
+    ]
+    .into_iter()
+    .filter(|r| r.is_positive())
+    .collect()
+}
+
 /// Side of the overview image (also the last-resort stand-in under every tile).
 pub const OVERVIEW_SIDE: u32 = 1024;
 /// Tiles of prefetch ring around the view.
@@ -194,7 +217,6 @@ impl SlideView {
         self.textures.upload(ui.ctx(), &self.streamer, &plan.wanted);
 
         let painter = ui.painter_at(rect);
-        painter.rect_filled(rect, 0.0, Color32::from_gray(40));
         self.draw_tiles(&painter, rect, &vp, &plan, ppp as f32);
         for o in overlays {
             o.paint(&painter, rect, &vp, dims);
@@ -299,24 +321,39 @@ impl SlideView {
                 ),
             )
         };
-        let info = self.slide.info();
-        let (w, h) = info.dimensions();
+        let (w, h) = self.slide.info().dimensions();
         let slide_rect = to_screen(tiles::Rect {
             x0: 0.0,
             y0: 0.0,
             x1: w as f64,
             y1: h as f64,
         });
-        let [r, g, b] = info.background;
-        painter.rect_filled(slide_rect, 0.0, Color32::from_rgb(r, g, b));
+        // Every canvas pixel is painted once: software renderers (no GPU) pay for each overdrawn one.
+        // The canvas colour only around the slide, and under each tile the best image on the GPU:
+        // its texture, a coarser tile's, or the overview (never a blank once the slide is open).
+        for strip in outside(rect, slide_rect) {
+            painter.rect_filled(strip, 0.0, Color32::from_gray(40));
+        }
         let full_uv = ERect::from_min_max(pos2(0.0, 0.0), pos2(1.0, 1.0));
-        // The overview under everything while any visible tile is missing: never a blank once the
-        // slide is open. (Skipped otherwise: software renderers pay for every overdrawn pixel.)
-        if plan.visible.is_empty() || plan.visible.iter().any(|k| !self.textures.contains(*k)) {
+        if plan.visible.is_empty() {
             painter.image(self.overview.id(), slide_rect, full_uv, Color32::WHITE);
         }
+        let crop = |outer: tiles::Rect, inner: tiles::Rect| {
+            let u = |x: f64| ((x - outer.x0) / outer.width()) as f32;
+            let v = |y: f64| ((y - outer.y0) / outer.height()) as f32;
+            ERect::from_min_max(
+                pos2(u(inner.x0), v(inner.y0)),
+                pos2(u(inner.x1.min(outer.x1)), v(inner.y1.min(outer.y1))),
+            )
+        };
         let grid = self.streamer.grid().clone();
         let top = grid.coarsest_level();
+        let whole = tiles::Rect {
+            x0: 0.0,
+            y0: 0.0,
+            x1: w as f64,
+            y1: h as f64,
+        };
         for &key in &plan.visible {
             let tile_rect = grid.tile_rect_level0(key);
             let screen = to_screen(tile_rect);
@@ -324,23 +361,16 @@ impl SlideView {
                 painter.image(t.id(), screen, full_uv, Color32::WHITE);
                 continue;
             }
-            // Best coarser tile already on the GPU, cropped to this tile's area.
-            for level in plan.level + 1..=top {
-                let Some(anc) = grid.ancestor(key, level) else {
-                    break;
-                };
+            let mut coarser = None;
+            for anc in (plan.level + 1..=top).map_while(|level| grid.ancestor(key, level)) {
                 if let Some(t) = self.textures.get(anc) {
-                    let ar = grid.tile_rect_level0(anc);
-                    let u = |x: f64| ((x - ar.x0) / ar.width()) as f32;
-                    let v = |y: f64| ((y - ar.y0) / ar.height()) as f32;
-                    let uv = ERect::from_min_max(
-                        pos2(u(tile_rect.x0), v(tile_rect.y0)),
-                        pos2(u(tile_rect.x1.min(ar.x1)), v(tile_rect.y1.min(ar.y1))),
-                    );
-                    painter.image(t.id(), screen, uv, Color32::WHITE);
+                    coarser = Some((t.id(), crop(grid.tile_rect_level0(anc), tile_rect)));
                     break;
                 }
             }
+            let (texture, uv) =
+                coarser.unwrap_or_else(|| (self.overview.id(), crop(whole, tile_rect)));
+            painter.image(texture, screen, uv, Color32::WHITE);
         }
     }
 
@@ -498,5 +528,27 @@ mod tests {
         assert_eq!(label, "2 mm");
         let (_, label) = scale_bar_length(0.001, 120.0, "px");
         assert_eq!(label, "0.1 px");
+    }
+
+    #[test]
+    fn the_canvas_outside_the_slide_is_painted_once() {
+        let canvas = ERect::from_min_max(pos2(0.0, 0.0), pos2(100.0, 80.0));
+        let area = |rs: &[ERect]| rs.iter().map(|r| r.area()).sum::<f32>();
+        // Slide inside the canvas: four strips, the canvas minus the slide, none overlapping.
+        let slide = ERect::from_min_max(pos2(10.0, 20.0), pos2(60.0, 50.0));
+        let strips = outside(canvas, slide);
+        assert_eq!(strips.len(), 4);
+        assert_eq!(area(&strips), canvas.area() - slide.area());
+        for (i, a) in strips.iter().enumerate() {
+            assert!(!a.intersects(slide.shrink(0.5)));
+            for b in &strips[i + 1..] {
+                assert!(a.intersect(*b).area() <= 0.0 || !a.intersect(*b).is_positive());
+            }
+        }
+        // Slide covering the canvas: nothing; slide off screen: the whole canvas.
+        let big = ERect::from_min_max(pos2(-50.0, -50.0), pos2(500.0, 500.0));
+        assert!(outside(canvas, big).is_empty());
+        let away = ERect::from_min_max(pos2(200.0, 200.0), pos2(300.0, 300.0));
+        assert_eq!(outside(canvas, away), vec![canvas]);
     }
 }
