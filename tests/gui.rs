@@ -60,6 +60,7 @@ fn harness_with_models(
                     gradcam_follow: false,
                     label_paths: Vec::new(),
                     train_run: None,
+                    bench: None,
                 },
             )
         })
@@ -440,6 +441,7 @@ fn checkerboard(slide: &Path) -> Heatmap {
     let grid = HeatmapGrid::new(info.dimensions(), 250.0);
     let mut h = Heatmap::new(HeatmapHeader {
         slide: slide.display().to_string(),
+        slide_version: histolens::dmsl::heatmap::slide_version(slide),
         model_id: content_id(b"checkerboard"),
         classes: vec!["low".into(), "high".into()],
         mpp: 0.499,

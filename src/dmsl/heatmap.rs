@@ -88,6 +88,10 @@ impl HeatmapGrid {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeatmapHeader {
     pub slide: String,
+    /// The slide file's size and modification time ([`slide_version`]): a file replaced under the
+    /// same name (re-exported, re-scanned, truncated) gets a fresh heatmap.
+    #[serde(default)]
+    pub slide_version: String,
     /// FNV-1a of the model file's bytes.
     pub model_id: String,
     pub classes: Vec<String>,
@@ -140,6 +144,21 @@ pub enum HeatmapError {
 }
 
 /// FNV-1a 64 of bytes, as 16 hex digits: a stable identity for a model file.
+/// A file's size and modification time (ns since 1970), "" when they cannot be read.
+pub fn slide_version(path: &Path) -> String {
+    std::fs::metadata(path).map_or_else(
+        |_| String::new(),
+        |m| {
+            let t = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            format!("{} bytes, modified {t}", m.len())
+        },
+    )
+}
+
 pub fn content_id(bytes: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
@@ -457,6 +476,7 @@ pub fn header_for(slide: &Slide, mpp: f64, model: &DmslModel, model_id: &str) ->
     let g = model.geometry();
     HeatmapHeader {
         slide: slide.path().display().to_string(),
+        slide_version: slide_version(slide.path()),
         model_id: model_id.to_string(),
         classes: model.classes().to_vec(),
         mpp,
@@ -623,9 +643,32 @@ mod tests {
         assert!(e.contains("5.0x") && e.contains("20x"), "{e}");
     }
 
+    #[test]
+    fn a_replaced_slide_does_not_reuse_its_heatmap() {
+        let dir = tempfile::tempdir().unwrap();
+        let slide = dir.path().join("s.tif");
+        std::fs::write(&slide, b"first scan").unwrap();
+        let mut h = sample();
+        h.header.slide_version = slide_version(&slide);
+        let sidecar = dir.path().join("s.heatmap.safetensors");
+        std::fs::write(&sidecar, h.to_bytes().unwrap()).unwrap();
+        assert!(
+            Heatmap::load_matching(&sidecar, &h.header)
+                .unwrap()
+                .is_some()
+        );
+        // The same name, other content (another size): the saved heatmap is not this slide's.
+        std::fs::write(&slide, b"second, longer scan").unwrap();
+        let mut now = h.header.clone();
+        now.slide_version = slide_version(&slide);
+        assert_ne!(now.slide_version, h.header.slide_version);
+        assert!(Heatmap::load_matching(&sidecar, &now).unwrap().is_none());
+    }
+
     fn sample() -> Heatmap {
         let mut h = Heatmap::new(HeatmapHeader {
             slide: "s.svs".into(),
+            slide_version: "1 bytes, modified 2".into(),
             model_id: content_id(b"model"),
             classes: vec!["a".into(), "b".into()],
             mpp: 0.5,
