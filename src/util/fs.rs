@@ -47,7 +47,8 @@ pub fn write_atomic_with(
         tmp.as_file()
             .set_permissions(std::fs::Permissions::from_mode(mode))?;
     }
-    tmp.write_all(bytes)?;
+    // Through the `File`: errors name the final path (the caller's), not the temporary one.
+    tmp.as_file_mut().write_all(bytes)?;
     tmp.as_file().sync_all()?;
     before_rename(tmp.path())?;
     tmp.persist(path).map_err(|e| e.error)?;
