@@ -73,6 +73,98 @@ fn encoded(format: image::ImageFormat) -> Vec<u8> {
     buf.into_inner()
 }
 
+/// A classic little-endian TIFF's IFDs: (offset of the IFD, its entries as (tag, type, count, value or
+/// offset, offset of the entry)).
+type Entry = (u16, u16, u32, u32, usize);
+fn ifds(tiff: &[u8]) -> Vec<(usize, Vec<Entry>)> {
+    let u16_at = |o: usize| u16::from_le_bytes([tiff[o], tiff[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes(tiff[o..o + 4].try_into().unwrap());
+    assert_eq!(&tiff[..4], b"II*\0", "a classic little-endian TIFF");
+    let mut out = Vec::new();
+    let mut at = u32_at(4) as usize;
+    while at != 0 && out.len() < 16 {
+        let n = usize::from(u16_at(at));
+        let entries = (0..n)
+            .map(|i| {
+                let e = at + 2 + 12 * i;
+                (u16_at(e), u16_at(e + 2), u32_at(e + 4), u32_at(e + 8), e)
+            })
+            .collect();
+        out.push((at, entries));
+        at = u32_at(at + 2 + 12 * n) as usize;
+    }
+    out
+}
+
+/// The sample slide with every value of `tag` (an array of LONGs) in its first IFD made by `f`.
+fn with_first_ifd_array(sample: &[u8], tag: u16, f: impl Fn(usize, u32) -> u32) -> Vec<u8> {
+    let mut out = sample.to_vec();
+    let (_, entries) = &ifds(sample)[0];
+    let &(_, kind, count, at, _) = entries.iter().find(|e| e.0 == tag).unwrap();
+    assert_eq!(kind, 4, "LONG values");
+    for i in 0..count as usize {
+        let o = at as usize + 4 * i;
+        let v = u32::from_le_bytes(out[o..o + 4].try_into().unwrap());
+        out[o..o + 4].copy_from_slice(&f(i, v).to_le_bytes());
+    }
+    out
+}
+
+/// Damaged copies of the sample slide: tiles past the end of the file, absurd byte counts, an IFD
+/// chain that loops, and garbage in the JPEG data of the level-0 tiles.
+fn damaged_slides(sample: &[u8]) -> Vec<(&'static str, Vec<u8>, &'static [&'static str])> {
+    let len = sample.len() as u32;
+    let mut looping = sample.to_vec();
+    let chain = ifds(sample);
+    let (last, entries) = chain.last().unwrap();
+    let next = last + 2 + 12 * entries.len();
+    looping[next..next + 4].copy_from_slice(&(chain[0].0 as u32).to_le_bytes());
+    let mut garbage = sample.to_vec();
+    let (_, first) = &chain[0];
+    let offsets = first.iter().find(|e| e.0 == 324).unwrap();
+    let counts = first.iter().find(|e| e.0 == 325).unwrap();
+    let mut x = 0x9e37_79b9u32;
+    for i in 0..offsets.2 as usize {
+        let read = |o: usize| u32::from_le_bytes(sample[o..o + 4].try_into().unwrap()) as usize;
+        let (at, n) = (
+            read(offsets.3 as usize + 4 * i),
+            read(counts.3 as usize + 4 * i),
+        );
+        // Keep the JPEG headers (the first 600 bytes), scramble the entropy-coded data.
+        for b in garbage.iter_mut().take(at + n).skip(at + 600.min(n)) {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = (x >> 24) as u8;
+        }
+    }
+    let opened_or_corrupt: &[&str] = &["opened", "corrupt"];
+    vec![
+        (
+            "tiles-past-the-end.svs",
+            with_first_ifd_array(sample, 324, |i, _| len + 1000 + i as u32),
+            opened_or_corrupt,
+        ),
+        (
+            "absurd-byte-counts.svs",
+            with_first_ifd_array(sample, 325, |_, _| 0xFFFF_FF00),
+            opened_or_corrupt,
+        ),
+        ("ifd-loop.svs", looping, opened_or_corrupt),
+        ("corrupt-entropy.svs", garbage, opened_or_corrupt),
+        (
+            "truncated-1pct.svs",
+            sample[..sample.len() / 100].to_vec(),
+            &["corrupt", "unsupported"],
+        ),
+        (
+            "truncated-99pct.svs",
+            sample[..sample.len() * 99 / 100].to_vec(),
+            opened_or_corrupt,
+        ),
+    ]
+}
+
 /// Writes the corpus into `d`: each file's name and the error kinds it may give.
 fn write_corpus(d: &Path) -> Vec<(&'static str, &'static [&'static str])> {
     let sample = std::fs::read(common::sample_slide()).unwrap();
@@ -86,7 +178,12 @@ fn write_corpus(d: &Path) -> Vec<(&'static str, &'static [&'static str])> {
         x ^= x << 5;
         random.push((x >> 24) as u8);
     }
-    let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
+    let mut corrupt_jpeg = jpeg.clone();
+    let scan = corrupt_jpeg.len() / 2;
+    for (i, b) in corrupt_jpeg[scan..scan + 200].iter_mut().enumerate() {
+        *b = (i * 37 % 251) as u8;
+    }
+    let mut cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
         ("empty.svs", vec![], &["empty"]),
         ("empty.png", vec![], &["empty"]),
         ("random.svs", random.clone(), &["unsupported"]),
@@ -114,14 +211,63 @@ fn write_corpus(d: &Path) -> Vec<(&'static str, &'static [&'static str])> {
             b"just some text, not an image".to_vec(),
             &["unsupported"],
         ),
+        // Damaged entropy-coded data still decodes (to garbage) or is refused as corrupt.
+        ("corrupt-entropy.jpg", corrupt_jpeg, &["opened", "corrupt"]),
+        // Fake vendor files: a name OpenSlide knows, content it does not.
+        (
+            "fake-vendor.mrxs",
+            b"[GENERAL]\nSLIDE_VERSION=01.02\n".to_vec(),
+            &["unsupported", "corrupt"],
+        ),
+        ("fake-vendor.ndpi", png.clone(), &["opened"]),
+        (
+            "fake-vendor.vms",
+            b"[Virtual Microscope Specimen]\nImageFile=missing.jpg\n".to_vec(),
+            &["unsupported", "corrupt"],
+        ),
+        // An odd but valid name: spaces, accents, quotes.
+        (
+            "coupe n\u{b0}3 \"\u{e9}t\u{e9}\" 'x'.png",
+            png.clone(),
+            &["opened"],
+        ),
     ];
+    cases.extend(damaged_slides(&sample));
     cases
         .into_iter()
         .map(|(name, bytes, expected)| {
             std::fs::write(d.join(name), bytes).unwrap();
             (name, expected)
         })
+        .chain(links(d))
         .collect()
+}
+
+/// A symlink loop and a dangling symlink.
+fn links(d: &Path) -> Vec<(&'static str, &'static [&'static str])> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink("loop-b.svs", d.join("loop-a.svs")).unwrap();
+        std::os::unix::fs::symlink("loop-a.svs", d.join("loop-b.svs")).unwrap();
+        std::os::unix::fs::symlink("nowhere.svs", d.join("dangling.svs")).unwrap();
+        vec![
+            ("loop-a.svs", &["unsupported", "not-found", "io"]),
+            ("dangling.svs", &["not-found"]),
+        ]
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = d;
+        Vec::new()
+    }
+}
+
+/// The peak RSS of the largest child process waited for so far, KiB.
+fn children_peak_rss_kib() -> u64 {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    usage.ru_maxrss.max(0) as u64
 }
 
 #[test]
@@ -163,9 +309,24 @@ fn every_read_command_fails_cleanly_on_the_corpus() {
             if args.contains(&"--out") {
                 c.arg(&out);
             }
+            let started = std::time::Instant::now();
             let o = c.arg(&file).output().unwrap();
+            let took = started.elapsed();
             let text = String::from_utf8_lossy(&o.stdout).to_string()
                 + &String::from_utf8_lossy(&o.stderr);
+            // Bounded: the largest child so far (RUSAGE_CHILDREN's maximum) and this one's time.
+            let peak_mib = children_peak_rss_kib() / 1024;
+            assert!(peak_mib < 3072, "{args:?} {name}: peak RSS {peak_mib} MiB");
+            assert!(
+                took.as_secs() < 120,
+                "{args:?} {name}: {took:?} (debug build)"
+            );
+            // libtiff's own messages do not reach the terminal ahead of ours.
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                !stderr.lines().any(|l| l.starts_with("TIFF")),
+                "{args:?} {name}: library noise on stderr\n{stderr}"
+            );
             let code = o.status.code();
             assert!(
                 code == Some(0) || code == Some(1),
@@ -173,8 +334,9 @@ fn every_read_command_fails_cleanly_on_the_corpus() {
                 o.status
             );
             assert!(!text.contains("panicked"), "{args:?} {name}\n{text}");
+            let in_json = serde_json::to_string(name).unwrap();
             assert!(
-                text.contains(name),
+                text.contains(name) || text.contains(in_json.trim_matches('"')),
                 "{args:?} {name}: the file is not named\n{text}"
             );
             if code == Some(1) {

@@ -3,6 +3,7 @@
 
 mod calibration;
 mod error;
+mod libtiff_log;
 pub mod pixels;
 pub mod resolution;
 mod snapshot;

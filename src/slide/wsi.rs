@@ -48,6 +48,7 @@ fn map_open_error(path: &Path, e: OpenSlideError) -> SlideError {
 
 impl WsiBackend {
     pub fn open(path: &Path) -> Result<(Self, WsiMetadata), SlideError> {
+        super::libtiff_log::route_to_log();
         let slide = OpenSlide::new(path).map_err(|e| map_open_error(path, e))?;
         let vendor = detect_vendor(path).unwrap_or_else(|| "unknown".into());
         let names = slide
