@@ -35,7 +35,7 @@ fn dataset() -> &'static (tempfile::TempDir, Manifest) {
             ..Default::default()
         };
         let sources = [Source::new(common::sample_slide(), 0.499)];
-        let (manifest, reports) = build(&sources, dir.path(), &cfg, |_, _| {}).unwrap();
+        let (manifest, reports) = build(&sources, dir.path(), &cfg, |_| {}).unwrap();
         assert_eq!(
             reports[0].blocks, 4,
             "the 2220x2967 slide is cut into 2x2 blocks"
@@ -272,7 +272,7 @@ fn continuous_builder_scales_are_exact() {
         ..Default::default()
     };
     let out = dir.path().join("ds");
-    let (manifest, _) = build(&[Source::new(src, 0.25)], &out, &cfg, |_, _| {}).unwrap();
+    let (manifest, _) = build(&[Source::new(src, 0.25)], &out, &cfg, |_| {}).unwrap();
     assert!(
         manifest.records.len() >= 18,
         "{} patches",

@@ -260,9 +260,9 @@ pub fn dataset(args: DatasetArgs) -> anyhow::Result<()> {
         append: args.append,
         ..Default::default()
     };
-    let pb = bar(sources.len() as u64, "sources");
-    let (manifest, reports) = build(&sources, &args.out, &cfg, |done, _| {
-        pb.set_position(done as u64)
+    let pb = bar(1000, "cutting patches (per mille)");
+    let (manifest, reports) = build(&sources, &args.out, &cfg, |done| {
+        pb.set_position((done * 1000.0).round() as u64)
     })?;
     pb.finish_and_clear();
     for r in &reports {

@@ -144,12 +144,13 @@ struct Block {
 }
 
 /// Cuts patches from `sources` into `out/patches/<split>/` and writes `out/manifest.csv` (atomically).
-/// `progress` is called after each source with (done, total).
+/// `progress` is called after each block of each source with the share of the work done (0 to 1):
+/// a single huge slide reports its progress too.
 pub fn build(
     sources: &[Source],
     out: &Path,
     cfg: &BuildConfig,
-    mut progress: impl FnMut(usize, usize),
+    mut progress: impl FnMut(f64),
 ) -> Result<(Manifest, Vec<SourceReport>), BuildError> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let mut records = Vec::new();
@@ -210,7 +211,8 @@ pub fn build(
         };
         let group_files = sources.iter().filter(|s| s.group == src.group).count();
         let mut n = 0usize;
-        for block in &blocks {
+        for (block_no, block) in blocks.iter().enumerate() {
+            progress((i as f64 + block_no as f64 / blocks.len() as f64) / sources.len() as f64);
             let source_name = if blocks.len() > 1 {
                 format!("{}#block{}", src.path.display(), block.index)
             } else {
@@ -282,7 +284,7 @@ pub fn build(
             }
         }
         reports.push(report);
-        progress(i + 1, sources.len());
+        progress((i + 1) as f64 / sources.len() as f64);
     }
     if records.is_empty() {
         let mut names: Vec<String> = sources
