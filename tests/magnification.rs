@@ -675,3 +675,143 @@ fn killed_runs_resume_with_every_epoch_once_and_one_writer() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// A frozen backbone's cached features are the ones recomputed from the images, the head's gradients
+/// on them are the same, the second run reads the cache, and a changed image is never served stale.
+#[test]
+fn cached_frozen_features_equal_recomputed_ones_and_give_the_same_head_gradients() {
+    use candle_core::{DType, Tensor};
+    use candle_nn::{VarBuilder, VarMap};
+    use histolens::data::tensor::to_tensor;
+    use histolens::magnification::estimate::plan_crops;
+    use histolens::magnification::features::{CropSettings, features_for};
+    use histolens::nn::backbone::build as build_backbone;
+    use histolens::nn::hagnifinder::{MagnificationHead, Scaling};
+
+    let (_, full) = dataset();
+    let dir = tempfile::tempdir().unwrap();
+    // Three patches copied, so that one can be changed.
+    let mut records = full.records[..3].to_vec();
+    for r in &mut records {
+        let name = Path::new(&r.path).file_name().unwrap().to_owned();
+        std::fs::copy(full.resolve(r), dir.path().join(&name)).unwrap();
+        r.path = name.to_string_lossy().into_owned();
+    }
+    let manifest = Manifest {
+        root: dir.path().to_path_buf(),
+        records,
+    };
+    let vars = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+    let arch = Arch::parse("efficientnet-lite0").unwrap();
+    let backbone = build_backbone(arch, vb.pp("backbone")).unwrap();
+    let head = MagnificationHead::new(backbone.stage_pooled_dim(), vb.pp("head")).unwrap();
+    let crops = CropSettings {
+        input: 64,
+        max_crops: 2,
+        norm: arch.imagenet_normalization(),
+        multiscale: true,
+    };
+    let cache = dir.path().join("cache");
+    let computed = std::cell::Cell::new(0usize);
+    let table = |weights: u64| {
+        computed.set(0);
+        features_for(
+            &manifest,
+            backbone.as_ref(),
+            weights,
+            crops,
+            &cache,
+            &Device::Cpu,
+            |d, _| computed.set(d),
+        )
+        .unwrap()
+    };
+    // What an estimate computes: the backbone on each record's crops.
+    let recomputed = |records: &[usize]| -> Tensor {
+        let rows: Vec<Tensor> = records
+            .iter()
+            .map(|&i| {
+                let img = image::open(manifest.resolve(&manifest.records[i])).unwrap();
+                let plan = plan_crops(&img.to_rgba8(), crops.input, crops.max_crops);
+                let x = to_tensor(&plan.crops, crops.norm, &Device::Cpu).unwrap();
+                backbone.stage_pooled(&x).unwrap()
+            })
+            .collect();
+        Tensor::cat(&rows, 0).unwrap()
+    };
+    let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    let grads_of = |features: &Tensor| -> Vec<Tensor> {
+        let (out, _) = head.forward(features, Scaling::Constant(0.05)).unwrap();
+        let grads = out.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let mut named: Vec<_> = vars
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
+            .iter()
+            .filter(|(n, _)| n.starts_with("head."))
+            .map(|(_, v)| grads.get(v.as_tensor()).unwrap().clone())
+            .collect()
+    };
+
+    let first = table(1);
+    assert_eq!(computed.get(), 3, "computed on the first run");
+    let all: Vec<usize> = (0..3).collect();
+    let rows: Vec<usize> = all
+        .iter()
+        .flat_map(|&i| first.rows_of(i).to_vec())
+        .collect();
+    let cached = first.select(&rows).unwrap();
+    let fresh = recomputed(&all);
+    assert_eq!(cached.dims(), fresh.dims());
+    assert!(
+        max_diff(&cached, &fresh) < 1e-5,
+        "cached features are the recomputed ones"
+    );
+    let (a, b) = (grads_of(&cached), grads_of(&fresh));
+    assert_eq!(a.len(), 6, "fc1, fc2, fc3 weights and biases");
+    for (ga, gb) in a.iter().zip(&b) {
+        let scale = gb
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-12);
+        assert!(max_diff(ga, gb) / scale < 1e-4, "same head gradients");
+    }
+
+    let second = table(1);
+    assert_eq!(computed.get(), 0, "read from the cache");
+    assert!(max_diff(&second.features, &first.features) == 0.0);
+
+    // Another image under the same name: recomputed, not stale.
+    let changed = manifest.resolve(&manifest.records[1]);
+    let img = image::open(&changed).unwrap().to_rgb8();
+    let flipped = image::imageops::flip_horizontal(&img);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    flipped.save(&changed).unwrap();
+    let third = table(1);
+    assert_eq!(computed.get(), 3, "a changed image invalidates the cache");
+    let rows1: Vec<usize> = third.rows_of(1).to_vec();
+    let now = third.select(&rows1).unwrap();
+    assert!(max_diff(&now, &recomputed(&[1])) < 1e-5);
+    // Other backbone weights: another cache entry.
+    let _ = table(2);
+    assert_eq!(computed.get(), 3, "other weights are computed afresh");
+}
