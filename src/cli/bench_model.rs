@@ -20,7 +20,11 @@ struct ModelResult {
     forward: Vec<(usize, f64)>,
     /// Seconds per training step (forward, loss, backward, AdamW) at `train_batch`.
     train_step_seconds: Option<f64>,
+    /// Training images per second (`train_batch` / step time).
+    train_images_per_second: Option<f64>,
     train_batch: usize,
+    /// Peak RSS during this architecture's measurements, MiB (None where it cannot be isolated).
+    peak_rss_mib: Option<u64>,
 }
 
 fn input(n: usize, size: usize) -> candle_core::Result<Tensor> {
@@ -40,6 +44,7 @@ pub fn run(
     let mut results = Vec::new();
     for name in archs {
         let arch = Arch::parse(name).with_context(|| format!("unknown architecture {name:?}"))?;
+        let isolated = histolens::util::memory::reset_peak_rss();
         let vars = VarMap::new();
         let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
         let model = build(arch, vb.pp("backbone"))?;
@@ -93,7 +98,12 @@ pub fn run(
             size,
             forward,
             train_step_seconds,
+            train_images_per_second: train_step_seconds.map(|s| train_batch as f64 / s),
             train_batch,
+            peak_rss_mib: isolated
+                .then(histolens::util::memory::peak_rss_bytes)
+                .flatten()
+                .map(|b| b >> 20),
         });
     }
     if json {
@@ -106,10 +116,17 @@ pub fn run(
                 .map(|(b, ips)| format!("batch {b}: {ips:.1} img/s"))
                 .collect();
             let train = r.train_step_seconds.map_or(String::new(), |s| {
-                format!("; train step (batch {}): {s:.3} s", r.train_batch)
+                format!(
+                    "; train step (batch {}): {s:.3} s, {:.2} img/s",
+                    r.train_batch,
+                    r.train_batch as f64 / s
+                )
             });
+            let rss = r
+                .peak_rss_mib
+                .map_or(String::new(), |m| format!("; peak RSS {m} MiB"));
             println!(
-                "{} at {}px, {} threads: {}{train}",
+                "{} at {}px, {} threads: {}{train}{rss}",
                 r.arch,
                 r.size,
                 r.threads,

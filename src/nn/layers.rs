@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, ModuleT, VarBuilder};
 
 use super::blocked::{self, PackedConv};
@@ -120,7 +120,14 @@ impl ConvBn {
             groups: s.groups,
         };
         if train {
-            let y = if pad == Pad::symmetric(pad.top, pad.top) {
+            let y = if self.depthwise()
+                && x.device().is_cpu()
+                && x.dtype() == DType::F32
+                && self.weight.dtype() == DType::F32
+            {
+                // One operation per layer (candle: one per channel, forward and backward).
+                super::depthwise::depthwise_conv2d(x, &self.weight, s.stride, pad)?
+            } else if pad == Pad::symmetric(pad.top, pad.top) {
                 x.conv2d(&self.weight, pad.top, s.stride, 1, s.groups)?
             } else {
                 x.pad_with_zeros(2, pad.top, pad.bottom)?

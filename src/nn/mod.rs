@@ -6,6 +6,7 @@ pub mod backbone;
 pub mod blocked;
 pub mod checkpoint;
 pub mod cpu_conv;
+pub mod depthwise;
 pub mod device;
 pub mod dmsl;
 pub mod gradcam;

@@ -18,6 +18,12 @@ pub fn peak_rss_bytes() -> Option<u64> {
     meminfo_field(&text, "VmHWM:")
 }
 
+/// Starts a new peak: `peak_rss_bytes` then reports the peak since this call (Linux: writing 5 to
+/// `/proc/self/clear_refs`). False where the kernel does not allow it.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// Current resident set size of this process in bytes (Linux `VmRSS`).
 pub fn current_rss_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/status").ok()?;

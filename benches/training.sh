@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Training throughput of histolens against PyTorch CPU eager on the same step (batch 8, forward +
+# backward + AdamW; 224 px, 299 px for Inception-v3), on 1 and 2 threads, measured in one run: the
+# ratio table of issue 19, and histolens's peak RSS per architecture.
+# PyTorch runs ../shared/tools/torch_bench.py from a virtual environment OUTSIDE the repository:
+#   python3 -m venv ~/torch-venv && ~/torch-venv/bin/pip install torch==2.5.1 torchvision==0.20.1 timm
+# Usage: TORCH_VENV=~/torch-venv benches/training.sh [ITERS]   (not in CI: minutes, 3 GB of wheels)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${TORCH_VENV:-$HOME/torch-venv}
+iters=${1:-4}
+bench=../shared/tools/torch_bench.py
+[ -x "$venv/bin/python" ] || { echo "no PyTorch virtual environment at $venv (see the header)" >&2; exit 1; }
+[ -f "$bench" ] || { echo "no $bench" >&2; exit 1; }
+cargo build --release --locked -q
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+for t in 1 2; do
+  RAYON_NUM_THREADS=$t ./target/release/histolens bench model --arch resnet18,resnet50,efficientnet-lite0 \
+    --batch 1 --iters "$iters" --train-batch 8 --json > "$dir/ours-$t-224.json"
+  RAYON_NUM_THREADS=$t ./target/release/histolens bench model --arch inception-v3 --size 299 \
+    --batch 1 --iters "$iters" --train-batch 8 --json > "$dir/ours-$t-299.json"
+  "$venv/bin/python" "$bench" "$t" "$iters" > "$dir/torch-$t.jsonl"
+done
+python3 - "$dir" <<'PY'
+import glob, json, os, sys
+d = sys.argv[1]
+ours = {}
+for f in glob.glob(os.path.join(d, "ours-*.json")):
+    for r in json.load(open(f)):
+        ours[(r["arch"], r["threads"])] = r
+torch = {}
+for f in glob.glob(os.path.join(d, "torch-*.jsonl")):
+    for line in open(f):
+        r = json.loads(line)
+        torch[(r["arch"], r["threads"])] = r
+print(f"{'arch':<20} {'threads':>7} {'histolens img/s':>16} {'PyTorch img/s':>14} {'ratio':>7} {'peak RSS MiB':>13}")
+for arch in ("resnet18", "resnet50", "inception-v3", "efficientnet-lite0"):
+    for t in (1, 2):
+        o, p = ours.get((arch, t)), torch.get((arch, t))
+        if not o or not p:
+            continue
+        a, b = o["train_images_per_second"], p["train_images_per_second"]
+        print(f"{arch:<20} {t:>7} {a:>16.2f} {b:>14.2f} {a / b:>6.2f}x {o.get('peak_rss_mib') or '-':>13}")
+PY
