@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{BatchNorm, BatchNormConfig, ModuleT, VarBuilder};
 
 use super::blocked::{self, PackedConv};
@@ -69,6 +69,9 @@ impl ConvSpec {
 pub struct ConvBn {
     weight: Tensor,
     bn: BatchNorm,
+    /// The BatchNorm's running statistics as variables (weights being trained), for the fused
+    /// training path ([`super::batch_norm`]); None for constants.
+    running: Option<(Var, Var)>,
     spec: ConvSpec,
     /// The folded evaluation weights, kept when they are constants (weights loaded for inference).
     folded: OnceLock<(Tensor, Tensor)>,
@@ -90,10 +93,19 @@ impl ConvBn {
             affine: true,
             momentum: spec.bn_momentum,
         };
-        let bn = candle_nn::batch_norm(spec.cout, bn_cfg, bn_vb)?;
+        let bn = candle_nn::batch_norm(spec.cout, bn_cfg, bn_vb.clone())?;
+        // The same tensors candle's BatchNorm holds (a VarMap gives back its variables).
+        let stat = |name| bn_vb.get_with_hints(spec.cout, name, candle_nn::Init::Const(0.));
+        let (mean, var) = (stat("running_mean")?, stat("running_var")?);
+        let running = (mean.is_variable() && var.is_variable())
+            .then(|| {
+                Ok::<_, candle_core::Error>((Var::from_tensor(&mean)?, Var::from_tensor(&var)?))
+            })
+            .transpose()?;
         Ok(ConvBn {
             weight,
             bn,
+            running,
             spec,
             folded: OnceLock::new(),
             packed: Default::default(),
@@ -134,7 +146,22 @@ impl ConvBn {
                     .pad_with_zeros(3, pad.left, pad.right)?
                     .conv2d(&self.weight, 0, s.stride, 1, s.groups)?
             };
-            return act.apply_tensor(&self.bn.forward_t(&y, true)?);
+            let normed = match (&self.running, self.bn.weight_and_bias()) {
+                (Some((mean, var)), Some((gamma, beta)))
+                    if y.device().is_cpu() && y.dtype() == DType::F32 =>
+                {
+                    super::batch_norm::batch_norm_train(
+                        &y,
+                        gamma,
+                        beta,
+                        (mean, var),
+                        self.spec.bn_momentum,
+                        self.spec.bn_eps,
+                    )?
+                }
+                _ => self.bn.forward_t(&y, true)?,
+            };
+            return act.apply_tensor(&normed);
         }
         let (w, b) = self.folded()?;
         cpu_conv::conv2d(x, &w, &b, geo, act)

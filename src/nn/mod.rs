@@ -3,6 +3,7 @@
 
 pub mod architectures;
 pub mod backbone;
+pub mod batch_norm;
 pub mod blocked;
 pub mod checkpoint;
 pub mod cpu_conv;

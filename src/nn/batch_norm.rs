@@ -1,0 +1,270 @@
+//! BatchNorm in training mode as one operation with an analytic backward.
+//!
+//! candle-nn's training BatchNorm transposes and copies its input, then runs a dozen broadcast
+//! operations, each allocating a full-size tensor, and autograd replays as many backward. Here the
+//! batch statistics take one pass over the input, the normalisation one more, and the backward two:
+//! per channel, Σdy and Σdy·x̂, then dx = γ/σ · (dy − Σdy/M − x̂·Σdy·x̂/M), dγ = Σdy·x̂, dβ = Σdy.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, Var, bail};
+use rayon::prelude::*;
+
+use super::cpu_conv::f32_slice;
+
+/// Per-channel mean and biased variance of an NCHW tensor, (2, C): row 0 the means, row 1 the variances.
+struct ChannelStats;
+
+/// Sums over each channel's planes: `f(plane values)` accumulated in f64, for every channel.
+fn per_channel(
+    x: &[f32],
+    (n, c, hw): (usize, usize, usize),
+    f: impl Fn(usize, &[f32]) -> f64 + Sync,
+) -> Vec<f64> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            (0..n)
+                .map(|i| f(ch, &x[(i * c + ch) * hw..(i * c + ch + 1) * hw]))
+                .sum()
+        })
+        .collect()
+}
+
+fn nchw(l: &Layout) -> Result<(usize, usize, usize)> {
+    let (n, c, h, w) = l.shape().dims4()?;
+    Ok((n, c, h * w))
+}
+
+impl CustomOp1 for ChannelStats {
+    fn name(&self) -> &'static str {
+        "histolens-batch-norm-stats"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "batch-norm input")?;
+        let dims @ (n, c, hw) = nchw(l)?;
+        let m = (n * hw) as f64;
+        let sums = per_channel(x, dims, |_, p| p.iter().map(|&v| f64::from(v)).sum());
+        let means: Vec<f64> = sums.iter().map(|s| s / m).collect();
+        let vars = per_channel(x, dims, |ch, p| {
+            p.iter().map(|&v| (f64::from(v) - means[ch]).powi(2)).sum()
+        });
+        let out: Vec<f32> = means
+            .iter()
+            .map(|&v| v as f32)
+            .chain(vars.iter().map(|v| (v / m) as f32))
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+    }
+}
+
+/// y = γ (x − mean) / sqrt(var + eps) + β with the batch's statistics (given, one value per channel).
+struct Normalize {
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+}
+
+impl CustomOp3 for Normalize {
+    fn name(&self) -> &'static str {
+        "histolens-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, "batch-norm input")?;
+        let gamma = f32_slice(gs, gl, "batch-norm weight")?;
+        let beta = f32_slice(bs, bl, "batch-norm bias")?;
+        let (_, c, hw) = nchw(xl)?;
+        if gamma.len() != c || beta.len() != c || self.mean.len() != c {
+            bail!("batch norm: {c} channels, {} weights", gamma.len())
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw))
+            .enumerate()
+            .for_each(|(plane, (out, inp))| {
+                let ch = plane % c;
+                let scale = gamma[ch] * self.inv_std[ch];
+                let shift = beta[ch] - self.mean[ch] * scale;
+                for (o, &v) in out.iter_mut().zip(inp) {
+                    *o = v * scale + shift;
+                }
+            });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c, h, w) = x.dims4()?;
+        let hw = h * w;
+        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let gy: Vec<f32> = grad_y.flatten_all()?.to_vec1()?;
+        let gv: Vec<f32> = gamma.to_vec1()?;
+        let xhat = |ch: usize, v: f32| (v - self.mean[ch]) * self.inv_std[ch];
+        // Σdy and Σdy·x̂ per channel.
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mut s, mut sx) = (0f64, 0f64);
+                for i in 0..n {
+                    let at = (i * c + ch) * hw;
+                    for (&d, &v) in gy[at..at + hw].iter().zip(&xv[at..at + hw]) {
+                        s += f64::from(d);
+                        sx += f64::from(d * xhat(ch, v));
+                    }
+                }
+                (s, sx)
+            })
+            .collect();
+        let m = (n * hw) as f32;
+        let mut dx = vec![0f32; xv.len()];
+        dx.par_chunks_mut(hw).enumerate().for_each(|(plane, out)| {
+            let ch = plane % c;
+            let (s, sx) = (sums[ch].0 as f32 / m, sums[ch].1 as f32 / m);
+            let k = gv[ch] * self.inv_std[ch];
+            let at = plane * hw;
+            for ((o, &d), &v) in out.iter_mut().zip(&gy[at..at + hw]).zip(&xv[at..at + hw]) {
+                *o = k * (d - s - xhat(ch, v) * sx);
+            }
+        });
+        let dev = x.device();
+        let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
+        let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dgamma, c, dev)?),
+            Some(Tensor::from_vec(dbeta, c, dev)?),
+        ))
+    }
+}
+
+/// Training-mode BatchNorm of an NCHW f32 tensor on the CPU: normalised with the batch's statistics,
+/// differentiable in `x`, `gamma` and `beta`; the running statistics move by `momentum` (the variance
+/// unbiased, as PyTorch and candle do).
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running: (&Var, &Var),
+    momentum: f64,
+    eps: f64,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let stats = x.detach().apply_op1_no_bwd(&ChannelStats)?;
+    let mean: Vec<f32> = stats.get(0)?.to_vec1()?;
+    let var: Vec<f32> = stats.get(1)?.to_vec1()?;
+    let inv_std = var.iter().map(|&v| 1.0 / (v + eps as f32).sqrt()).collect();
+    let (n, _, h, w) = x.dims4()?;
+    let m = (n * h * w) as f64;
+    let unbiased = (stats.get(1)? * (m / (m - 1.0).max(1.0)))?;
+    let (rm, rv) = running;
+    rm.set(&((rm.as_tensor() * (1.0 - momentum))? + (stats.get(0)? * momentum)?)?)?;
+    rv.set(&((rv.as_tensor() * (1.0 - momentum))? + (unbiased * momentum)?)?)?;
+    x.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        Normalize { mean, inv_std },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::{BatchNormConfig, ModuleT, VarBuilder, VarMap};
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let s = b.abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-6)
+    }
+
+    /// Output, running statistics and the three gradients against candle-nn's BatchNorm.
+    #[test]
+    fn matches_candle_batch_norm_in_training() {
+        let dev = Device::Cpu;
+        let vars = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vars, candle_core::DType::F32, &dev);
+        let cfg = BatchNormConfig {
+            eps: 1e-3,
+            remove_mean: true,
+            affine: true,
+            momentum: 0.1,
+        };
+        let bn = candle_nn::batch_norm(5, cfg, vb.pp("bn")).unwrap();
+        // Non-trivial affine parameters and running statistics.
+        for (name, var) in vars.data().lock().unwrap().iter() {
+            var.set(&Tensor::rand(0.5f32, 1.5, 5, &dev).unwrap())
+                .unwrap();
+            let _ = name;
+        }
+        let get = |n: &str| vars.data().lock().unwrap()[n].clone();
+        let (gamma, beta) = (get("bn.weight"), get("bn.bias"));
+        let (rm, rv) = (get("bn.running_mean"), get("bn.running_var"));
+        let (rm0, rv0) = (
+            rm.as_tensor().copy().unwrap(),
+            rv.as_tensor().copy().unwrap(),
+        );
+        let x = Var::from_tensor(
+            &(Tensor::randn(0f32, 2., (3, 5, 4, 6), &dev).unwrap() + 1.5).unwrap(),
+        )
+        .unwrap();
+        let weigh = Tensor::randn(0f32, 1., (3, 5, 4, 6), &dev).unwrap();
+
+        let ours = batch_norm_train(
+            x.as_tensor(),
+            gamma.as_tensor(),
+            beta.as_tensor(),
+            (&rm, &rv),
+            0.1,
+            1e-3,
+        )
+        .unwrap();
+        let g1 = (&ours * &weigh)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (rm1, rv1) = (
+            rm.as_tensor().copy().unwrap(),
+            rv.as_tensor().copy().unwrap(),
+        );
+        // candle's, from the same running statistics.
+        rm.set(&rm0).unwrap();
+        rv.set(&rv0).unwrap();
+        let theirs = bn.forward_t(x.as_tensor(), true).unwrap();
+        let g2 = (&theirs * &weigh)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(max_rel(&ours, &theirs) < 1e-5, "output");
+        assert!(max_rel(&rm1, rm.as_tensor()) < 1e-6, "running mean");
+        assert!(max_rel(&rv1, rv.as_tensor()) < 1e-5, "running variance");
+        for (what, v) in [("x", &x), ("gamma", &gamma), ("beta", &beta)] {
+            let (a, b) = (
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_rel(a, b) < 1e-4,
+                "gradient of {what}: {}",
+                max_rel(a, b)
+            );
+        }
+    }
+}
