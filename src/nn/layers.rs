@@ -139,6 +139,13 @@ impl ConvBn {
             {
                 // One operation per layer (candle: one per channel, forward and backward).
                 super::depthwise::depthwise_conv2d(x, &self.weight, s.stride, pad)?
+            } else if s.groups == 1
+                && x.device().is_cpu()
+                && x.dtype() == DType::F32
+                && self.weight.dtype() == DType::F32
+            {
+                // Both gradients on the GEMM (candle: a direct transposed convolution).
+                super::conv_train::conv2d_train(x, &self.weight, s.stride, pad)?
             } else if pad == Pad::symmetric(pad.top, pad.top) {
                 x.conv2d(&self.weight, pad.top, s.stride, 1, s.groups)?
             } else {

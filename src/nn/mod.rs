@@ -6,6 +6,7 @@ pub mod backbone;
 pub mod batch_norm;
 pub mod blocked;
 pub mod checkpoint;
+pub mod conv_train;
 pub mod cpu_conv;
 pub mod depthwise;
 pub mod device;
