@@ -36,13 +36,91 @@ impl Activation {
         }
     }
 
-    /// The activation as candle operations (differentiable).
+    /// The activation, differentiable: on f32 CPU tensors one operation forward and one backward
+    /// (candle's clamp is two broadcast operations, and its backward more).
     pub fn apply_tensor(self, x: &Tensor) -> Result<Tensor> {
+        if self == Activation::Identity {
+            return Ok(x.clone());
+        }
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            return x.contiguous()?.apply_op1(ActOp(self));
+        }
         match self {
             Activation::Identity => Ok(x.clone()),
             Activation::Relu => x.relu(),
             Activation::Relu6 => x.clamp(0f32, 6f32),
         }
+    }
+
+    /// Whether the activation passes gradient at an output value `y`.
+    #[inline(always)]
+    fn passes(self, y: f32) -> bool {
+        match self {
+            Activation::Identity => true,
+            Activation::Relu => y > 0.0,
+            Activation::Relu6 => y > 0.0 && y < 6.0,
+        }
+    }
+}
+
+/// An activation as one differentiable operation.
+struct ActOp(Activation);
+/// (grad_y, y) → grad_x of an activation.
+struct ActGrad(Activation);
+
+impl candle_core::CustomOp1 for ActOp {
+    fn name(&self) -> &'static str {
+        "histolens-activation"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "activation input")?;
+        let act = self.0;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14))
+            .for_each(|(o, i)| {
+                for (o, &v) in o.iter_mut().zip(i) {
+                    *o = act.apply(v);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            grad.contiguous()?.apply_op2_no_bwd(y, &ActGrad(self.0))?,
+        ))
+    }
+}
+
+impl candle_core::CustomOp2 for ActGrad {
+    fn name(&self) -> &'static str {
+        "histolens-activation-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(gs, gl, "activation gradient")?;
+        let y = f32_slice(ys, yl, "activation output")?;
+        if g.len() != y.len() {
+            bail!("activation gradient of {} values for {}", g.len(), y.len())
+        }
+        let act = self.0;
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(g.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
+            .for_each(|(o, (g, y))| {
+                for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                    *o = if act.passes(y) { g } else { 0.0 };
+                }
+            });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
 }
 
@@ -740,5 +818,42 @@ mod tests {
             y.to_vec2::<f32>().unwrap(),
             vec![vec![0., 2.], vec![6., 0.]]
         );
+    }
+
+    /// The fused activations and their gradients against candle's relu and clamp.
+    #[test]
+    fn fused_activations_match_candle() {
+        let dev = Device::Cpu;
+        for act in [Activation::Relu, Activation::Relu6] {
+            let x =
+                candle_core::Var::from_tensor(&(Tensor::randn(0f32, 4., (3, 5, 7), &dev).unwrap()))
+                    .unwrap();
+            let ours = act.apply_tensor(x.as_tensor()).unwrap();
+            let theirs = match act {
+                Activation::Relu => x.as_tensor().relu().unwrap(),
+                _ => x.as_tensor().clamp(0f32, 6f32).unwrap(),
+            };
+            let d = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+            let weigh = Tensor::randn(0f32, 1., (3, 5, 7), &dev).unwrap();
+            let g1 = (&ours * &weigh)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (&theirs * &weigh)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let (a, b) = (
+                g1.get(x.as_tensor()).unwrap(),
+                g2.get(x.as_tensor()).unwrap(),
+            );
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{act:?}");
+        }
     }
 }
