@@ -12,16 +12,19 @@ use rayon::prelude::*;
 use super::cpu_conv::f32_slice;
 use histolens_kernels::Pad;
 
+/// Where a kernel window falls on an input plane: kernel size, stride and padding (dilation 1).
+/// Shared by the training convolutions (dense here, depthwise in `depthwise.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Geo {
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    pad: Pad,
+pub(crate) struct Geo {
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: Pad,
 }
 
 impl Geo {
-    fn output(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+    /// The output size for an input of `h` x `w`.
+    pub fn output(&self, h: usize, w: usize) -> Result<(usize, usize)> {
         let (ph, pw) = (
             h + self.pad.top + self.pad.bottom,
             w + self.pad.left + self.pad.right,
@@ -40,7 +43,7 @@ impl Geo {
     }
 
     /// Output columns whose input column `ox * stride + kx - left` is inside `0..w`.
-    fn columns(&self, kx: usize, w: usize, ow: usize) -> std::ops::Range<usize> {
+    pub fn columns(&self, kx: usize, w: usize, ow: usize) -> std::ops::Range<usize> {
         let first = self.pad.left.saturating_sub(kx).div_ceil(self.stride);
         let end = (w + self.pad.left)
             .saturating_sub(kx)
@@ -49,7 +52,8 @@ impl Geo {
         first.min(end)..end
     }
 
-    fn row(&self, oy: usize, ky: usize, h: usize) -> Option<usize> {
+    /// The input row of output row `oy` under kernel row `ky`, if inside `0..h`.
+    pub fn row(&self, oy: usize, ky: usize, h: usize) -> Option<usize> {
         (oy * self.stride + ky)
             .checked_sub(self.pad.top)
             .filter(|&r| r < h)

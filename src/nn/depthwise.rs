@@ -9,53 +9,9 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
+use super::conv_train::Geo;
 use super::cpu_conv::f32_slice;
 use histolens_kernels::Pad;
-
-/// The geometry of a depthwise convolution (dilation 1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Geo {
-    stride: usize,
-    pad: Pad,
-    kh: usize,
-    kw: usize,
-}
-
-impl Geo {
-    fn output(&self, h: usize, w: usize) -> Result<(usize, usize)> {
-        let (ph, pw) = (
-            h + self.pad.top + self.pad.bottom,
-            w + self.pad.left + self.pad.right,
-        );
-        if ph < self.kh || pw < self.kw || self.stride == 0 {
-            bail!(
-                "depthwise convolution: a {}x{} kernel does not fit a padded {ph}x{pw} input",
-                self.kh,
-                self.kw
-            )
-        }
-        Ok((
-            (ph - self.kh) / self.stride + 1,
-            (pw - self.kw) / self.stride + 1,
-        ))
-    }
-
-    /// The output columns `ox` whose input column `ox * stride + kx - left` is inside `0..w`.
-    fn columns(&self, kx: usize, w: usize, ow: usize) -> std::ops::Range<usize> {
-        let s = self.stride;
-        // ox * s + kx >= left  and  ox * s + kx < w + left
-        let first = self.pad.left.saturating_sub(kx).div_ceil(s);
-        let end = (w + self.pad.left).saturating_sub(kx).div_ceil(s).min(ow);
-        first.min(end)..end
-    }
-
-    /// The input row of output row `oy` under kernel row `ky`, if inside `0..h`.
-    fn row(&self, oy: usize, ky: usize, h: usize) -> Option<usize> {
-        (oy * self.stride + ky)
-            .checked_sub(self.pad.top)
-            .filter(|&r| r < h)
-    }
-}
 
 /// `y = depthwise_conv(x, w)`: x (N, C, H, W), w (C, 1, kh, kw), f32 on the CPU; differentiable in both.
 pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: Pad) -> Result<Tensor> {
