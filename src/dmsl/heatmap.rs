@@ -143,22 +143,15 @@ pub enum HeatmapError {
     Write { path: PathBuf, message: String },
 }
 
-/// FNV-1a 64 of bytes, as 16 hex digits: a stable identity for a model file.
-/// A file's size and modification time (ns since 1970), "" when they cannot be read.
+/// A file's size and modification time ([`crate::util::fs::file_version`]), "" when they cannot be
+/// read.
 pub fn slide_version(path: &Path) -> String {
-    std::fs::metadata(path).map_or_else(
-        |_| String::new(),
-        |m| {
-            let t = m
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
-            format!("{} bytes, modified {t}", m.len())
-        },
-    )
+    crate::util::fs::file_version(path).map_or_else(String::new, |(len, modified)| {
+        format!("{len} bytes, modified {modified}")
+    })
 }
 
+/// FNV-1a 64 of bytes, as 16 hex digits: a stable identity for a model file.
 pub fn content_id(bytes: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {

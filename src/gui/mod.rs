@@ -111,12 +111,25 @@ fn lower_thread_priority() {
     }
 }
 
+/// The main window's options (also the bare baseline's in [`window_bench`]).
+fn native_options() -> eframe::NativeOptions {
+    eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title("histolens")
+            .with_inner_size([1280.0, 800.0])
+            .with_min_inner_size([480.0, 320.0])
+            .with_drag_and_drop(true),
+        persist_window: true,
+        ..Default::default()
+    }
+}
+
 /// Opens the main window and runs until it is closed.
 pub fn run(options: LaunchOptions) -> eframe::Result<()> {
     crate::util::memory::tune_allocator_for_long_sessions();
     eframe::run_native(
         "histolens",
-        window_bench::native_options(),
+        native_options(),
         Box::new(move |cc| Ok(Box::new(HistolensApp::new(cc, options)))),
     )
 }

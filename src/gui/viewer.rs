@@ -322,12 +322,13 @@ impl SlideView {
             )
         };
         let (w, h) = self.slide.info().dimensions();
-        let slide_rect = to_screen(tiles::Rect {
+        let whole = tiles::Rect {
             x0: 0.0,
             y0: 0.0,
             x1: w as f64,
             y1: h as f64,
-        });
+        };
+        let slide_rect = to_screen(whole);
         // Every canvas pixel is painted once: software renderers (no GPU) pay for each overdrawn one.
         // The canvas colour only around the slide, and under each tile the best image on the GPU:
         // its texture, a coarser tile's, or the overview (never a blank once the slide is open).
@@ -348,12 +349,6 @@ impl SlideView {
         };
         let grid = self.streamer.grid().clone();
         let top = grid.coarsest_level();
-        let whole = tiles::Rect {
-            x0: 0.0,
-            y0: 0.0,
-            x1: w as f64,
-            y1: h as f64,
-        };
         for &key in &plan.visible {
             let tile_rect = grid.tile_rect_level0(key);
             let screen = to_screen(tile_rect);

@@ -42,23 +42,10 @@ impl BenchClock {
     }
 }
 
-/// The same window options histolens opens with.
-pub(crate) fn native_options() -> eframe::NativeOptions {
-    eframe::NativeOptions {
-        viewport: egui::ViewportBuilder::default()
-            .with_title("histolens")
-            .with_inner_size([1280.0, 800.0])
-            .with_min_inner_size([480.0, 320.0])
-            .with_drag_and_drop(true),
-        persist_window: true,
-        ..Default::default()
-    }
-}
-
 /// The baseline: an eframe window with histolens's options that repaints continuously and draws one
 /// label, measured like histolens for `bench.seconds`.
 pub fn run_bare(bench: WindowBench) -> eframe::Result<()> {
-    let mut options = native_options();
+    let mut options = super::native_options();
     options.persist_window = false;
     eframe::run_native(
         "histolens-bare",

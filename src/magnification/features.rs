@@ -16,7 +16,7 @@ use crate::data::manifest::{MagnificationRecord, Manifest};
 use crate::data::tensor::to_tensor;
 use crate::nn::backbone::Backbone;
 use crate::nn::checkpoint::Normalization;
-use crate::util::fs::{Fnv, write_atomic};
+use crate::util::fs::{Fnv, file_version, write_atomic};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FeatureError {
@@ -146,14 +146,9 @@ fn key(manifest: &Manifest, weights: u64, crops: CropSettings) -> u64 {
     for r in &manifest.records {
         let path = manifest.resolve(r);
         h.write(path.to_string_lossy().as_bytes());
-        if let Ok(m) = std::fs::metadata(&path) {
-            h.write(&m.len().to_le_bytes());
-            let t = m
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
-            h.write(&t.to_le_bytes());
+        if let Some((len, modified)) = file_version(&path) {
+            h.write(&len.to_le_bytes());
+            h.write(&modified.to_le_bytes());
         }
     }
     h.finish()

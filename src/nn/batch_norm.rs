@@ -5,7 +5,9 @@
 //! batch statistics take one pass over the input, the normalisation one more, and the backward two:
 //! per channel, Σdy and Σdy·x̂, then dx = γ/σ · (dy − Σdy/M − x̂·Σdy·x̂/M), dγ = Σdy·x̂, dβ = Σdy.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, Var, bail};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, Var, bail,
+};
 use rayon::prelude::*;
 
 use super::cpu_conv::f32_slice;
@@ -58,6 +60,7 @@ impl CustomOp1 for ChannelStats {
 }
 
 /// y = γ (x − mean) / sqrt(var + eps) + β with the batch's statistics (given, one value per channel).
+#[derive(Clone)]
 struct Normalize {
     mean: Vec<f32>,
     inv_std: Vec<f32>,
@@ -107,46 +110,106 @@ impl CustomOp3 for Normalize {
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, c, h, w) = x.dims4()?;
-        let hw = h * w;
-        let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let gy: Vec<f32> = grad_y.flatten_all()?.to_vec1()?;
-        let gv: Vec<f32> = gamma.to_vec1()?;
-        let xhat = |ch: usize, v: f32| (v - self.mean[ch]) * self.inv_std[ch];
-        // Σdy and Σdy·x̂ per channel.
+        // Two passes over the activations, read in place: the sums, then the input gradient.
+        let gy = grad_y.contiguous()?;
+        let sums = x.apply_op2_no_bwd(&gy, &GradSums(self.clone()))?;
+        let (dbeta, dgamma) = (sums.get(0)?, sums.get(1)?);
+        let dx = x.apply_op2_no_bwd(
+            &gy,
+            &GradInput {
+                norm: self.clone(),
+                gamma: gamma.to_vec1()?,
+                sum: dbeta.to_vec1()?,
+                sum_xhat: dgamma.to_vec1()?,
+            },
+        )?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+impl Normalize {
+    #[inline(always)]
+    fn xhat(&self, ch: usize, v: f32) -> f32 {
+        (v - self.mean[ch]) * self.inv_std[ch]
+    }
+}
+
+/// (x, dy) → (2, C): Σdy and Σdy·x̂ per channel (dβ and dγ).
+struct GradSums(Normalize);
+
+/// (x, dy) → dx = γ/σ · (dy − Σdy/M − x̂·Σdy·x̂/M).
+struct GradInput {
+    norm: Normalize,
+    gamma: Vec<f32>,
+    sum: Vec<f32>,
+    sum_xhat: Vec<f32>,
+}
+
+impl CustomOp2 for GradSums {
+    fn name(&self) -> &'static str {
+        "histolens-batch-norm-grad-sums"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, "batch-norm input")?;
+        let gy = f32_slice(gs, gl, "batch-norm output gradient")?;
+        let (n, c, hw) = nchw(xl)?;
         let sums: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
             .map(|ch| {
                 let (mut s, mut sx) = (0f64, 0f64);
                 for i in 0..n {
                     let at = (i * c + ch) * hw;
-                    for (&d, &v) in gy[at..at + hw].iter().zip(&xv[at..at + hw]) {
+                    for (&d, &v) in gy[at..at + hw].iter().zip(&x[at..at + hw]) {
                         s += f64::from(d);
-                        sx += f64::from(d * xhat(ch, v));
+                        sx += f64::from(d * self.0.xhat(ch, v));
                     }
                 }
                 (s, sx)
             })
             .collect();
+        let out: Vec<f32> = sums
+            .iter()
+            .map(|s| s.0 as f32)
+            .chain(sums.iter().map(|s| s.1 as f32))
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+    }
+}
+
+impl CustomOp2 for GradInput {
+    fn name(&self) -> &'static str {
+        "histolens-batch-norm-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, "batch-norm input")?;
+        let gy = f32_slice(gs, gl, "batch-norm output gradient")?;
+        let (n, c, hw) = nchw(xl)?;
         let m = (n * hw) as f32;
-        let mut dx = vec![0f32; xv.len()];
+        let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(hw).enumerate().for_each(|(plane, out)| {
             let ch = plane % c;
-            let (s, sx) = (sums[ch].0 as f32 / m, sums[ch].1 as f32 / m);
-            let k = gv[ch] * self.inv_std[ch];
+            let (s, sx) = (self.sum[ch] / m, self.sum_xhat[ch] / m);
+            let k = self.gamma[ch] * self.norm.inv_std[ch];
             let at = plane * hw;
-            for ((o, &d), &v) in out.iter_mut().zip(&gy[at..at + hw]).zip(&xv[at..at + hw]) {
-                *o = k * (d - s - xhat(ch, v) * sx);
+            for ((o, &d), &v) in out.iter_mut().zip(&gy[at..at + hw]).zip(&x[at..at + hw]) {
+                *o = k * (d - s - self.norm.xhat(ch, v) * sx);
             }
         });
-        let dev = x.device();
-        let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
-        let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dgamma, c, dev)?),
-            Some(Tensor::from_vec(dbeta, c, dev)?),
-        ))
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 }
 

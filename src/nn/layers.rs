@@ -132,18 +132,13 @@ impl ConvBn {
             groups: s.groups,
         };
         if train {
-            let y = if self.depthwise()
-                && x.device().is_cpu()
-                && x.dtype() == DType::F32
-                && self.weight.dtype() == DType::F32
-            {
+            // histolens's training operations: f32 on the CPU.
+            let own =
+                x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32;
+            let y = if own && self.depthwise() {
                 // One operation per layer (candle: one per channel, forward and backward).
                 super::depthwise::depthwise_conv2d(x, &self.weight, s.stride, pad)?
-            } else if s.groups == 1
-                && x.device().is_cpu()
-                && x.dtype() == DType::F32
-                && self.weight.dtype() == DType::F32
-            {
+            } else if own && s.groups == 1 {
                 // Both gradients on the GEMM (candle: a direct transposed convolution).
                 super::conv_train::conv2d_train(x, &self.weight, s.stride, pad)?
             } else if pad == Pad::symmetric(pad.top, pad.top) {
@@ -154,9 +149,7 @@ impl ConvBn {
                     .conv2d(&self.weight, 0, s.stride, 1, s.groups)?
             };
             let normed = match (&self.running, self.bn.weight_and_bias()) {
-                (Some((mean, var)), Some((gamma, beta)))
-                    if y.device().is_cpu() && y.dtype() == DType::F32 =>
-                {
+                (Some((mean, var)), Some((gamma, beta))) if own => {
                     super::batch_norm::batch_norm_train(
                         &y,
                         gamma,

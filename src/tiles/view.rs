@@ -134,11 +134,11 @@ pub struct TilePlan {
     pub wanted: Vec<TileKey>,
 }
 
-/// Plans tiles for `view` drawn at `pixels_per_point` physical pixels per screen unit.
 /// More visible tiles than this (a slide without a coarse enough level, zoomed out) are not loaded:
 /// the overview stands in, so that a pyramid-less gigapixel slide never floods the loaders.
 pub const MAX_VISIBLE_TILES: f64 = 1024.0;
 
+/// Plans tiles for `view` drawn at `pixels_per_point` physical pixels per screen unit.
 pub fn plan_tiles(grid: &TileGrid, view: &Viewport, pixels_per_point: f64, ring: u32) -> TilePlan {
     let level = grid.level_for_downsample(view.downsample() / pixels_per_point.max(1e-6));
     let rect = view.visible_rect();

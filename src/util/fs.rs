@@ -55,6 +55,18 @@ pub fn write_atomic_with(
     Ok(())
 }
 
+/// A file's size in bytes and modification time (ns since 1970, 0 where unknown): what changes when
+/// the file is replaced or rewritten, for keys of caches derived from it. None when it cannot be read.
+pub fn file_version(path: &Path) -> Option<(u64, u128)> {
+    let m = std::fs::metadata(path).ok()?;
+    let modified = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Some((m.len(), modified))
+}
+
 /// 64-bit FNV-1a: a stable hash (unlike `std`'s) for cache keys kept on disk.
 #[derive(Debug, Clone, Copy)]
 pub struct Fnv(u64);
