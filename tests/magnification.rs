@@ -423,6 +423,71 @@ fn leave_one_source_out_writes_its_table() {
     }
     // The features were cached in the cache folder, never beside the data.
     assert!(std::fs::read_dir(d.join("cache/features")).unwrap().count() >= 1);
+
+    // Fine-tuning each fold's last stage from the folds above: the tuned stage moves, the frozen
+    // ones stay, the head keeps its scale factor.
+    let out = histolens()
+        .env("HISTOLENS_CACHE_DIR", d.join("cache"))
+        .args(["eval", "magnification", "--loso", "--data"])
+        .arg(data.join("manifest.csv"))
+        .arg("--work")
+        .arg(d.join("tuned"))
+        .arg("--start-folds")
+        .arg(d.join("folds"))
+        .args([
+            "--arch",
+            "efficientnet-lite0",
+            "--freeze-backbone",
+            "--multiscale",
+            "--tune-stages",
+            "1",
+            "--target",
+            "log2",
+            "--epochs-asm",
+            "0",
+            "--epochs-constant",
+            "1",
+            "--lr",
+            "1e-2",
+            "--estimate-crops",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("pooled"));
+    let weights = |p: PathBuf| {
+        let bytes = std::fs::read(&p).unwrap();
+        let meta = histolens::nn::checkpoint::read_meta(&bytes).unwrap();
+        let t = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+        (meta, t)
+    };
+    let (meta0, before) = weights(d.join("folds/fold-half/last.safetensors"));
+    let (meta1, after) = weights(d.join("tuned/fold-half/last.safetensors"));
+    assert_eq!(meta0.constants.get("asm_m"), meta1.constants.get("asm_m"));
+    assert_eq!(
+        meta0.normalization, meta1.normalization,
+        "inputs normalised as the starting checkpoint's"
+    );
+    let moved = |name: &str| {
+        let diff = (&before[name] - &after[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        diff > 0.0
+    };
+    assert!(moved("backbone._blocks.15._project_conv.weight"), "tuned");
+    assert!(moved("backbone._conv_head.weight"), "tuned");
+    assert!(!moved("backbone._blocks.14._project_conv.weight"), "frozen");
+    assert!(!moved("backbone._conv_stem.weight"), "frozen");
 }
 
 #[test]
@@ -711,6 +776,7 @@ fn cached_frozen_features_equal_recomputed_ones_and_give_the_same_head_gradients
         max_crops: 2,
         norm: arch.imagenet_normalization(),
         multiscale: true,
+        split: None,
     };
     let cache = dir.path().join("cache");
     let computed = std::cell::Cell::new(0usize);
@@ -814,4 +880,44 @@ fn cached_frozen_features_equal_recomputed_ones_and_give_the_same_head_gradients
     // Other backbone weights: another cache entry.
     let _ = table(2);
     assert_eq!(computed.get(), 3, "other weights are computed afresh");
+
+    // Split after 5 of the 7 stages (the last two being tuned): the cache keeps the frozen stages'
+    // pooled features and output, and the tuned stages run on that output give the rest.
+    let split = features_for(
+        &manifest,
+        backbone.as_ref(),
+        1,
+        CropSettings {
+            split: Some(5),
+            ..crops
+        },
+        &cache,
+        &Device::Cpu,
+        |_, _| {},
+    )
+    .unwrap();
+    let rows: Vec<usize> = all
+        .iter()
+        .flat_map(|&i| split.rows_of(i).to_vec())
+        .collect();
+    let maps = split.select_maps(&rows).unwrap().expect("maps of a split");
+    assert_eq!(maps.dim(1).unwrap(), 112, "the fifth stage's output");
+    let tuned = backbone.stage_suffix(&maps, 5, false).unwrap();
+    let joined = Tensor::cat(&[&split.select(&rows).unwrap(), &tuned], 1).unwrap();
+    let fresh = recomputed(&all);
+    assert_eq!(joined.dims(), fresh.dims());
+    assert!(
+        max_diff(&joined, &fresh) < 1e-4,
+        "frozen stages from the cache + tuned stages = the whole backbone"
+    );
+    let tuning = backbone.stage_suffix(&maps, 5, true).unwrap();
+    assert!(
+        max_diff(&tuning, &tuned) < 1e-4,
+        "a tuning pass computes what evaluation does"
+    );
+    assert_eq!(
+        backbone.stage_suffix_prefixes(5).len(),
+        7,
+        "blocks 11-15, the head convolution and its BatchNorm"
+    );
 }

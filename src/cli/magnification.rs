@@ -343,6 +343,13 @@ pub struct TrainOptions {
     /// --freeze-backbone).
     #[arg(long)]
     pub multiscale: bool,
+    /// With --freeze-backbone --multiscale: fine-tune the backbone's last N stages and its last
+    /// convolution all the same, on cached outputs of the frozen stages before them.
+    #[arg(long, default_value_t = 0)]
+    pub tune_stages: usize,
+    /// The tuned stages' learning rate as a fraction of --lr.
+    #[arg(long, default_value_t = 0.1)]
+    pub tune_lr_scale: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -373,6 +380,8 @@ pub fn train_config(args: &TrainOptions) -> anyhow::Result<TrainConfig> {
     cfg.equivariance = args.equivariance;
     cfg.crops = args.crops;
     cfg.multiscale = args.multiscale;
+    cfg.tune_stages = args.tune_stages;
+    cfg.tune_lr_scale = args.tune_lr_scale;
     cfg.weight_decay = args.weight_decay;
     cfg.seed = args.seed;
     cfg.target = match args.target.as_str() {
@@ -476,6 +485,10 @@ pub struct EvalArgs {
     /// With --loso or --by-source: crops scored per image.
     #[arg(long, default_value_t = 16)]
     pub estimate_crops: usize,
+    /// With --loso: each fold starts from the last checkpoint of the same fold in this folder (the
+    /// --work of an earlier run), e.g. to fine-tune the backbone of frozen-backbone folds.
+    #[arg(long, requires = "loso")]
+    pub start_folds: Option<PathBuf>,
     #[command(flatten)]
     pub train: TrainOptions,
 }
@@ -580,7 +593,7 @@ fn eval_by_source(args: &EvalArgs) -> anyhow::Result<()> {
 }
 
 fn eval_loso(args: &EvalArgs, work: &Path) -> anyhow::Result<()> {
-    use histolens::magnification::loso::{LosoEvent, loso};
+    use histolens::magnification::loso::{Folds, LosoEvent, loso};
     let cfg = train_config(&args.train)?;
     let device = select(args.device)?;
     let stop = AtomicBool::new(false);
@@ -588,8 +601,11 @@ fn eval_loso(args: &EvalArgs, work: &Path) -> anyhow::Result<()> {
     let report = loso(
         &args.data,
         &cfg,
-        args.estimate_crops,
-        work,
+        Folds {
+            work,
+            start_from: args.start_folds.as_deref(),
+            crops: args.estimate_crops,
+        },
         &device,
         &stop,
         |e| match e {

@@ -25,7 +25,7 @@ use crate::data::tensor::to_tensor;
 use crate::nn::backbone::{Arch, Backbone, Features, build};
 use crate::nn::checkpoint::{
     CheckpointError, CheckpointMeta, FORMAT_VERSION, LoadOptions, Normalization, Provenance,
-    load_into, read_meta, to_bytes,
+    load_into, read_meta, start_normalization, to_bytes,
 };
 use crate::nn::dmsl::{Dmsl, DmslLoss, DmslOutput, loss};
 use crate::nn::pool::global_avg_pool;
@@ -140,13 +140,6 @@ impl DmslTrainConfig {
             steps_per_epoch: None,
             fold: None,
             seed: 0,
-        }
-    }
-
-    fn normalization(&self) -> Normalization {
-        match &self.start {
-            Start::Imagenet(_) => self.arch.imagenet_normalization(),
-            _ => Normalization::IMAGENET,
         }
     }
 
@@ -448,6 +441,7 @@ pub fn train(
         ..State::default()
     };
     let lock = files.lock()?;
+    let norm = start_normalization(&cfg.start, cfg.arch)?;
     if let Some(saved) = files.open(&lock, cfg)? {
         state = saved;
         on_event(DmslTrainEvent::Info(format!(
@@ -513,12 +507,12 @@ pub fn train(
         layout: &layout,
         cfg,
         device,
-        norm: cfg.normalization(),
+        norm,
         model: &model,
         frozen: &frozen,
     };
     let save = |path: &Path, epoch: usize, log: &DmslEpochLog| -> Result<(), DmslTrainError> {
-        let meta = checkpoint_meta(cfg, manifest_path, &data.dataset, &layout, epoch, log);
+        let meta = checkpoint_meta(cfg, norm, manifest_path, &data.dataset, &layout, epoch, log);
         let bytes = to_bytes(&vars, &meta, false)?;
         write_atomic(path, &bytes).map_err(io(path))
     };
@@ -681,6 +675,7 @@ fn load_start(
 
 fn checkpoint_meta(
     cfg: &DmslTrainConfig,
+    norm: Normalization,
     manifest: &Path,
     dataset: &PairDataset,
     layout: &DmslLayout,
@@ -705,7 +700,7 @@ fn checkpoint_meta(
         arch: cfg.arch,
         task: TASK.into(),
         input_size: [side, side],
-        normalization: cfg.normalization(),
+        normalization: norm,
         classes: dataset.classes.clone(),
         magnification_range: None,
         constants: layout.to_constants(),

@@ -2,6 +2,9 @@
 //! histolens's cache folder: with a frozen backbone, epochs (and leave-one-source-out folds) cost only
 //! the head. Each record is scored on the same crops an estimate uses ([`super::estimate::plan_crops`]).
 //!
+//! With a backbone fine-tuned only after its first `k` stages ([`CropSettings::split`]), the table
+//! also keeps each crop's output of those frozen stages, so that every epoch starts from there.
+//!
 //! The cache file is keyed on the backbone's weights, the crop settings and every record's path, size
 //! and modification time, so a changed image or model never reads stale features.
 
@@ -28,21 +31,25 @@ pub enum FeatureError {
 
 /// Features of every crop of every record: row `i` belongs to record `record[i]`.
 pub struct FeatureTable {
-    /// (rows, dim), on the device the head trains on.
+    /// (rows, dim), on the device the head trains on: the pooled features, or with a split
+    /// backbone those of the frozen stages.
     pub features: Tensor,
+    /// With a split backbone: the output of the frozen stages, (rows, C, H, W).
+    pub maps: Option<Tensor>,
     pub record: Vec<usize>,
     /// The rows of each record.
     by_record: HashMap<usize, Vec<usize>>,
 }
 
 impl FeatureTable {
-    fn new(features: Tensor, record: Vec<usize>) -> Self {
+    fn new(features: Tensor, maps: Option<Tensor>, record: Vec<usize>) -> Self {
         let mut by_record: HashMap<usize, Vec<usize>> = HashMap::new();
         for (row, &r) in record.iter().enumerate() {
             by_record.entry(r).or_default().push(row);
         }
         FeatureTable {
             features,
+            maps,
             record,
             by_record,
         }
@@ -54,10 +61,21 @@ impl FeatureTable {
 
     /// The features of `rows`, (rows.len(), dim).
     pub fn select(&self, rows: &[usize]) -> candle_core::Result<Tensor> {
+        self.features.index_select(&self.index(rows)?, 0)
+    }
+
+    /// The frozen stages' output of `rows`, (rows.len(), C, H, W), with a split backbone.
+    pub fn select_maps(&self, rows: &[usize]) -> candle_core::Result<Option<Tensor>> {
+        self.maps
+            .as_ref()
+            .map(|m| m.index_select(&self.index(rows)?, 0))
+            .transpose()
+    }
+
+    fn index(&self, rows: &[usize]) -> candle_core::Result<Tensor> {
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let n = idx.len();
-        let idx = Tensor::from_vec(idx, n, self.features.device())?;
-        self.features.index_select(&idx, 0)
+        Tensor::from_vec(idx, n, self.features.device())
     }
 }
 
@@ -69,6 +87,9 @@ pub struct CropSettings {
     pub norm: Normalization,
     /// Every stage's pooled output ([`Backbone::stage_pooled`]) instead of the last convolution's.
     pub multiscale: bool,
+    /// Keep the output of the first `k` stages ([`Backbone::stage_prefix`]) and their pooled
+    /// averages: the later stages are being trained.
+    pub split: Option<usize>,
 }
 
 /// The features of every record of `manifest` under `backbone` (whose weights `weights` fingerprints),
@@ -91,6 +112,7 @@ pub fn features_for(
         return Ok(table);
     }
     let mut rows: Vec<Tensor> = Vec::new();
+    let mut maps: Vec<Tensor> = Vec::new();
     let mut owners = Vec::new();
     let total = manifest.records.len();
     for (chunk_no, chunk) in manifest.records.chunks(16).enumerate() {
@@ -106,18 +128,31 @@ pub fn features_for(
         }
         for batch in images.chunks(32) {
             let x = to_tensor(batch, crops.norm, &Device::Cpu)?;
-            let pooled = if crops.multiscale {
-                backbone.stage_pooled(&x)?
-            } else {
-                backbone.forward(&x, false)?.pooled
+            let pooled = match crops.split {
+                Some(k) => {
+                    let (map, pooled) = backbone.stage_prefix(&x, k)?;
+                    maps.push(map.detach());
+                    pooled
+                }
+                None if crops.multiscale => backbone.stage_pooled(&x)?,
+                None => backbone.forward(&x, false)?.pooled,
             };
             rows.push(pooled.detach());
         }
         progress((base + chunk.len()).min(total), total);
     }
     let features = Tensor::cat(&rows, 0)?.to_dtype(DType::F32)?;
-    store(&file, &features, &owners);
-    Ok(FeatureTable::new(features.to_device(device)?, owners))
+    let maps = if maps.is_empty() {
+        None
+    } else {
+        Some(Tensor::cat(&maps, 0)?.to_dtype(DType::F32)?)
+    };
+    store(&file, &features, maps.as_ref(), &owners);
+    Ok(FeatureTable::new(
+        features.to_device(device)?,
+        maps.map(|m| m.to_device(device)).transpose()?,
+        owners,
+    ))
 }
 
 /// The crops an estimate of the record's image would score.
@@ -140,6 +175,10 @@ fn key(manifest: &Manifest, weights: u64, crops: CropSettings) -> u64 {
     h.write(&crops.input.to_le_bytes());
     h.write(&(crops.max_crops as u64).to_le_bytes());
     h.write(&[u8::from(crops.multiscale)]);
+    if let Some(k) = crops.split {
+        h.write(b"split");
+        h.write(&(k as u64).to_le_bytes());
+    }
     for v in crops.norm.mean.iter().chain(&crops.norm.std) {
         h.write(&v.to_le_bytes());
     }
@@ -160,20 +199,40 @@ fn load(file: &Path, records: usize, device: &Device) -> Option<FeatureTable> {
     let features = tensors.get("features")?.to_dtype(DType::F32).ok()?;
     let owners: Vec<u32> = tensors.get("record")?.to_vec1().ok()?;
     let owners: Vec<usize> = owners.into_iter().map(|o| o as usize).collect();
+    let maps = match tensors.get("maps") {
+        Some(m) => Some(m.to_dtype(DType::F32).ok()?),
+        None => None,
+    };
     let fits = features.dims().len() == 2
         && features.dims()[0] == owners.len()
+        && maps
+            .as_ref()
+            .is_none_or(|m| m.dims().len() == 4 && m.dims()[0] == owners.len())
         && owners.iter().all(|&o| o < records);
-    fits.then(|| Some(FeatureTable::new(features.to_device(device).ok()?, owners)))
-        .flatten()
+    if !fits {
+        return None;
+    }
+    let maps = match maps {
+        Some(m) => Some(m.to_device(device).ok()?),
+        None => None,
+    };
+    Some(FeatureTable::new(
+        features.to_device(device).ok()?,
+        maps,
+        owners,
+    ))
 }
 
-fn store(file: &Path, features: &Tensor, owners: &[usize]) {
+fn store(file: &Path, features: &Tensor, maps: Option<&Tensor>, owners: &[usize]) {
     let owners: Vec<u32> = owners.iter().map(|&o| o as u32).collect();
     let n = owners.len();
     let Ok(owners) = Tensor::from_vec(owners, n, &Device::Cpu) else {
         return;
     };
-    let tensors = [("features", features.clone()), ("record", owners)];
+    let mut tensors = vec![("features", features.clone()), ("record", owners)];
+    if let Some(m) = maps {
+        tensors.push(("maps", m.clone()));
+    }
     let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (*n, t)), None);
     if let Ok(bytes) = bytes
         && let Err(e) = write_atomic(file, &bytes)

@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::estimate::{estimate_image, quantile};
 use super::model::MagnificationModel;
 use super::ruler::RELIABLE_MPP;
-use super::train::{TrainConfig, TrainError, TrainEvent, train_selected};
+use super::train::{Start, TrainConfig, TrainError, TrainEvent, train_selected};
 use crate::data::manifest::{MagnificationRecord, Manifest, Split};
 
 /// The magnifications of the 4-level task (BreakHis's objectives).
@@ -228,13 +228,23 @@ pub enum LosoEvent {
     Scored(SourceScore),
 }
 
-/// Runs the folds in `work` (one run folder each, resumed when present) and scores each held-out
-/// group's images with up to `crops` crops each.
+/// Where the folds of a run live and how they are scored.
+#[derive(Debug, Clone, Copy)]
+pub struct Folds<'a> {
+    /// One run folder per fold, resumed when present.
+    pub work: &'a Path,
+    /// Each fold starts from the last checkpoint of its namesake in this folder (an earlier run's
+    /// `work`), not from the configuration's start.
+    pub start_from: Option<&'a Path>,
+    /// Crops per held-out image.
+    pub crops: usize,
+}
+
+/// Runs the folds and scores each held-out group's images.
 pub fn loso(
     manifest_path: &Path,
     cfg: &TrainConfig,
-    crops: usize,
-    work: &Path,
+    folds_at: Folds,
     device: &Device,
     stop: &AtomicBool,
     mut on_event: impl FnMut(LosoEvent),
@@ -281,8 +291,13 @@ pub fn loso(
             let g = r.group();
             (!held_out.contains(&g) && !evaluation_only.contains(g)).then_some(Split::Train)
         };
-        let dir = work.join(format!("fold-{}", sanitize(&held_out.join("+"))));
-        let outcome = train_selected(manifest_path, &split_of, cfg, &dir, device, stop, |e| {
+        let name = format!("fold-{}", sanitize(&held_out.join("+")));
+        let dir = folds_at.work.join(&name);
+        let mut cfg = cfg.clone();
+        if let Some(d) = folds_at.start_from {
+            cfg.start = Start::Checkpoint(d.join(&name).join("last.safetensors"));
+        }
+        let outcome = train_selected(manifest_path, &split_of, &cfg, &dir, device, stop, |e| {
             on_event(LosoEvent::Train(e))
         })?;
         if outcome.stopped {
@@ -291,7 +306,7 @@ pub fn loso(
         let model = MagnificationModel::load(&outcome.last, device)
             .map_err(|e| TrainError::Config(e.to_string()))?;
         for g in held_out {
-            let scored = score_group(&manifest, g, &model, crops)?;
+            let scored = score_group(&manifest, g, &model, folds_at.crops)?;
             let pairs: Vec<Scored> = scored.iter().map(|i| (i.true_mpp, i.fused_mpp)).collect();
             on_event(LosoEvent::Scored(SourceScore::compute(
                 g,

@@ -28,7 +28,7 @@ use crate::data::tensor::to_tensor;
 use crate::nn::backbone::{Arch, Backbone, build};
 use crate::nn::checkpoint::{
     CheckpointError, CheckpointMeta, FORMAT_VERSION, LoadOptions, Normalization, Provenance,
-    load_into, read_meta, to_bytes,
+    load_into, read_meta, start_normalization, to_bytes,
 };
 use crate::nn::hagnifinder::{Hagnifinder, Scaling, Target, asm_factor};
 use crate::nn::vars;
@@ -63,11 +63,22 @@ pub struct TrainConfig {
     /// only).
     #[serde(default)]
     pub multiscale: bool,
+    /// With a frozen backbone and a multi-scale head: fine-tune the backbone's last `tune_stages`
+    /// stages and its last convolution all the same, on cached outputs of the stages before them.
+    #[serde(default)]
+    pub tune_stages: usize,
+    /// The tuned stages' learning rate, as a fraction of `lr`.
+    #[serde(default = "default_tune_lr_scale")]
+    pub tune_lr_scale: f64,
     /// Crops per image whose cached features train a frozen backbone's head (as many as an estimate
     /// scores at most).
     #[serde(default = "default_crops")]
     pub crops: usize,
     pub seed: u64,
+}
+
+fn default_tune_lr_scale() -> f64 {
+    0.1
 }
 
 fn default_crops() -> usize {
@@ -95,6 +106,8 @@ impl TrainConfig {
             steps_per_epoch: None,
             equivariance: 1.0,
             multiscale: false,
+            tune_stages: 0,
+            tune_lr_scale: default_tune_lr_scale(),
             crops: default_crops(),
             seed: 0,
         }
@@ -102,13 +115,6 @@ impl TrainConfig {
 
     pub fn total_epochs(&self) -> usize {
         self.epochs_asm + self.epochs_constant
-    }
-
-    fn normalization(&self) -> Normalization {
-        match &self.start {
-            Start::Imagenet(_) => self.arch.imagenet_normalization(),
-            _ => Normalization::IMAGENET,
-        }
     }
 }
 
@@ -267,6 +273,7 @@ pub fn train_selected(
         ..State::default()
     };
     let lock = files.lock()?;
+    let norm = start_normalization(&cfg.start, cfg.arch)?;
     if let Some(saved) = files.open(&lock, cfg)? {
         state = saved;
         on_event(TrainEvent::Info(format!(
@@ -283,6 +290,21 @@ pub fn train_selected(
         ));
     }
     let model = Hagnifinder::new(cfg.arch, cfg.multiscale, vb)?;
+    // A partly tuned backbone: the first `split` stages frozen (and cached), the rest trained.
+    let split = match cfg.tune_stages {
+        0 => None,
+        n if cfg.freeze_backbone && cfg.multiscale && n <= model.backbone.stage_count() => {
+            Some(model.backbone.stage_count() - n)
+        }
+        n => {
+            return Err(TrainError::Config(format!(
+                "tuning the last {n} stages needs a frozen backbone, a multi-scale head and a \
+                 backbone of at least {n} stages ({} has {})",
+                cfg.arch.name(),
+                model.backbone.stage_count()
+            )));
+        }
+    };
     if state.epoch > 0 {
         let bytes = std::fs::read(last_path).map_err(io(last_path))?;
         load_into(&bytes, &vars, &LoadOptions::default())?;
@@ -312,6 +334,10 @@ pub fn train_selected(
                     )));
                 }
                 load_into(&bytes, &vars, &LoadOptions::default())?;
+                // Straight into round 2, the head keeps the scale factor it was trained with.
+                if cfg.epochs_asm == 0 {
+                    state.m = meta.constants.get(CONST_M).copied();
+                }
             }
         }
     }
@@ -339,14 +365,34 @@ pub fn train_selected(
     } else {
         None
     };
-    let trainable = vars::selected(&vars, |n| !cfg.freeze_backbone || n.starts_with("head."))?;
-    let mut opt = AdamW::new(
-        trainable,
-        ParamsAdamW {
-            lr: state.lr,
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
+    let tuned: Vec<String> = split.map_or_else(Vec::new, |k| {
+        model
+            .backbone
+            .stage_suffix_prefixes(k)
+            .into_iter()
+            .map(|p| format!("backbone.{p}"))
+            .collect()
+    });
+    let is_tuned = |n: &str| tuned.iter().any(|p| n.starts_with(p));
+    let adamw = |vars: Vec<candle_core::Var>, lr: f64| {
+        AdamW::new(
+            vars,
+            ParamsAdamW {
+                lr,
+                weight_decay: cfg.weight_decay,
+                ..Default::default()
+            },
+        )
+    };
+    let mut opt = adamw(
+        vars::selected(&vars, |n| !cfg.freeze_backbone || n.starts_with("head."))?,
+        state.lr,
+    )?;
+    // Tuned stages of a pretrained backbone learn at a fraction of the head's rate: Adam moves every
+    // weight by about the learning rate, and pretrained filters are small.
+    let mut tuned_opt = adamw(
+        vars::selected(&vars, is_tuned)?,
+        state.lr * cfg.tune_lr_scale,
     )?;
 
     // A frozen backbone's features are computed once (and cached across runs).
@@ -364,8 +410,9 @@ pub fn train_selected(
                 CropSettings {
                     input: cfg.input_size as u32,
                     max_crops: cfg.crops.max(1),
-                    norm: cfg.normalization(),
+                    norm,
                     multiscale: cfg.multiscale,
+                    split,
                 },
                 &crate::cache_dir(),
                 device,
@@ -404,10 +451,11 @@ pub fn train_selected(
         manifest: &manifest,
         cfg,
         device,
-        norm: cfg.normalization(),
+        norm,
         model: &model,
         frozen: frozen.as_deref(),
         cache: cache.as_ref(),
+        split,
     };
     let range = train_set.iter().fold(None, |acc: Option<(f64, f64)>, &i| {
         let m = manifest.records[i].magnification;
@@ -415,7 +463,7 @@ pub fn train_selected(
     });
     let save =
         |path: &Path, m: Option<f64>, epoch: usize, metrics: &EpochLog| -> Result<(), TrainError> {
-            let meta = checkpoint_meta(cfg, manifest_path, range, m, epoch, metrics);
+            let meta = checkpoint_meta(cfg, norm, manifest_path, range, m, epoch, metrics);
             let bytes = to_bytes(&vars, &meta, false)?;
             write_atomic(path, &bytes).map_err(io(path))
         };
@@ -475,7 +523,14 @@ pub fn train_selected(
                         .iter()
                         .map(|p| pick(c.rows_of(p.1), &mut rng))
                         .collect();
-                    let all = Tensor::cat(&[&pooled, &c.select(&a)?, &c.select(&b)?], 0)?;
+                    let all = Tensor::cat(
+                        &[
+                            &pooled,
+                            &ctx.rows_pooled(c, &a, true)?,
+                            &ctx.rows_pooled(c, &b, true)?,
+                        ],
+                        0,
+                    )?;
                     let (out, _) = model.head.forward(&all, scaling)?;
                     let absolute = candle_nn::loss::huber(&out.narrow(0, 0, n)?, &y, 1.0)?;
                     let want: Vec<f32> = take.iter().map(|p| p.2 as f32).collect();
@@ -498,7 +553,9 @@ pub fn train_selected(
                     loss: l,
                 });
             }
-            opt.backward_step(&loss)?;
+            let grads = loss.backward()?;
+            opt.step(&grads)?;
+            tuned_opt.step(&grads)?;
             loss_sum += l * n as f64;
             seen += n;
             on_event(TrainEvent::Step {
@@ -542,6 +599,7 @@ pub fn train_selected(
         {
             state.lr = lr;
             opt.set_learning_rate(lr);
+            tuned_opt.set_learning_rate(lr * cfg.tune_lr_scale);
             on_event(TrainEvent::Info(format!(
                 "learning rate halved to {lr:.2e}"
             )));
@@ -600,6 +658,7 @@ pub fn train_selected(
 /// The checkpoint metadata of a magnification model.
 fn checkpoint_meta(
     cfg: &TrainConfig,
+    norm: Normalization,
     manifest: &Path,
     range: Option<(f64, f64)>,
     m: Option<f64>,
@@ -633,7 +692,7 @@ fn checkpoint_meta(
         arch: cfg.arch,
         task: TASK.into(),
         input_size: [cfg.input_size, cfg.input_size],
-        normalization: cfg.normalization(),
+        normalization: norm,
         classes: Vec::new(),
         magnification_range: range.map(|(a, b)| [a, b]),
         constants,
@@ -643,9 +702,10 @@ fn checkpoint_meta(
             metrics,
             software: format!("histolens {}", env!("CARGO_PKG_VERSION")),
             notes: format!(
-                "start {:?}, frozen backbone {}, target {}",
+                "start {:?}, frozen backbone {} (but its last {} stages), target {}",
                 cfg.start,
                 cfg.freeze_backbone,
+                cfg.tune_stages,
                 cfg.target.name()
             ),
         },
@@ -698,9 +758,29 @@ struct Ctx<'a> {
     frozen: Option<&'a dyn Backbone>,
     /// A frozen backbone's features of every record's crops.
     cache: Option<&'a FeatureTable>,
+    /// Stages of the backbone frozen (and cached) before the tuned ones.
+    split: Option<usize>,
 }
 
 impl Ctx<'_> {
+    /// The head's input for cached `rows`: their pooled features, followed with a split backbone by
+    /// those of the tuned stages run on the cached output of the frozen ones.
+    fn rows_pooled(
+        &self,
+        c: &FeatureTable,
+        rows: &[usize],
+        train: bool,
+    ) -> Result<Tensor, TrainError> {
+        let frozen = c.select(rows)?;
+        match (self.split, c.select_maps(rows)?) {
+            (Some(k), Some(maps)) => {
+                let tuned = self.model.backbone.stage_suffix(&maps, k, train)?;
+                Ok(Tensor::cat(&[&frozen, &tuned], 1)?)
+            }
+            _ => Ok(frozen),
+        }
+    }
+
     /// Decodes the records' images in parallel: augmented crops when `seeds` are given (one per
     /// image), centre crops otherwise.
     fn load(&self, records: &[usize], seeds: Option<&[u64]>) -> Result<Vec<RgbImage>, TrainError> {
@@ -748,7 +828,7 @@ impl Ctx<'_> {
     ) -> Result<(Tensor, Tensor), TrainError> {
         if let Some(c) = self.cache {
             let y = self.targets(units.iter().map(|&row| c.record[row]))?;
-            return Ok((c.select(units)?, y));
+            return Ok((self.rows_pooled(c, units, true)?, y));
         }
         let seeds: Vec<u64> = units.iter().map(|_| rng.random()).collect();
         let images = self.load(units, Some(&seeds))?;
@@ -765,7 +845,7 @@ impl Ctx<'_> {
                 .flat_map(|&r| c.rows_of(r).iter().copied())
                 .collect();
             let owners = rows.iter().map(|&row| c.record[row]).collect();
-            return Ok((c.select(&rows)?, owners));
+            return Ok((self.rows_pooled(c, &rows, false)?.detach(), owners));
         }
         let images = self.load(records, None)?;
         let x = to_tensor(&images, self.norm, self.device)?;

@@ -245,6 +245,32 @@ pub trait Backbone: Send + Sync {
         Ok(self.forward(x, false)?.pooled)
     }
 
+    /// Stages [`Backbone::stage_pooled`] lists after its stem, where a fine-tuning can split the
+    /// backbone (0: it cannot).
+    fn stage_count(&self) -> usize {
+        0
+    }
+
+    /// Evaluation mode: `x` → the output of the stem and the first `k` stages (NCHW), and the pooled
+    /// averages [`Backbone::stage_pooled`] takes of them, (N, ·).
+    fn stage_prefix(&self, _x: &Tensor, _k: usize) -> Result<(Tensor, Tensor)> {
+        candle_core::bail!("{} cannot be split into stages", self.arch().name())
+    }
+
+    /// The output of the first `k` stages → the pooled averages of the later stages and of the last
+    /// convolution: `stage_pooled(x)` is `stage_prefix(x, k).1` followed by `stage_suffix(prefix, k)`.
+    /// `tune`: gradients flow to the weights of those stages, whose BatchNorms keep their running
+    /// statistics (a fine-tuning that keeps the normalisation the frozen stages were trained with).
+    fn stage_suffix(&self, _t: &Tensor, _k: usize, _tune: bool) -> Result<Tensor> {
+        candle_core::bail!("{} cannot be split into stages", self.arch().name())
+    }
+
+    /// Name prefixes (relative to the backbone) of the tensors of the stages after the first `k`
+    /// and of the last convolution: what a fine-tuning split at `k` trains.
+    fn stage_suffix_prefixes(&self, _k: usize) -> Vec<String> {
+        Vec::new()
+    }
+
     fn forward(&self, x: &Tensor, train: bool) -> Result<Features> {
         let (_, _, h, w) = x.dims4()?;
         let min = self.arch().min_input();

@@ -82,6 +82,31 @@ pub enum CheckpointError {
     NonFinite(String),
     #[error("tensor error: {0}")]
     Tensor(#[from] candle_core::Error),
+    #[error("cannot read the checkpoint {}: {source}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The input normalisation of the weights a run starts from: the architecture's ImageNet one, a
+/// checkpoint's own (the one it was trained with), ImageNet's for random weights.
+pub fn start_normalization(
+    start: &crate::util::run::Start,
+    arch: Arch,
+) -> Result<Normalization, CheckpointError> {
+    use crate::util::run::Start;
+    Ok(match start {
+        Start::Imagenet(_) => arch.imagenet_normalization(),
+        Start::Checkpoint(p) => {
+            let bytes = std::fs::read(p).map_err(|source| CheckpointError::Io {
+                path: p.clone(),
+                source,
+            })?;
+            read_meta(&bytes)?.normalization
+        }
+        Start::Random => Normalization::IMAGENET,
+    })
 }
 
 /// What `load_into` tolerates in a file that was not written for exactly this model.

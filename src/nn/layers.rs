@@ -132,22 +132,8 @@ impl ConvBn {
             groups: s.groups,
         };
         if train {
-            // histolens's training operations: f32 on the CPU.
-            let own =
-                x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32;
-            let y = if own && self.depthwise() {
-                // One operation per layer (candle: one per channel, forward and backward).
-                super::depthwise::depthwise_conv2d(x, &self.weight, s.stride, pad)?
-            } else if own && s.groups == 1 {
-                // Both gradients on the GEMM (candle: a direct transposed convolution).
-                super::conv_train::conv2d_train(x, &self.weight, s.stride, pad)?
-            } else if pad == Pad::symmetric(pad.top, pad.top) {
-                x.conv2d(&self.weight, pad.top, s.stride, 1, s.groups)?
-            } else {
-                x.pad_with_zeros(2, pad.top, pad.bottom)?
-                    .pad_with_zeros(3, pad.left, pad.right)?
-                    .conv2d(&self.weight, 0, s.stride, 1, s.groups)?
-            };
+            let own = self.own_training_ops(x);
+            let y = self.conv_differentiable(x, &self.weight, pad)?;
             let normed = match (&self.running, self.bn.weight_and_bias()) {
                 (Some((mean, var)), Some((gamma, beta))) if own => {
                     super::batch_norm::batch_norm_train(
@@ -165,6 +151,39 @@ impl ConvBn {
         }
         let (w, b) = self.folded()?;
         cpu_conv::conv2d(x, &w, &b, geo, act)
+    }
+
+    /// `act(BatchNorm(conv(x)))` with gradients to the weights but the BatchNorm's running
+    /// statistics frozen (not batch statistics, not updated): the fine-tuning of a pretrained
+    /// backbone's later layers that keeps the normalisation its frozen layers were trained with.
+    pub fn forward_frozen_stats(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        let (w, b) = self.fold()?;
+        let y = self.conv_differentiable(x, &w, self.padding(x)?)?;
+        act.apply_tensor(&y.broadcast_add(&b.reshape((1, self.spec.cout, 1, 1))?)?)
+    }
+
+    /// histolens's training operations apply: f32 on the CPU.
+    fn own_training_ops(&self, x: &Tensor) -> bool {
+        x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32
+    }
+
+    /// The convolution of `x` by `w` (this layer's geometry) with gradients to both.
+    fn conv_differentiable(&self, x: &Tensor, w: &Tensor, pad: Pad) -> Result<Tensor> {
+        let s = &self.spec;
+        let own = self.own_training_ops(x);
+        if own && self.depthwise() {
+            // One operation per layer (candle: one per channel, forward and backward).
+            super::depthwise::depthwise_conv2d(x, w, s.stride, pad)
+        } else if own && s.groups == 1 {
+            // Both gradients on the GEMM (candle: a direct transposed convolution).
+            super::conv_train::conv2d_train(x, w, s.stride, pad)
+        } else if pad == Pad::symmetric(pad.top, pad.top) {
+            x.conv2d(w, pad.top, s.stride, 1, s.groups)
+        } else {
+            x.pad_with_zeros(2, pad.top, pad.bottom)?
+                .pad_with_zeros(3, pad.left, pad.right)?
+                .conv2d(w, 0, s.stride, 1, s.groups)
+        }
     }
 
     /// Whether the weights are constants (loaded for inference, not trained).

@@ -49,6 +49,23 @@ struct MbConv {
 }
 
 impl MbConv {
+    /// With gradients to the weights but the BatchNorm statistics frozen
+    /// ([`ConvBn::forward_frozen_stats`]).
+    fn forward_tuned(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.expand {
+            Some(e) => e.forward_frozen_stats(x, Activation::Relu6)?,
+            None => x.clone(),
+        };
+        let y = self.depthwise.forward_frozen_stats(&y, Activation::Relu6)?;
+        let y = self
+            .project
+            .forward_frozen_stats(&y, Activation::Identity)?;
+        if self.residual {
+            return add_act(y, x, Activation::Identity);
+        }
+        Ok(y)
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if !train && is_blocked(x) {
             return self.depthwise.forward_blocked_inverted_residual(
@@ -148,6 +165,50 @@ impl Arch {
 /// This module's entry in the registry ([`crate::nn::architectures`]).
 pub static ARCHITECTURES: &[Arch] = &[Arch::EFFICIENTNET_LITE0];
 
+/// The global average of `t` (`channels` wide), blocked or NCHW.
+fn pool_any(t: &Tensor, channels: usize, blocked: bool) -> Result<Tensor> {
+    if blocked {
+        blocked_avg_pool(t, channels)
+    } else {
+        global_avg_pool(t)
+    }
+}
+
+impl EfficientNetLite0 {
+    /// Evaluation mode: `x` → the output of the stem and the first `k` stages (in the layout
+    /// `blocked` says), the pooled average of each, and the channels of the output.
+    fn prefix_pooled(
+        &self,
+        x: &Tensor,
+        k: usize,
+        blocked: bool,
+    ) -> Result<(Tensor, Vec<Tensor>, usize)> {
+        let mut t = self.stem(x, false, blocked)?;
+        let mut parts = vec![pool_any(&t, 32, blocked)?];
+        let mut channels = 32;
+        for (s, &(end, c)) in self.stage_ends[..k].iter().enumerate() {
+            let first = if s == 0 {
+                0
+            } else {
+                self.stage_ends[s - 1].0 + 1
+            };
+            for b in &self.blocks[first..=end] {
+                t = b.forward_t(&t, false)?;
+            }
+            parts.push(pool_any(&t, c, blocked)?);
+            channels = c;
+        }
+        Ok((t, parts, channels))
+    }
+
+    /// The first block after the first `k` stages.
+    fn first_block_after(&self, k: usize) -> usize {
+        self.stage_ends[..k.min(self.stage_ends.len())]
+            .last()
+            .map_or(0, |e| e.0 + 1)
+    }
+}
+
 impl Backbone for EfficientNetLite0 {
     fn arch(&self) -> Arch {
         Arch::EFFICIENTNET_LITE0
@@ -183,28 +244,10 @@ impl Backbone for EfficientNetLite0 {
 
     fn stage_pooled(&self, x: &Tensor) -> Result<Tensor> {
         let blocked = self.blocked_here(x, false);
-        let pool = |t: &Tensor, channels: usize| {
-            if blocked {
-                blocked_avg_pool(t, channels)
-            } else {
-                global_avg_pool(t)
-            }
-        };
         let run = || -> Result<Tensor> {
-            let mut t = self.stem(x, false, blocked)?;
-            let mut parts = vec![pool(&t, 32)?];
-            let mut ends = self.stage_ends.iter().peekable();
-            for (i, b) in self.blocks.iter().enumerate() {
-                t = b.forward_t(&t, false)?;
-                if let Some(&&(end, channels)) = ends.peek()
-                    && end == i
-                {
-                    parts.push(pool(&t, channels)?);
-                    ends.next();
-                }
-            }
+            let (t, mut parts, _) = self.prefix_pooled(x, self.stage_ends.len(), blocked)?;
             let high = self.head.forward_act(&t, false, Activation::Relu6)?;
-            parts.push(pool(&high, 1280)?);
+            parts.push(pool_any(&high, 1280, blocked)?);
             Tensor::cat(&parts, 1)
         };
         if blocked {
@@ -212,6 +255,65 @@ impl Backbone for EfficientNetLite0 {
         } else {
             run()
         }
+    }
+
+    fn stage_count(&self) -> usize {
+        self.stage_ends.len()
+    }
+
+    fn stage_prefix(&self, x: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+        if k > self.stage_ends.len() {
+            candle_core::bail!(
+                "EfficientNet-Lite0 has {} stages, not {k}",
+                self.stage_ends.len()
+            );
+        }
+        let blocked = self.blocked_here(x, false);
+        let run = || -> Result<(Tensor, Tensor)> {
+            let (t, parts, channels) = self.prefix_pooled(x, k, blocked)?;
+            let t = if blocked {
+                crate::nn::blocked::to_nchw(&t, channels)?
+            } else {
+                t
+            };
+            Ok((t, Tensor::cat(&parts, 1)?))
+        };
+        if blocked {
+            crate::nn::blocked::on_worker(run)
+        } else {
+            run()
+        }
+    }
+
+    fn stage_suffix(&self, t: &Tensor, k: usize, tune: bool) -> Result<Tensor> {
+        let first = self.first_block_after(k);
+        let mut t = t.clone();
+        let mut parts = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate().skip(first) {
+            t = if tune {
+                b.forward_tuned(&t)?
+            } else {
+                b.forward_t(&t, false)?
+            };
+            if self.stage_ends.iter().any(|e| e.0 == i) {
+                parts.push(global_avg_pool(&t)?);
+            }
+        }
+        let high = if tune {
+            self.head.forward_frozen_stats(&t, Activation::Relu6)?
+        } else {
+            self.head.forward_act(&t, false, Activation::Relu6)?
+        };
+        parts.push(global_avg_pool(&high)?);
+        Tensor::cat(&parts, 1)
+    }
+
+    fn stage_suffix_prefixes(&self, k: usize) -> Vec<String> {
+        let first = self.first_block_after(k);
+        (first..self.blocks.len())
+            .map(|i| format!("_blocks.{i}."))
+            .chain(self.last_block_prefixes())
+            .collect()
     }
 
     fn constant_weights(&self) -> bool {
