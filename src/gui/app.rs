@@ -191,8 +191,9 @@ impl HistolensApp {
             regions: RegionsState::default(),
             mode: Mode::Viewer,
         };
-        // The heatmap overlay's pipeline, once, for the window's target format.
+        // The tiles' and the heatmap overlay's pipelines, once, for the window's target format.
         if let Some(render_state) = cc.wgpu_render_state.as_ref() {
+            super::tile_atlas::install(render_state);
             super::overlay::install(render_state);
         }
         if let Some(m) = options.magnification_model {

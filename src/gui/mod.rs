@@ -11,8 +11,8 @@ pub mod overlay;
 pub mod regions;
 mod side_panel;
 mod status_bar;
-mod textures;
 mod thumbnails;
+mod tile_atlas;
 pub mod training;
 mod viewer;
 pub mod window_bench;
@@ -101,13 +101,18 @@ fn run_low_priority<R: Send>(
     }
 }
 
-/// Lowers the calling thread's scheduling priority (Linux: nice is per thread), so that rendering,
-/// which runs on the CPU without a GPU, is served first.
+/// Lowers the calling thread's scheduling priority (Linux: per thread), so that rendering, which runs
+/// on the CPU without a GPU, is served first: SCHED_IDLE (it runs only on cores nothing else wants,
+/// and a waking render thread preempts it at once: a nice value alone still cost frames their
+/// time slice), else nice 10.
 fn lower_thread_priority() {
     #[cfg(target_os = "linux")]
-    // SAFETY: setpriority with `who` = 0 changes only the calling thread's nice value.
+    // SAFETY: both calls with pid/who 0 change only the calling thread's scheduling.
     unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+        let param = libc::sched_param { sched_priority: 0 };
+        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+            libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+        }
     }
 }
 

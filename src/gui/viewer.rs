@@ -8,7 +8,7 @@ use egui::{Color32, Key, Pos2, Rect as ERect, Sense, Stroke, TextureHandle, Vec2
 use image::RgbaImage;
 
 use super::overlay::GridOverlay;
-use super::textures::TileTextures;
+use super::tile_atlas::{TileAtlas, TileQuad};
 use crate::slide::{Calibration, Mpp, Slide};
 use crate::tiles::{self, TilePlan, TileStreamer, Viewport, plan_tiles};
 
@@ -44,7 +44,7 @@ const PREFETCH_RING: u32 = 1;
 pub struct SlideView {
     pub slide: Arc<Slide>,
     pub streamer: TileStreamer,
-    pub textures: TileTextures,
+    pub textures: TileAtlas,
     pub viewport: Option<Viewport>,
     pub overview: TextureHandle,
     pub associated: Vec<(String, TextureHandle, [usize; 2])>,
@@ -125,7 +125,7 @@ impl SlideView {
         SlideView {
             slide: opened.slide,
             streamer,
-            textures: TileTextures::new(cache_budget / 2),
+            textures: TileAtlas::new(tiles::DEFAULT_TILE_SIZE),
             viewport: None,
             overview,
             associated,
@@ -214,6 +214,7 @@ impl SlideView {
 
         let plan = plan_tiles(self.streamer.grid(), &vp, ppp, PREFETCH_RING);
         self.streamer.request(&plan.wanted);
+        self.textures.begin_frame();
         self.textures.upload(ui.ctx(), &self.streamer, &plan.wanted);
 
         let painter = ui.painter_at(rect);
@@ -349,24 +350,44 @@ impl SlideView {
         };
         let grid = self.streamer.grid().clone();
         let top = grid.coarsest_level();
+        let mut quads = Vec::with_capacity(plan.visible.len());
         for &key in &plan.visible {
             let tile_rect = grid.tile_rect_level0(key);
             let screen = to_screen(tile_rect);
-            if let Some(t) = self.textures.get(key) {
-                painter.image(t.id(), screen, full_uv, Color32::WHITE);
+            if self.textures.contains(key) {
+                quads.push(TileQuad {
+                    key,
+                    screen,
+                    uv: full_uv,
+                });
                 continue;
             }
-            let mut coarser = None;
-            for anc in (plan.level + 1..=top).map_while(|level| grid.ancestor(key, level)) {
-                if let Some(t) = self.textures.get(anc) {
-                    coarser = Some((t.id(), crop(grid.tile_rect_level0(anc), tile_rect)));
-                    break;
+            let coarser = (plan.level + 1..=top)
+                .map_while(|level| grid.ancestor(key, level))
+                .find(|&anc| self.textures.contains(anc));
+            match coarser {
+                Some(anc) => quads.push(TileQuad {
+                    key: anc,
+                    screen,
+                    uv: crop(grid.tile_rect_level0(anc), tile_rect),
+                }),
+                None => {
+                    painter.image(
+                        self.overview.id(),
+                        screen,
+                        crop(whole, tile_rect),
+                        Color32::WHITE,
+                    );
                 }
             }
-            let (texture, uv) =
-                coarser.unwrap_or_else(|| (self.overview.id(), crop(whole, tile_rect)));
-            painter.image(texture, screen, uv, Color32::WHITE);
         }
+        // One texel per physical pixel, on the pixel grid: the nearest texel is the exact one.
+        let texel_px = grid
+            .levels()
+            .get(plan.level)
+            .map_or(0.0, |l| l.downsample * vp.scale * f64::from(ppp));
+        self.textures
+            .paint(painter, rect, &quads, (texel_px - 1.0).abs() < 1e-3);
     }
 
     /// The length in level-0 pixels of the line drawn along a scale bar.
