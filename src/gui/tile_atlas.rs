@@ -7,6 +7,11 @@
 //! machine without a GPU); here a fragment is one texel read and one write. Tiles are composited on
 //! white when uploaded (OpenSlide leaves unscanned areas transparent), so nothing is blended.
 //!
+//! The slide's overview (an antialiased thumbnail) has a texture of its own in the same pipeline: it
+//! stands in for tiles not loaded yet, and replaces them wherever it has as many pixels as the
+//! screen shows (a slide without coarse levels, zoomed out, would otherwise be drawn from hundreds of
+//! minified level-0 tiles).
+//!
 //! The UI thread owns the slots ([`TileAtlas`]): which tile each holds and when it was last drawn. It
 //! queues uploads in [`AtlasShared`], which the callback's `prepare` writes into the texture before
 //! the frame's render pass; a slot drawn in the current frame is never given to another tile.
@@ -46,11 +51,15 @@ struct Slot {
 pub struct AtlasShared {
     /// Tiles to write, each at its slot's corner (pixels), before the next render pass.
     uploads: Vec<([u32; 2], RgbaImage)>,
+    /// A new slide's overview.
+    overview: Option<RgbaImage>,
 }
 
 /// The UI side of the atlas: which tile each slot holds.
 pub struct TileAtlas {
     shared: Arc<Mutex<AtlasShared>>,
+    /// The overview's size in pixels.
+    overview: (u32, u32),
     slot_side: u32,
     per_row: u32,
     slots: HashMap<TileKey, Slot>,
@@ -62,22 +71,35 @@ pub struct TileAtlas {
     backlog: usize,
 }
 
-/// One tile (or part of one) to draw: where on the canvas (points) and which part of it (0-1).
+/// What a quad shows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum QuadSource {
+    Tile(TileKey),
+    Overview,
+}
+
+/// One tile or overview (or part of one) to draw: where on the canvas (points) and which part of
+/// it (0-1).
 #[derive(Debug, Clone, Copy)]
 pub struct TileQuad {
-    pub key: TileKey,
+    pub source: QuadSource,
     pub screen: ERect,
     pub uv: ERect,
 }
 
 impl TileAtlas {
-    /// An atlas for tiles of `tile_size` pixels.
-    pub fn new(tile_size: u32) -> Self {
+    /// An atlas for tiles of `tile_size` pixels, and the slide's `overview`.
+    pub fn new(tile_size: u32, overview: &RgbaImage) -> Self {
         let slot_side = tile_size.clamp(1, ATLAS_SIDE);
         let per_row = ATLAS_SIDE / slot_side;
         let count = per_row * per_row;
+        let (ow, oh) = overview.dimensions();
         TileAtlas {
-            shared: Arc::default(),
+            shared: Arc::new(Mutex::new(AtlasShared {
+                uploads: Vec::new(),
+                overview: Some(opaque(overview, ow, oh)),
+            })),
+            overview: (ow, oh),
             slot_side,
             per_row,
             slots: HashMap::new(),
@@ -199,8 +221,8 @@ impl TileAtlas {
         Some(index)
     }
 
-    /// Adds the paint callback that draws `quads` (tiles in the atlas; others are skipped) on
-    /// `canvas`. `exact` (one texel per physical pixel, aligned) samples the nearest texel.
+    /// Adds the paint callback that draws `quads` (tiles not in the atlas are skipped) on `canvas`.
+    /// `exact` (one texel per physical pixel, aligned) samples tiles at the nearest texel.
     pub fn paint(
         &mut self,
         painter: &egui::Painter,
@@ -208,48 +230,69 @@ impl TileAtlas {
         quads: &[TileQuad],
         exact: bool,
     ) {
-        let side = ATLAS_SIDE as f32;
         let ndc = |p: egui::Pos2| {
             [
                 (p.x - canvas.min.x) / canvas.width() * 2.0 - 1.0,
                 1.0 - (p.y - canvas.min.y) / canvas.height() * 2.0,
             ]
         };
-        let mut bytes = Vec::with_capacity(quads.len() * QUAD_BYTES as usize);
-        for q in quads {
-            let Some(s) = self.slots.get_mut(&q.key) else {
-                continue;
+        // (destination, texture rectangle in pixels, texture size) → the shader's quad.
+        let quad =
+            |out: &mut Vec<u8>, q: &TileQuad, [x0, y0, w, h]: [f32; 4], [tw, th]: [f32; 2]| {
+                let (a, b) = (ndc(q.screen.min), ndc(q.screen.max));
+                let u = |t: f32| (x0 + t * w) / tw;
+                let v = |t: f32| (y0 + t * h) / th;
+                let values = [
+                    a[0],
+                    a[1],
+                    b[0],
+                    b[1],
+                    u(q.uv.min.x),
+                    v(q.uv.min.y),
+                    u(q.uv.max.x),
+                    v(q.uv.max.y),
+                    (x0 + 0.5) / tw,
+                    (y0 + 0.5) / th,
+                    (x0 + w - 0.5) / tw,
+                    (y0 + h - 0.5) / th,
+                ];
+                out.extend(values.iter().flat_map(|f| f.to_le_bytes()));
             };
-            s.used = self.frame;
-            let (index, w, h) = (s.index, s.width as f32, s.height as f32);
-            let [x0, y0] = self.corner(index).map(|c| c as f32);
-            let u = |t: f32| (x0 + t * w) / side;
-            let v = |t: f32| (y0 + t * h) / side;
-            let (a, b) = (ndc(q.screen.min), ndc(q.screen.max));
-            let values = [
-                a[0],
-                a[1],
-                b[0],
-                b[1],
-                u(q.uv.min.x),
-                v(q.uv.min.y),
-                u(q.uv.max.x),
-                v(q.uv.max.y),
-                (x0 + 0.5) / side,
-                (y0 + 0.5) / side,
-                (x0 + w - 0.5) / side,
-                (y0 + h - 0.5) / side,
-            ];
-            bytes.extend(values.iter().flat_map(|f| f.to_le_bytes()));
+        let (mut tiles, mut overview) = (Vec::new(), Vec::new());
+        let side = ATLAS_SIDE as f32;
+        for q in quads {
+            match q.source {
+                QuadSource::Tile(key) => {
+                    let Some(s) = self.slots.get_mut(&key) else {
+                        continue;
+                    };
+                    s.used = self.frame;
+                    let (index, w, h) = (s.index, s.width as f32, s.height as f32);
+                    let [x0, y0] = self.corner(index).map(|c| c as f32);
+                    quad(&mut tiles, q, [x0, y0, w, h], [side, side]);
+                }
+                QuadSource::Overview => {
+                    let (w, h) = (self.overview.0 as f32, self.overview.1 as f32);
+                    quad(&mut overview, q, [0.0, 0.0, w, h], [w, h]);
+                }
+            }
         }
-        if bytes.is_empty() && self.shared.lock().uploads.is_empty() {
-            return;
+        {
+            let shared = self.shared.lock();
+            if tiles.is_empty()
+                && overview.is_empty()
+                && shared.uploads.is_empty()
+                && shared.overview.is_none()
+            {
+                return;
+            }
         }
         painter.add(egui_wgpu::Callback::new_paint_callback(
             canvas,
             TilesCallback {
                 shared: self.shared.clone(),
-                quads: bytes,
+                tiles,
+                overview,
                 exact,
             },
         ));
@@ -270,20 +313,26 @@ fn opaque(image: &RgbaImage, width: u32, height: u32) -> RgbaImage {
 
 struct TilesCallback {
     shared: Arc<Mutex<AtlasShared>>,
-    /// The quads' vertex data ([`QUAD_BYTES`] each).
-    quads: Vec<u8>,
+    /// The quads' vertex data ([`QUAD_BYTES`] each), of tiles and of the overview.
+    tiles: Vec<u8>,
+    overview: Vec<u8>,
     exact: bool,
 }
 
 /// The GPU side, kept in egui-wgpu's callback resources.
 pub struct AtlasGpu {
     pipeline: wgpu::RenderPipeline,
+    layout: wgpu::BindGroupLayout,
+    linear_sampler: wgpu::Sampler,
     texture: wgpu::Texture,
     /// Bind groups sampling the atlas linearly and at the nearest texel.
     linear: wgpu::BindGroup,
     nearest: wgpu::BindGroup,
+    /// The overview's texture and bind group.
+    overview: Option<(wgpu::Texture, wgpu::BindGroup)>,
     quads: wgpu::Buffer,
-    quad_count: u32,
+    /// Quads of tiles, then of the overview, in `quads`.
+    counts: [u32; 2],
     exact: bool,
 }
 
@@ -376,39 +425,80 @@ pub fn install(render_state: &egui_wgpu::RenderState) {
         usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
         view_formats: &[],
     });
-    let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
-    let bind_group = |filter: wgpu::FilterMode| {
-        let sampler = device.create_sampler(&wgpu::SamplerDescriptor {
+    let sampler = |filter: wgpu::FilterMode| {
+        device.create_sampler(&wgpu::SamplerDescriptor {
             label: Some("histolens-tiles-sampler"),
             mag_filter: filter,
             min_filter: filter,
             ..Default::default()
-        });
-        device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("histolens-tiles-bind-group"),
-            layout: &layout,
-            entries: &[
-                wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: wgpu::BindingResource::TextureView(&view),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 1,
-                    resource: wgpu::BindingResource::Sampler(&sampler),
-                },
-            ],
         })
     };
+    let linear_sampler = sampler(wgpu::FilterMode::Linear);
     let gpu = AtlasGpu {
         pipeline,
-        linear: bind_group(wgpu::FilterMode::Linear),
-        nearest: bind_group(wgpu::FilterMode::Nearest),
+        linear: bind_group(device, &layout, &texture, &linear_sampler),
+        nearest: bind_group(
+            device,
+            &layout,
+            &texture,
+            &sampler(wgpu::FilterMode::Nearest),
+        ),
+        layout,
+        linear_sampler,
         texture,
+        overview: None,
         quads: quad_buffer(device, 64),
-        quad_count: 0,
+        counts: [0, 0],
         exact: false,
     };
     render_state.renderer.write().callback_resources.insert(gpu);
+}
+
+fn bind_group(
+    device: &wgpu::Device,
+    layout: &wgpu::BindGroupLayout,
+    texture: &wgpu::Texture,
+    sampler: &wgpu::Sampler,
+) -> wgpu::BindGroup {
+    let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("histolens-tiles-bind-group"),
+        layout,
+        entries: &[
+            wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::TextureView(&view),
+            },
+            wgpu::BindGroupEntry {
+                binding: 1,
+                resource: wgpu::BindingResource::Sampler(sampler),
+            },
+        ],
+    })
+}
+
+/// Writes `image` at `corner` of `texture`.
+fn write(queue: &wgpu::Queue, texture: &wgpu::Texture, [x, y]: [u32; 2], image: &RgbaImage) {
+    let (w, h) = image.dimensions();
+    queue.write_texture(
+        wgpu::TexelCopyTextureInfo {
+            texture,
+            mip_level: 0,
+            origin: wgpu::Origin3d { x, y, z: 0 },
+            aspect: wgpu::TextureAspect::All,
+        },
+        image.as_raw(),
+        wgpu::TexelCopyBufferLayout {
+            offset: 0,
+            bytes_per_row: Some(4 * w),
+            rows_per_image: Some(h),
+        },
+        wgpu::Extent3d {
+            width: w,
+            height: h,
+            depth_or_array_layers: 1,
+        },
+    );
 }
 
 fn quad_buffer(device: &wgpu::Device, quads: u64) -> wgpu::Buffer {
@@ -432,37 +522,47 @@ impl egui_wgpu::CallbackTrait for TilesCallback {
         let Some(gpu) = resources.get_mut::<AtlasGpu>() else {
             return Vec::new();
         };
-        let uploads = std::mem::take(&mut self.shared.lock().uploads);
-        for ([x, y], image) in &uploads {
-            let (w, h) = image.dimensions();
-            queue.write_texture(
-                wgpu::TexelCopyTextureInfo {
-                    texture: &gpu.texture,
-                    mip_level: 0,
-                    origin: wgpu::Origin3d { x: *x, y: *y, z: 0 },
-                    aspect: wgpu::TextureAspect::All,
-                },
-                image.as_raw(),
-                wgpu::TexelCopyBufferLayout {
-                    offset: 0,
-                    bytes_per_row: Some(4 * w),
-                    rows_per_image: Some(h),
-                },
-                wgpu::Extent3d {
-                    width: w,
-                    height: h,
+        let (uploads, overview) = {
+            let mut shared = self.shared.lock();
+            (std::mem::take(&mut shared.uploads), shared.overview.take())
+        };
+        for (corner, image) in &uploads {
+            write(queue, &gpu.texture, *corner, image);
+        }
+        if let Some(image) = overview {
+            let (width, height) = image.dimensions();
+            let texture = device.create_texture(&wgpu::TextureDescriptor {
+                label: Some("histolens-overview"),
+                size: wgpu::Extent3d {
+                    width: width.max(1),
+                    height: height.max(1),
                     depth_or_array_layers: 1,
                 },
-            );
+                mip_level_count: 1,
+                sample_count: 1,
+                dimension: wgpu::TextureDimension::D2,
+                format: wgpu::TextureFormat::Rgba8Unorm,
+                usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+                view_formats: &[],
+            });
+            if width > 0 && height > 0 {
+                write(queue, &texture, [0, 0], &image);
+            }
+            let group = bind_group(device, &gpu.layout, &texture, &gpu.linear_sampler);
+            gpu.overview = Some((texture, group));
         }
-        let count = self.quads.len() as u64 / QUAD_BYTES;
-        if count > gpu.quads.size() / QUAD_BYTES {
-            gpu.quads = quad_buffer(device, count.next_power_of_two());
+        let counts = [self.tiles.len(), self.overview.len()].map(|b| b as u64 / QUAD_BYTES);
+        let total = counts[0] + counts[1];
+        if total > gpu.quads.size() / QUAD_BYTES {
+            gpu.quads = quad_buffer(device, total.next_power_of_two());
         }
-        if count > 0 {
-            queue.write_buffer(&gpu.quads, 0, &self.quads);
+        if !self.tiles.is_empty() {
+            queue.write_buffer(&gpu.quads, 0, &self.tiles);
         }
-        gpu.quad_count = count as u32;
+        if !self.overview.is_empty() {
+            queue.write_buffer(&gpu.quads, self.tiles.len() as u64, &self.overview);
+        }
+        gpu.counts = counts.map(|c| c as u32);
         gpu.exact = self.exact;
         Vec::new()
     }
@@ -476,13 +576,18 @@ impl egui_wgpu::CallbackTrait for TilesCallback {
         let Some(gpu) = resources.get::<AtlasGpu>() else {
             return;
         };
-        if gpu.quad_count == 0 {
-            return;
-        }
+        let [tiles, overview] = gpu.counts;
         render_pass.set_pipeline(&gpu.pipeline);
-        render_pass.set_bind_group(0, if gpu.exact { &gpu.nearest } else { &gpu.linear }, &[]);
         render_pass.set_vertex_buffer(0, gpu.quads.slice(..));
-        render_pass.draw(0..6, 0..gpu.quad_count);
+        if tiles > 0 {
+            let group = if gpu.exact { &gpu.nearest } else { &gpu.linear };
+            render_pass.set_bind_group(0, group, &[]);
+            render_pass.draw(0..6, 0..tiles);
+        }
+        if let (true, Some((_, group))) = (overview > 0, &gpu.overview) {
+            render_pass.set_bind_group(0, group, &[]);
+            render_pass.draw(0..6, tiles..tiles + overview);
+        }
     }
 }
 
@@ -501,7 +606,7 @@ mod tests {
     #[test]
     fn slots_are_reused_least_recently_drawn_first_never_within_a_frame() {
         // 2048 px tiles: four slots.
-        let mut atlas = TileAtlas::new(ATLAS_SIDE / 2);
+        let mut atlas = TileAtlas::new(ATLAS_SIDE / 2, &RgbaImage::new(4, 4));
         atlas.begin_frame();
         let corners: Vec<[u32; 2]> = (0..4)
             .map(|c| atlas.place(key(c), 2048, 2048).unwrap())

@@ -8,7 +8,7 @@ use egui::{Color32, Key, Pos2, Rect as ERect, Sense, Stroke, TextureHandle, Vec2
 use image::RgbaImage;
 
 use super::overlay::GridOverlay;
-use super::tile_atlas::{TileAtlas, TileQuad};
+use super::tile_atlas::{QuadSource, TileAtlas, TileQuad};
 use crate::slide::{Calibration, Mpp, Slide};
 use crate::tiles::{self, TilePlan, TileStreamer, Viewport, plan_tiles};
 
@@ -125,7 +125,7 @@ impl SlideView {
         SlideView {
             slide: opened.slide,
             streamer,
-            textures: TileAtlas::new(tiles::DEFAULT_TILE_SIZE),
+            textures: TileAtlas::new(tiles::DEFAULT_TILE_SIZE, &opened.overview),
             viewport: None,
             overview,
             associated,
@@ -212,7 +212,22 @@ impl SlideView {
         vp.clamp_to(dims);
         self.viewport = Some(vp);
 
-        let plan = plan_tiles(self.streamer.grid(), &vp, ppp, PREFETCH_RING);
+        let mut plan = plan_tiles(self.streamer.grid(), &vp, ppp, PREFETCH_RING);
+        // Where the overview has as many pixels as the screen shows, it is drawn instead of tiles
+        // (a slide without coarse levels, zoomed out, would need hundreds of minified ones).
+        let [ow, oh] = self.overview.size();
+        let overview_downsample =
+            (dims.0 as f64 / ow.max(1) as f64).max(dims.1 as f64 / oh.max(1) as f64);
+        let level_downsample = self
+            .streamer
+            .grid()
+            .levels()
+            .get(plan.level)
+            .map_or(1.0, |l| l.downsample);
+        if vp.downsample() / ppp >= overview_downsample && overview_downsample > level_downsample {
+            plan.visible.clear();
+            plan.wanted.clear();
+        }
         self.streamer.request(&plan.wanted);
         self.textures.begin_frame();
         self.textures.upload(ui.ctx(), &self.streamer, &plan.wanted);
@@ -338,7 +353,13 @@ impl SlideView {
         }
         let full_uv = ERect::from_min_max(pos2(0.0, 0.0), pos2(1.0, 1.0));
         if plan.visible.is_empty() {
-            painter.image(self.overview.id(), slide_rect, full_uv, Color32::WHITE);
+            let whole_overview = TileQuad {
+                source: QuadSource::Overview,
+                screen: slide_rect,
+                uv: full_uv,
+            };
+            self.textures.paint(painter, rect, &[whole_overview], false);
+            return;
         }
         let crop = |outer: tiles::Rect, inner: tiles::Rect| {
             let u = |x: f64| ((x - outer.x0) / outer.width()) as f32;
@@ -356,7 +377,7 @@ impl SlideView {
             let screen = to_screen(tile_rect);
             if self.textures.contains(key) {
                 quads.push(TileQuad {
-                    key,
+                    source: QuadSource::Tile(key),
                     screen,
                     uv: full_uv,
                 });
@@ -365,21 +386,18 @@ impl SlideView {
             let coarser = (plan.level + 1..=top)
                 .map_while(|level| grid.ancestor(key, level))
                 .find(|&anc| self.textures.contains(anc));
-            match coarser {
-                Some(anc) => quads.push(TileQuad {
-                    key: anc,
+            quads.push(match coarser {
+                Some(anc) => TileQuad {
+                    source: QuadSource::Tile(anc),
                     screen,
                     uv: crop(grid.tile_rect_level0(anc), tile_rect),
-                }),
-                None => {
-                    painter.image(
-                        self.overview.id(),
-                        screen,
-                        crop(whole, tile_rect),
-                        Color32::WHITE,
-                    );
-                }
-            }
+                },
+                None => TileQuad {
+                    source: QuadSource::Overview,
+                    screen,
+                    uv: crop(whole, tile_rect),
+                },
+            });
         }
         // One texel per physical pixel, on the pixel grid: the nearest texel is the exact one.
         let texel_px = grid
