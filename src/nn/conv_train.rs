@@ -1,12 +1,14 @@
 //! Dense convolution for training as im2col + GEMM, forward and backward.
 //!
 //! candle's CPU convolution backward runs a transposed convolution as a direct loop of dot products
-//! (the slowest part of a training step). Here the convolution is a batched matrix product of the
-//! weights (Cout x Cin·kh·kw) with the input's patches: both gradients are then matrix products on
-//! candle's GEMM, and the patches' own gradient is a scatter back into the input (col2im).
-//! A 1x1 convolution with stride 1 and no padding needs no patches at all.
+//! (the slowest part of a training step). Here each image's convolution is a matrix product of the
+//! weights (Cout x Cin·kh·kw) with the image's patches, on the `gemm` crate: both gradients are
+//! matrix products too, and the patches' own gradient is a scatter back into the input (col2im).
+//! The patches are never kept: one image's at a time is built in a per-thread buffer, in the forward
+//! pass and again in the backward one (what autograd keeps is the input, a ninth of a 3x3
+//! convolution's patches). A 1x1 convolution with stride 1 and no padding needs no patches at all.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::cpu_conv::f32_slice;
@@ -63,8 +65,8 @@ impl Geo {
 /// `conv(x, w)` for x (N, Cin, H, W) and w (Cout, Cin, kh, kw), f32 on the CPU, no groups, dilation 1;
 /// differentiable in both.
 pub fn conv2d_train(x: &Tensor, w: &Tensor, stride: usize, pad: Pad) -> Result<Tensor> {
-    let (n, cin, h, wd) = x.dims4()?;
-    let (cout, cin_w, kh, kw) = w.dims4()?;
+    let (_, cin, _, _) = x.dims4()?;
+    let (_, cin_w, kh, kw) = w.dims4()?;
     if cin_w != cin {
         bail!(
             "convolution: weights {:?} for an input of {:?}",
@@ -78,101 +80,357 @@ pub fn conv2d_train(x: &Tensor, w: &Tensor, stride: usize, pad: Pad) -> Result<T
         stride,
         pad,
     };
-    let (oh, ow) = g.output(h, wd)?;
-    let k = cin * kh * kw;
-    let patches = if kh == 1 && kw == 1 && stride == 1 && pad == Pad::symmetric(0, 0) {
-        x.reshape((n, cin, h * wd))?
+    x.contiguous()?.apply_op2(&w.contiguous()?, Forward(g))
+}
+
+/// (x, w) → y.
+struct Forward(Geo);
+/// (grad_y, w) → grad_x, for an input of (H, W).
+struct GradInput(Geo, usize, usize);
+/// (x, grad_y) → grad_w.
+struct GradWeight(Geo);
+
+/// The sizes of one call: batch, input channels and plane, output channels and plane.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    n: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Sizes {
+    fn new(g: Geo, input: (usize, usize, usize, usize), cout: usize) -> Result<Self> {
+        let (n, cin, h, w) = input;
+        let (oh, ow) = g.output(h, w)?;
+        Ok(Sizes {
+            n,
+            cin,
+            h,
+            w,
+            cout,
+            oh,
+            ow,
+        })
+    }
+
+    /// Rows of the patch matrix (Cin·kh·kw), its columns (output pixels), an input image's floats.
+    fn k(&self, g: Geo) -> usize {
+        self.cin * g.kh * g.kw
+    }
+
+    fn p(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    fn image(&self) -> usize {
+        self.cin * self.h * self.w
+    }
+}
+
+/// Whether a convolution is a plain matrix product (1x1, stride 1, no padding): no patches.
+fn pointwise(g: Geo) -> bool {
+    g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == Pad::symmetric(0, 0)
+}
+
+/// A matrix view for [`gemm`]: data, rows, columns, row stride, column stride.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major rows x cols matrix.
+    fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major cols x rows matrix.
+    fn transposed(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            row_stride: 1,
+            col_stride: rows,
+        }
+    }
+}
+
+/// dst (a.rows x b.cols, row-major) = a · b, or += when `accumulate`.
+fn gemm(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, par: gemm::Parallelism) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(
+        b.rows == k && dst.len() >= m * n && a.data.len() >= m * k && b.data.len() >= k * n,
+        "gemm: shapes do not fit their buffers"
+    );
+    // SAFETY: the strides of a row-major matrix or of its transpose reach only indices below
+    // rows x cols, which the assertion bounds by each slice's length; dst is exclusively borrowed.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Runs `f(image, state)` for each image: across the pool, one image per thread (each GEMM on one
+/// thread), when there are at least as many images as threads; else one image after another, each
+/// GEMM across the pool. Returns the states (one per piece of work) and the GEMM parallelism to use.
+fn per_image<S: Send>(
+    n: usize,
+    init: impl Fn() -> S + Sync + Send,
+    f: impl Fn(usize, &mut S, gemm::Parallelism) + Sync + Send,
+) -> Vec<S> {
+    let threads = rayon::current_num_threads().max(1);
+    if n >= threads && threads > 1 {
+        (0..n)
+            .into_par_iter()
+            .fold(&init, |mut s, i| {
+                f(i, &mut s, gemm::Parallelism::None);
+                s
+            })
+            .collect()
     } else {
-        x.contiguous()?.apply_op1(Im2col(g))?
-    };
-    let wm = w.reshape((1, cout, k))?.broadcast_as((n, cout, k))?;
-    wm.matmul(&patches)?.reshape((n, cout, oh, ow))
+        let mut s = init();
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        for i in 0..n {
+            f(i, &mut s, par);
+        }
+        vec![s]
+    }
 }
 
-/// x (N, C, H, W) → patches (N, C·kh·kw, oh·ow).
-struct Im2col(Geo);
-/// patches' gradient → x's gradient, for an input of (H, W).
-struct Col2im(Geo, usize, usize);
+/// Writes one image's (Cin·kh·kw) x (oh·ow) patch matrix into `cols`.
+fn im2col(x: &[f32], g: Geo, z: Sizes, cols: &mut [f32]) {
+    let p = z.p();
+    cols.fill(0.0);
+    for (c, xin) in x.chunks_exact(z.h * z.w).enumerate().take(z.cin) {
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = &mut cols[((c * g.kh + ky) * g.kw + kx) * p..][..p];
+                let span = g.columns(kx, z.w, z.ow);
+                for oy in 0..z.oh {
+                    let Some(iy) = g.row(oy, ky, z.h) else {
+                        continue;
+                    };
+                    let irow = &xin[iy * z.w..(iy + 1) * z.w];
+                    let orow = &mut row[oy * z.ow..(oy + 1) * z.ow];
+                    for ox in span.clone() {
+                        orow[ox] = irow[ox * g.stride + kx - g.pad.left];
+                    }
+                }
+            }
+        }
+    }
+}
 
-impl CustomOp1 for Im2col {
+/// Adds one image's patch-matrix gradient `cols` back into its input gradient `x`.
+fn col2im(cols: &[f32], g: Geo, z: Sizes, x: &mut [f32]) {
+    let p = z.p();
+    for (c, xout) in x.chunks_exact_mut(z.h * z.w).enumerate().take(z.cin) {
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = &cols[((c * g.kh + ky) * g.kw + kx) * p..][..p];
+                let span = g.columns(kx, z.w, z.ow);
+                for oy in 0..z.oh {
+                    let Some(iy) = g.row(oy, ky, z.h) else {
+                        continue;
+                    };
+                    let grow = &row[oy * z.ow..(oy + 1) * z.ow];
+                    let xrow = &mut xout[iy * z.w..(iy + 1) * z.w];
+                    for ox in span.clone() {
+                        xrow[ox * g.stride + kx - g.pad.left] += grow[ox];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A buffer of `len` floats shared out to one thread at a time (disjoint per-image output slices).
+struct Out(*mut f32, usize);
+// SAFETY: each image's slice of the buffer is written by one thread only (see `image_mut`).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The `i`-th `size`-float slice. Safety: no two live slices may share an index.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn image_mut(&self, i: usize, size: usize) -> &mut [f32] {
+        debug_assert!((i + 1) * size <= self.1);
+        // SAFETY: in bounds (checked above in debug builds, by construction in callers); disjoint by
+        // the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(i * size), size) }
+    }
+}
+
+impl CustomOp2 for Forward {
     fn name(&self) -> &'static str {
-        "histolens-im2col"
+        "histolens-conv"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let x = f32_slice(s, l, "convolution input")?;
-        let (n, c, h, w) = l.shape().dims4()?;
-        let (oh, ow) = g.output(h, w)?;
-        let block = g.kh * g.kw * oh * ow;
-        let mut cols = vec![0f32; n * c * block];
-        cols.par_chunks_mut(block)
-            .enumerate()
-            .for_each(|(plane, out)| {
-                let xin = &x[plane * h * w..(plane + 1) * h * w];
-                for ky in 0..g.kh {
-                    for kx in 0..g.kw {
-                        let row =
-                            &mut out[(ky * g.kw + kx) * oh * ow..(ky * g.kw + kx + 1) * oh * ow];
-                        let span = g.columns(kx, w, ow);
-                        for oy in 0..oh {
-                            let Some(iy) = g.row(oy, ky, h) else { continue };
-                            let irow = &xin[iy * w..(iy + 1) * w];
-                            let orow = &mut row[oy * ow..(oy + 1) * ow];
-                            for ox in span.clone() {
-                                orow[ox] = irow[ox * g.stride + kx - g.pad.left];
-                            }
-                        }
-                    }
-                }
-            });
-        Ok((
-            CpuStorage::F32(cols),
-            Shape::from((n, c * g.kh * g.kw, oh * ow)),
-        ))
+        let x = f32_slice(xs, xl, "convolution input")?;
+        let wt = f32_slice(ws, wl, "convolution weights")?;
+        let z = Sizes::new(g, xl.shape().dims4()?, wl.shape().dims4()?.0)?;
+        let (k, p) = (z.k(g), z.p());
+        let mut y = vec![0f32; z.n * z.cout * p];
+        let out = Out(y.as_mut_ptr(), y.len());
+        per_image(z.n, Vec::new, |i, cols: &mut Vec<f32>, par| {
+            let xi = &x[i * z.image()..(i + 1) * z.image()];
+            let b = if pointwise(g) {
+                xi
+            } else {
+                cols.resize(k * p, 0.0);
+                im2col(xi, g, z, cols);
+                cols
+            };
+            // SAFETY: image i's output slice is written by this call only.
+            let yi = unsafe { out.image_mut(i, z.cout * p) };
+            gemm(yi, Mat::rows(wt, z.cout, k), Mat::rows(b, k, p), false, par);
+        });
+        Ok((CpuStorage::F32(y), Shape::from((z.n, z.cout, z.oh, z.ow))))
     }
 
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (_, _, h, w) = x.dims4()?;
-        Ok(Some(
-            grad.contiguous()?.apply_op1_no_bwd(&Col2im(self.0, h, w))?,
-        ))
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, _, h, wd) = x.dims4()?;
+        let gy = grad_y.contiguous()?;
+        let gx = gy.apply_op2_no_bwd(w, &GradInput(self.0, h, wd))?;
+        let gw = x.apply_op2_no_bwd(&gy, &GradWeight(self.0))?;
+        Ok((Some(gx), Some(gw)))
     }
 }
 
-impl CustomOp1 for Col2im {
+impl CustomOp2 for GradInput {
     fn name(&self) -> &'static str {
-        "histolens-col2im"
+        "histolens-conv-grad-input"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Col2im(g, h, w) = *self;
-        let cols = f32_slice(s, l, "patch gradient")?;
-        let (n, k, _) = l.shape().dims3()?;
-        let c = k / (g.kh * g.kw);
-        let (oh, ow) = g.output(h, w)?;
-        let block = g.kh * g.kw * oh * ow;
-        let mut x = vec![0f32; n * c * h * w];
-        x.par_chunks_mut(h * w)
-            .enumerate()
-            .for_each(|(plane, out)| {
-                let cin = &cols[plane * block..(plane + 1) * block];
-                for ky in 0..g.kh {
-                    for kx in 0..g.kw {
-                        let row = &cin[(ky * g.kw + kx) * oh * ow..(ky * g.kw + kx + 1) * oh * ow];
-                        let span = g.columns(kx, w, ow);
-                        for oy in 0..oh {
-                            let Some(iy) = g.row(oy, ky, h) else { continue };
-                            let grow = &row[oy * ow..(oy + 1) * ow];
-                            let xrow = &mut out[iy * w..(iy + 1) * w];
-                            for ox in span.clone() {
-                                xrow[ox * g.stride + kx - g.pad.left] += grow[ox];
-                            }
-                        }
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(x), Shape::from((n, c, h, w))))
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let GradInput(g, h, w) = *self;
+        let gy = f32_slice(gs, gl, "convolution output gradient")?;
+        let wt = f32_slice(ws, wl, "convolution weights")?;
+        let (n, cout, _, _) = gl.shape().dims4()?;
+        let z = Sizes::new(g, (n, wl.shape().dims4()?.1, h, w), cout)?;
+        let (k, p) = (z.k(g), z.p());
+        let mut gx = vec![0f32; n * z.image()];
+        let out = Out(gx.as_mut_ptr(), gx.len());
+        per_image(n, Vec::new, |i, cols: &mut Vec<f32>, par| {
+            let gyi = &gy[i * cout * p..(i + 1) * cout * p];
+            // SAFETY: image i's gradient slice is written by this call only.
+            let gxi = unsafe { out.image_mut(i, z.image()) };
+            let (wt_t, gyi) = (Mat::transposed(wt, k, cout), Mat::rows(gyi, cout, p));
+            if pointwise(g) {
+                gemm(gxi, wt_t, gyi, false, par);
+            } else {
+                cols.resize(k * p, 0.0);
+                gemm(cols, wt_t, gyi, false, par);
+                col2im(cols, g, z, gxi);
+            }
+        });
+        Ok((CpuStorage::F32(gx), Shape::from((n, z.cin, h, w))))
+    }
+}
+
+impl CustomOp2 for GradWeight {
+    fn name(&self) -> &'static str {
+        "histolens-conv-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let x = f32_slice(xs, xl, "convolution input")?;
+        let gy = f32_slice(gs, gl, "convolution output gradient")?;
+        let z = Sizes::new(g, xl.shape().dims4()?, gl.shape().dims4()?.1)?;
+        let (k, p) = (z.k(g), z.p());
+        // Each piece of work sums its images' products into its own (Cout x K) accumulator.
+        let parts = per_image(
+            z.n,
+            || (vec![0f32; z.cout * k], Vec::new()),
+            |i, (acc, cols): &mut (Vec<f32>, Vec<f32>), par| {
+                let xi = &x[i * z.image()..(i + 1) * z.image()];
+                let b = if pointwise(g) {
+                    xi
+                } else {
+                    cols.resize(k * p, 0.0);
+                    im2col(xi, g, z, cols);
+                    cols
+                };
+                let gyi = &gy[i * z.cout * p..(i + 1) * z.cout * p];
+                let (gyi, b_t) = (Mat::rows(gyi, z.cout, p), Mat::transposed(b, p, k));
+                gemm(acc, gyi, b_t, true, par);
+            },
+        );
+        let mut gw = vec![0f32; z.cout * k];
+        for (acc, _) in parts {
+            for (a, b) in gw.iter_mut().zip(&acc) {
+                *a += b;
+            }
+        }
+        Ok((
+            CpuStorage::F32(gw),
+            Shape::from((z.cout, z.cin, g.kh, g.kw)),
+        ))
     }
 }
 
