@@ -307,6 +307,48 @@ fn continuous_builder_scales_are_exact() {
     }
 }
 
+/// Fields that would be read from more pixels than the budget (a source without pyramid levels at a
+/// coarse scale) are skipped and counted, never read.
+#[test]
+fn coarse_fields_beyond_the_read_budget_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image::RgbImage::from_fn(900, 700, |x, y| {
+        image::Rgb([(100 + (x * 7 + y * 3) % 90) as u8, 60, 150])
+    });
+    let src = dir.path().join("texture.png");
+    img.save(&src).unwrap();
+    let cfg = BuildConfig {
+        scales: Scales::Continuous {
+            per_octave: 10,
+            max_upsample: 1.25,
+            coarsest_mpp: 1.0,
+        },
+        min_patch: 64,
+        max_patch: 64,
+        only: Some(Split::Train),
+        // 96² pixels: fields up to 1.5 times coarser than the image's 0.25 µm/px.
+        max_field_pixels: 96 * 96,
+        seed: 3,
+        ..Default::default()
+    };
+    let (manifest, reports) = build(
+        &[Source::new(src, 0.25)],
+        &dir.path().join("ds"),
+        &cfg,
+        |_| {},
+    )
+    .unwrap();
+    assert!(!manifest.records.is_empty());
+    assert!(
+        manifest.records.iter().all(|r| r.mpp <= 0.25 * 1.5 + 1e-9),
+        "no field read beyond the budget"
+    );
+    assert!(
+        reports[0].too_large_to_read > 0,
+        "the skipped fields are counted"
+    );
+}
+
 /// Leave-one-source-out on a tiny set: each group is scored by a model trained without it, the
 /// test-only group by the model trained on all others, and the table is written as CSV and JSON.
 #[test]

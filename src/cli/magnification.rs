@@ -274,6 +274,15 @@ pub fn dataset(args: DatasetArgs) -> anyhow::Result<()> {
             r.patches,
             r.rejected_background
         );
+        if r.too_large_to_read > 0 {
+            println!(
+                "  {} coarse field(s) skipped: without a pyramid level near their scale each would \
+                 be read from more than {} Mpx (make a pyramid, e.g. `vips tiffsave --tile \
+                 --pyramid`, to have them)",
+                r.too_large_to_read,
+                cfg.max_field_pixels / 1_000_000
+            );
+        }
     }
     for s in Split::ALL {
         let n = manifest.split(s).len();

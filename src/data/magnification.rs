@@ -81,6 +81,10 @@ pub struct BuildConfig {
     pub only: Option<Split>,
     /// Add to the manifest already in the output folder instead of replacing it.
     pub append: bool,
+    /// The most pixels a field may be read with. A field is read from the coarsest level still fine
+    /// enough for its scale; where that takes more (a slide without pyramid levels, a coarse scale),
+    /// the field is skipped: read whole, each would cost seconds, a dataset hours.
+    pub max_field_pixels: u64,
     pub seed: u64,
 }
 
@@ -97,6 +101,7 @@ impl Default for BuildConfig {
             block_px: 0,
             only: None,
             append: false,
+            max_field_pixels: 4096 * 4096,
             seed: 0,
         }
     }
@@ -130,6 +135,8 @@ pub struct SourceReport {
     pub blocks: usize,
     pub patches: usize,
     pub rejected_background: usize,
+    /// Fields skipped because reading them takes more than [`BuildConfig::max_field_pixels`].
+    pub too_large_to_read: usize,
 }
 
 /// A rectangle of a source's level 0 assigned to one split.
@@ -208,6 +215,7 @@ pub fn build(
             blocks: blocks.len(),
             patches: 0,
             rejected_background: 0,
+            too_large_to_read: 0,
         };
         let group_files = sources.iter().filter(|s| s.group == src.group).count();
         let mut n = 0usize;
@@ -529,12 +537,15 @@ fn place_field(
     None
 }
 
-/// Reads a level-0 rectangle at the coarsest level still at least as fine as `scale` asks.
+/// Reads a level-0 rectangle at the coarsest level still at least as fine as `scale` asks; None
+/// (counted in `report`) where that takes more than `max_pixels`.
 fn read_field(
     slide: &Slide,
     (x, y, w, h): (u64, u64, u64, u64),
     scale: f64,
-) -> Result<RgbaImage, BuildError> {
+    max_pixels: u64,
+    report: &mut SourceReport,
+) -> Result<Option<RgbaImage>, BuildError> {
     let info = slide.info();
     let level = info
         .levels
@@ -546,7 +557,11 @@ fn read_field(
         ((w as f64 / ds).round() as u32).max(1),
         ((h as f64 / ds).round() as u32).max(1),
     );
-    Ok(slide.read_region(level, x as i64, y as i64, rw, rh)?)
+    if u64::from(rw) * u64::from(rh) > max_pixels {
+        report.too_large_to_read += 1;
+        return Ok(None);
+    }
+    Ok(Some(slide.read_region(level, x as i64, y as i64, rw, rh)?))
 }
 
 /// One field inside `block` for a patch at `target` µm/px: the field's pixels, the patch side and
@@ -574,7 +589,16 @@ fn cut_patch(
         let Some((x, y, wide)) = place_field(coarse, src, block, side, cfg, rng) else {
             return Ok(None);
         };
-        let field = read_field(slide, (x, y, wide, side), scale)?;
+        let Some(field) = read_field(
+            slide,
+            (x, y, wide, side),
+            scale,
+            cfg.max_field_pixels,
+            report,
+        )?
+        else {
+            return Ok(None);
+        };
         if background_fraction(&field) > cfg.max_background {
             report.rejected_background += 1;
             continue;
@@ -612,7 +636,16 @@ fn cut_pair(
         let Some((x, y, big_w)) = place_field(coarse, src, block, big, cfg, rng) else {
             return Ok(None);
         };
-        let outer = read_field(slide, (x, y, big_w, big), fine)?;
+        let Some(outer) = read_field(
+            slide,
+            (x, y, big_w, big),
+            fine,
+            cfg.max_field_pixels,
+            report,
+        )?
+        else {
+            return Ok(None);
+        };
         if background_fraction(&outer) > cfg.max_background {
             report.rejected_background += 1;
             continue;
