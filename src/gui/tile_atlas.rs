@@ -63,8 +63,6 @@ pub struct TileAtlas {
     slot_side: u32,
     per_row: u32,
     slots: HashMap<TileKey, Slot>,
-    /// The tile in each slot.
-    owners: Vec<Option<TileKey>>,
     free: Vec<u32>,
     frame: u64,
     /// Tiles that were ready but did not fit in this frame's budget (or found no free slot).
@@ -103,7 +101,6 @@ impl TileAtlas {
             slot_side,
             per_row,
             slots: HashMap::new(),
-            owners: vec![None; count as usize],
             free: (0..count).rev().collect(),
             frame: 0,
             backlog: 0,
@@ -184,7 +181,6 @@ impl TileAtlas {
     /// returns the slot's top-left pixel; None when every slot is drawn in this frame.
     fn place(&mut self, key: TileKey, width: u32, height: u32) -> Option<[u32; 2]> {
         let index = self.take_slot()?;
-        self.owners[index as usize] = Some(key);
         self.slots.insert(
             key,
             Slot {
@@ -217,7 +213,6 @@ impl TileAtlas {
             .min_by_key(|(_, s)| s.used)?;
         let index = slot.index;
         self.slots.remove(&key);
-        self.owners[index as usize] = None;
         Some(index)
     }
 

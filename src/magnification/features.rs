@@ -108,7 +108,7 @@ pub fn features_for(
         "{:016x}.safetensors",
         key(manifest, weights, crops)
     ));
-    if let Some(table) = load(&file, manifest.records.len(), device) {
+    if let Some(table) = load(&file, manifest.records.len(), crops.split.is_some(), device) {
         return Ok(table);
     }
     let mut rows: Vec<Tensor> = Vec::new();
@@ -193,15 +193,17 @@ fn key(manifest: &Manifest, weights: u64, crops: CropSettings) -> u64 {
     h.finish()
 }
 
-fn load(file: &Path, records: usize, device: &Device) -> Option<FeatureTable> {
+/// The cached table in `file`, if it is whole (with the frozen stages' maps when `maps` asks).
+fn load(file: &Path, records: usize, maps: bool, device: &Device) -> Option<FeatureTable> {
     let bytes = std::fs::read(file).ok()?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).ok()?;
     let features = tensors.get("features")?.to_dtype(DType::F32).ok()?;
     let owners: Vec<u32> = tensors.get("record")?.to_vec1().ok()?;
     let owners: Vec<usize> = owners.into_iter().map(|o| o as usize).collect();
-    let maps = match tensors.get("maps") {
-        Some(m) => Some(m.to_dtype(DType::F32).ok()?),
-        None => None,
+    let maps = match (tensors.get("maps"), maps) {
+        (Some(m), true) => Some(m.to_dtype(DType::F32).ok()?),
+        (None, false) => None,
+        _ => return None,
     };
     let fits = features.dims().len() == 2
         && features.dims()[0] == owners.len()
