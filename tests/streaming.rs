@@ -102,7 +102,7 @@ fn plan_and_streamer_cover_the_view() {
         scale: 0.5,
         size: [800.0, 600.0],
     };
-    let plan = plan_tiles(s.grid(), &vp, 1.0, 1);
+    let plan = plan_tiles(s.grid(), &vp, 1.0, 1, None);
     assert_eq!(plan.level, 1);
     s.request(&plan.wanted);
     s.wait_idle();

@@ -316,7 +316,7 @@ fn pan(file: &Path, cache_mb: u64, size: [f64; 2], steps: usize, json: bool) -> 
                 span[0] * (col as f64 + 0.5) / rows as f64,
                 span[1] * (row as f64 + 0.5) / rows as f64,
             ];
-            let plan = plan_tiles(streamer.grid(), &vp, 1.0, 1);
+            let plan = plan_tiles(streamer.grid(), &vp, 1.0, 1, None);
             streamer.request(&plan.wanted);
             streamer.wait_idle();
             for k in &plan.visible {

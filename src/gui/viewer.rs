@@ -212,22 +212,13 @@ impl SlideView {
         vp.clamp_to(dims);
         self.viewport = Some(vp);
 
-        let mut plan = plan_tiles(self.streamer.grid(), &vp, ppp, PREFETCH_RING);
-        // Where the overview has as many pixels as the screen shows, it is drawn instead of tiles
-        // (a slide without coarse levels, zoomed out, would need hundreds of minified ones).
-        let [ow, oh] = self.overview.size();
-        let overview_downsample =
-            (dims.0 as f64 / ow.max(1) as f64).max(dims.1 as f64 / oh.max(1) as f64);
-        let level_downsample = self
-            .streamer
-            .grid()
-            .levels()
-            .get(plan.level)
-            .map_or(1.0, |l| l.downsample);
-        if vp.downsample() / ppp >= overview_downsample && overview_downsample > level_downsample {
-            plan.visible.clear();
-            plan.wanted.clear();
-        }
+        let plan = plan_tiles(
+            self.streamer.grid(),
+            &vp,
+            ppp,
+            PREFETCH_RING,
+            Some(self.overview.size()),
+        );
         self.streamer.request(&plan.wanted);
         self.textures.begin_frame();
         self.textures.upload(ui.ctx(), &self.streamer, &plan.wanted);

@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu_conv::f32_slice;
+use super::cpu_conv::{self, Dims, Geometry, f32_slice};
 use histolens_kernels::Pad;
 
 /// Where a kernel window falls on an input plane: kernel size, stride and padding (dilation 1).
@@ -235,28 +235,24 @@ fn per_image<S: Send>(
     }
 }
 
-/// Writes one image's (Cin·kh·kw) x (oh·ow) patch matrix into `cols`.
+/// Writes one image's (Cin·kh·kw) x (oh·ow) patch matrix into `cols` (the inference path's).
 fn im2col(x: &[f32], g: Geo, z: Sizes, cols: &mut [f32]) {
-    let p = z.p();
-    cols.fill(0.0);
-    for (c, xin) in x.chunks_exact(z.h * z.w).enumerate().take(z.cin) {
-        for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                let row = &mut cols[((c * g.kh + ky) * g.kw + kx) * p..][..p];
-                let span = g.columns(kx, z.w, z.ow);
-                for oy in 0..z.oh {
-                    let Some(iy) = g.row(oy, ky, z.h) else {
-                        continue;
-                    };
-                    let irow = &xin[iy * z.w..(iy + 1) * z.w];
-                    let orow = &mut row[oy * z.ow..(oy + 1) * z.ow];
-                    for ox in span.clone() {
-                        orow[ox] = irow[ox * g.stride + kx - g.pad.left];
-                    }
-                }
-            }
-        }
-    }
+    let dims = Dims {
+        cin: z.cin,
+        h: z.h,
+        w: z.w,
+        cout: z.cout,
+        kh: g.kh,
+        kw: g.kw,
+        ho: z.oh,
+        wo: z.ow,
+    };
+    let geo = Geometry {
+        stride: g.stride,
+        pad: g.pad,
+        groups: 1,
+    };
+    cpu_conv::im2col(x, z.cin, dims, geo, cols);
 }
 
 /// Adds one image's patch-matrix gradient `cols` back into its input gradient `x`.

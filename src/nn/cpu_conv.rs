@@ -198,15 +198,15 @@ struct FusedConv {
 
 /// The sizes of one convolution call.
 #[derive(Debug, Clone, Copy)]
-struct Dims {
-    cin: usize,
-    h: usize,
-    w: usize,
-    cout: usize,
-    kh: usize,
-    kw: usize,
-    ho: usize,
-    wo: usize,
+pub(crate) struct Dims {
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub ho: usize,
+    pub wo: usize,
 }
 
 impl CustomOp3 for FusedConv {
@@ -447,7 +447,7 @@ impl GemmJob<'_> {
 }
 
 /// Writes the (cin · kh · kw) x (ho · wo) patch matrix of one image's channels `x` into `col`.
-fn im2col(x: &[f32], channels: usize, d: Dims, geo: Geometry, col: &mut [f32]) {
+pub(crate) fn im2col(x: &[f32], channels: usize, d: Dims, geo: Geometry, col: &mut [f32]) {
     let (s, p) = (geo.stride, geo.pad);
     let plane = d.ho * d.wo;
     for c in 0..channels {

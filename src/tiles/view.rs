@@ -138,14 +138,31 @@ pub struct TilePlan {
 /// the overview stands in, so that a pyramid-less gigapixel slide never floods the loaders.
 pub const MAX_VISIBLE_TILES: f64 = 1024.0;
 
-/// Plans tiles for `view` drawn at `pixels_per_point` physical pixels per screen unit.
-pub fn plan_tiles(grid: &TileGrid, view: &Viewport, pixels_per_point: f64, ring: u32) -> TilePlan {
-    let level = grid.level_for_downsample(view.downsample() / pixels_per_point.max(1e-6));
+/// Plans tiles for `view` drawn at `pixels_per_point` physical pixels per screen unit. With the
+/// `overview`'s size, no tile is planned where the overview has as many pixels as the screen shows
+/// and the level's tiles would be finer (a slide without coarse levels, zoomed out, would otherwise
+/// be drawn from hundreds of minified level-0 tiles).
+pub fn plan_tiles(
+    grid: &TileGrid,
+    view: &Viewport,
+    pixels_per_point: f64,
+    ring: u32,
+    overview: Option<[usize; 2]>,
+) -> TilePlan {
+    let wanted_downsample = view.downsample() / pixels_per_point.max(1e-6);
+    let level = grid.level_for_downsample(wanted_downsample);
+    let level_downsample = grid.levels()[level].downsample;
     let rect = view.visible_rect();
-    let tile_level0 = f64::from(grid.tile_size()) * grid.levels()[level].downsample;
+    let tile_level0 = f64::from(grid.tile_size()) * level_downsample;
     let across = (rect.x1 - rect.x0) / tile_level0 + 1.0;
     let down = (rect.y1 - rect.y0) / tile_level0 + 1.0;
-    if across * down > MAX_VISIBLE_TILES {
+    let overview_suffices = overview.is_some_and(|[ow, oh]| {
+        let l0 = &grid.levels()[0];
+        let overview_downsample =
+            (l0.width as f64 / ow.max(1) as f64).max(l0.height as f64 / oh.max(1) as f64);
+        wanted_downsample >= overview_downsample && overview_downsample > level_downsample
+    });
+    if overview_suffices || across * down > MAX_VISIBLE_TILES {
         return TilePlan {
             level,
             visible: Vec::new(),
@@ -260,7 +277,7 @@ mod tests {
             scale: 1.0,
             size: [1024.0, 768.0],
         };
-        let plan = plan_tiles(&g, &v, 1.0, 1);
+        let plan = plan_tiles(&g, &v, 1.0, 1, None);
         assert_eq!(plan.level, 0);
         // The tile containing the centre comes first.
         assert_eq!(
@@ -290,9 +307,9 @@ mod tests {
             scale: 0.2,
             size: [1000.0, 800.0],
         };
-        assert_eq!(plan_tiles(&g, &v, 1.0, 0).level, 1);
+        assert_eq!(plan_tiles(&g, &v, 1.0, 0, None).level, 1);
         // At 2 physical pixels per point the screen resolves 2.5 level-0 px: level 1 (4x) is too blurry.
-        assert_eq!(plan_tiles(&g, &v, 2.0, 0).level, 0);
+        assert_eq!(plan_tiles(&g, &v, 2.0, 0, None).level, 0);
     }
 
     #[test]
@@ -310,9 +327,40 @@ mod tests {
             scale: 800.0 / 200_000.0,
             size: [1280.0, 800.0],
         };
-        let plan = plan_tiles(&g, &fit, 1.0, 1);
+        let plan = plan_tiles(&g, &fit, 1.0, 1, None);
         assert!(plan.visible.is_empty() && plan.wanted.is_empty());
         let close = Viewport { scale: 1.0, ..fit };
-        assert!(!plan_tiles(&g, &close, 1.0, 1).visible.is_empty());
+        assert!(!plan_tiles(&g, &close, 1.0, 1, None).visible.is_empty());
+    }
+
+    #[test]
+    fn the_overview_stands_in_where_it_has_the_screen_s_pixels() {
+        let g = TileGrid::new(
+            vec![Level {
+                width: 4096,
+                height: 2048,
+                downsample: 1.0,
+            }],
+            256,
+        );
+        let view = |scale: f64| Viewport {
+            center: [2048.0, 1024.0],
+            scale,
+            size: [800.0, 600.0],
+        };
+        // A 1024 x 512 overview: 4 level-0 pixels each.
+        let overview = Some([1024, 512]);
+        assert!(
+            plan_tiles(&g, &view(0.2), 1.0, 1, overview)
+                .wanted
+                .is_empty()
+        );
+        assert!(!plan_tiles(&g, &view(0.2), 1.0, 1, None).wanted.is_empty());
+        // Zoomed in past the overview's resolution, tiles again.
+        assert!(
+            !plan_tiles(&g, &view(0.5), 1.0, 1, overview)
+                .visible
+                .is_empty()
+        );
     }
 }
