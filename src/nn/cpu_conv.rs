@@ -51,16 +51,6 @@ impl Activation {
             Activation::Relu6 => x.clamp(0f32, 6f32),
         }
     }
-
-    /// Whether the activation passes gradient at an output value `y`.
-    #[inline(always)]
-    fn passes(self, y: f32) -> bool {
-        match self {
-            Activation::Identity => true,
-            Activation::Relu => y > 0.0,
-            Activation::Relu6 => y > 0.0 && y < 6.0,
-        }
-    }
 }
 
 /// An activation as one differentiable operation.
@@ -80,9 +70,17 @@ impl candle_core::CustomOp1 for ActOp {
         y.par_chunks_mut(1 << 14)
             .zip(x.par_chunks(1 << 14))
             .for_each(|(o, i)| {
-                for (o, &v) in o.iter_mut().zip(i) {
-                    *o = act.apply(v);
-                }
+                // One loop per activation (the match outside it), so that it vectorises.
+                let (lo, hi) = match act {
+                    Activation::Identity => (f32::NEG_INFINITY, f32::INFINITY),
+                    Activation::Relu => (0.0, f32::INFINITY),
+                    Activation::Relu6 => (0.0, 6.0),
+                };
+                crate::nn::simd::vectorized(|| {
+                    for (o, &v) in o.iter_mut().zip(i) {
+                        *o = v.max(lo).min(hi);
+                    }
+                });
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -116,9 +114,17 @@ impl candle_core::CustomOp2 for ActGrad {
         out.par_chunks_mut(1 << 14)
             .zip(g.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
             .for_each(|(o, (g, y))| {
-                for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                    *o = if act.passes(y) { g } else { 0.0 };
-                }
+                // The gradient passes where the output is strictly inside (lo, hi).
+                let (lo, hi) = match act {
+                    Activation::Identity => (f32::NEG_INFINITY, f32::INFINITY),
+                    Activation::Relu => (0.0, f32::INFINITY),
+                    Activation::Relu6 => (0.0, 6.0),
+                };
+                crate::nn::simd::vectorized(|| {
+                    for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                        *o = if y > lo && y < hi { g } else { 0.0 };
+                    }
+                });
             });
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }

@@ -15,6 +15,7 @@ pub mod gradcam;
 pub mod hagnifinder;
 pub mod layers;
 pub mod pool;
+pub mod simd;
 pub mod vars;
 
 pub use backbone::{Arch, ArchSpec, Backbone, Features, Normalization, build};
