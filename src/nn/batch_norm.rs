@@ -11,21 +11,28 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::cpu_conv::f32_slice;
+use super::simd::{lane_sum, vectorized};
 
 /// Per-channel mean and biased variance of an NCHW tensor, (2, C): row 0 the means, row 1 the variances.
 struct ChannelStats;
 
-/// Sums over each channel's planes: `f(plane values)` accumulated in f64, for every channel.
+/// Sums over each channel's planes: `f(plane values)` (a plane's sum, in f32 lanes) accumulated
+/// over the planes in f64, for every channel.
 fn per_channel(
     x: &[f32],
     (n, c, hw): (usize, usize, usize),
-    f: impl Fn(usize, &[f32]) -> f64 + Sync,
+    f: impl Fn(usize, &[f32]) -> f32 + Sync,
 ) -> Vec<f64> {
     (0..c)
         .into_par_iter()
         .map(|ch| {
             (0..n)
-                .map(|i| f(ch, &x[(i * c + ch) * hw..(i * c + ch + 1) * hw]))
+                .map(|i| {
+                    let plane = &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+                    let mut sum = 0f32;
+                    vectorized(|| sum = f(ch, plane));
+                    f64::from(sum)
+                })
                 .sum()
         })
         .collect()
@@ -45,10 +52,12 @@ impl CustomOp1 for ChannelStats {
         let x = f32_slice(s, l, "batch-norm input")?;
         let dims @ (n, c, hw) = nchw(l)?;
         let m = (n * hw) as f64;
-        let sums = per_channel(x, dims, |_, p| p.iter().map(|&v| f64::from(v)).sum());
+        let sums = per_channel(x, dims, |_, p| lane_sum(p, p, |v, _| v));
         let means: Vec<f64> = sums.iter().map(|s| s / m).collect();
+        // Two passes (deviations from the mean), not E[x²] − E[x]²: no cancellation.
         let vars = per_channel(x, dims, |ch, p| {
-            p.iter().map(|&v| (f64::from(v) - means[ch]).powi(2)).sum()
+            let mean = means[ch] as f32;
+            lane_sum(p, p, |v, _| (v - mean) * (v - mean))
         });
         let out: Vec<f32> = means
             .iter()
@@ -95,9 +104,11 @@ impl CustomOp3 for Normalize {
                 let ch = plane % c;
                 let scale = gamma[ch] * self.inv_std[ch];
                 let shift = beta[ch] - self.mean[ch] * scale;
-                for (o, &v) in out.iter_mut().zip(inp) {
-                    *o = v * scale + shift;
-                }
+                vectorized(|| {
+                    for (o, &v) in out.iter_mut().zip(inp) {
+                        *o = v * scale + shift;
+                    }
+                });
             });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
@@ -124,13 +135,6 @@ impl CustomOp3 for Normalize {
             },
         )?;
         Ok((Some(dx), Some(dgamma), Some(dbeta)))
-    }
-}
-
-impl Normalize {
-    #[inline(always)]
-    fn xhat(&self, ch: usize, v: f32) -> f32 {
-        (v - self.mean[ch]) * self.inv_std[ch]
     }
 }
 
@@ -164,12 +168,17 @@ impl CustomOp2 for GradSums {
             .into_par_iter()
             .map(|ch| {
                 let (mut s, mut sx) = (0f64, 0f64);
+                let (mean, inv_std) = (self.0.mean[ch], self.0.inv_std[ch]);
                 for i in 0..n {
                     let at = (i * c + ch) * hw;
-                    for (&d, &v) in gy[at..at + hw].iter().zip(&x[at..at + hw]) {
-                        s += f64::from(d);
-                        sx += f64::from(d * self.0.xhat(ch, v));
-                    }
+                    let (d, v) = (&gy[at..at + hw], &x[at..at + hw]);
+                    let (mut ps, mut psx) = (0f32, 0f32);
+                    vectorized(|| {
+                        ps = lane_sum(d, d, |d, _| d);
+                        psx = lane_sum(d, v, |d, v| d * (v - mean));
+                    });
+                    s += f64::from(ps);
+                    sx += f64::from(psx * inv_std);
                 }
                 (s, sx)
             })
@@ -204,10 +213,13 @@ impl CustomOp2 for GradInput {
             let ch = plane % c;
             let (s, sx) = (self.sum[ch] / m, self.sum_xhat[ch] / m);
             let k = self.gamma[ch] * self.norm.inv_std[ch];
+            let (mean, inv_std) = (self.norm.mean[ch], self.norm.inv_std[ch]);
             let at = plane * hw;
-            for ((o, &d), &v) in out.iter_mut().zip(&gy[at..at + hw]).zip(&x[at..at + hw]) {
-                *o = k * (d - s - self.norm.xhat(ch, v) * sx);
-            }
+            vectorized(|| {
+                for ((o, &d), &v) in out.iter_mut().zip(&gy[at..at + hw]).zip(&x[at..at + hw]) {
+                    *o = k * (d - s - (v - mean) * inv_std * sx);
+                }
+            });
         });
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
@@ -281,10 +293,10 @@ mod tests {
             rv.as_tensor().copy().unwrap(),
         );
         let x = Var::from_tensor(
-            &(Tensor::randn(0f32, 2., (3, 5, 4, 6), &dev).unwrap() + 1.5).unwrap(),
+            &(Tensor::randn(0f32, 2., (3, 5, 9, 7), &dev).unwrap() + 1.5).unwrap(),
         )
         .unwrap();
-        let weigh = Tensor::randn(0f32, 1., (3, 5, 4, 6), &dev).unwrap();
+        let weigh = Tensor::randn(0f32, 1., (3, 5, 9, 7), &dev).unwrap();
 
         let ours = batch_norm_train(
             x.as_tensor(),

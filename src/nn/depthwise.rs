@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::conv_train::Geo;
 use super::cpu_conv::f32_slice;
-use super::simd::vectorized;
+use super::simd::{lane_sum, vectorized};
 use histolens_kernels::Pad;
 
 /// `y = depthwise_conv(x, w)`: x (N, C, H, W), w (C, 1, kh, kw), f32 on the CPU; differentiable in both.
@@ -288,7 +288,7 @@ fn axpy_into(dst: &mut [f32], src: &[f32], a: f32, stride: usize) {
     }
 }
 
-/// Σ a[i] · b[i · stride], in eight independent lanes (a reduction the compiler can vectorise).
+/// Σ a[i] · b[i · stride].
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32], stride: usize) -> f32 {
     if stride != 1 {
@@ -298,21 +298,7 @@ fn dot(a: &[f32], b: &[f32], stride: usize) -> f32 {
             .map(|(x, y)| x * y)
             .sum();
     }
-    let b = &b[..a.len()];
-    let mut lanes = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
+    lane_sum(a, b, |x, y| x * y)
 }
 
 /// The output columns of kernel column `kx` and the input column of the first of them.

@@ -15,3 +15,24 @@ pub fn vectorized(f: impl FnOnce()) {
     }
     f()
 }
+
+/// Σ f(a[i], b[i]) in eight independent lanes, so that the reduction vectorises (a single running
+/// sum would have to be added in order).
+#[inline(always)]
+pub fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let b = &b[..a.len()];
+    let mut lanes = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(&x, &y)| f(x, y))
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            lanes[l] += f(x[l], y[l]);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
