@@ -69,8 +69,10 @@ pub fn run(
         }
         let train_step_seconds = if train_batch > 0 {
             let head = candle_nn::linear(arch.feature_dim(), 2, vb.pp("head"))?;
-            let mut opt =
-                candle_nn::AdamW::new(vars.all_vars(), candle_nn::ParamsAdamW::default())?;
+            let mut opt = histolens::nn::optim::AdamW::new(
+                vars.all_vars(),
+                candle_nn::ParamsAdamW::default(),
+            )?;
             let x = input(train_batch, size)?;
             let y = Tensor::from_vec(
                 (0..train_batch as u32).map(|i| i % 2).collect::<Vec<_>>(),

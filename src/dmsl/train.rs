@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{AdamW, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use image::RgbImage;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -28,6 +28,7 @@ use crate::nn::checkpoint::{
     load_into, read_meta, start_normalization, to_bytes,
 };
 use crate::nn::dmsl::{Dmsl, DmslLoss, DmslOutput, loss};
+use crate::nn::optim::AdamW;
 use crate::nn::pool::global_avg_pool;
 use crate::nn::vars;
 use crate::util::fs::write_atomic;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use image::RgbImage;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -31,6 +31,7 @@ use crate::nn::checkpoint::{
     load_into, read_meta, start_normalization, to_bytes,
 };
 use crate::nn::hagnifinder::{Hagnifinder, Scaling, Target, asm_factor};
+use crate::nn::optim::AdamW;
 use crate::nn::vars;
 use crate::util::fs::write_atomic;
 pub use crate::util::run::Start;

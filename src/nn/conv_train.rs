@@ -255,13 +255,14 @@ fn im2col(x: &[f32], g: Geo, z: Sizes, cols: &mut [f32]) {
     cpu_conv::im2col(x, z.cin, dims, geo, cols);
 }
 
-/// Adds one image's patch-matrix gradient `cols` back into its input gradient `x`.
-fn col2im(cols: &[f32], g: Geo, z: Sizes, x: &mut [f32]) {
+/// Adds one image's patch-matrix gradient back into its input gradient `x`: row r of it is
+/// `cols[r · row_stride..][..p]` (row_stride p for one image alone, wider when images sit side by side).
+fn col2im(cols: &[f32], row_stride: usize, g: Geo, z: Sizes, x: &mut [f32]) {
     let p = z.p();
     for (c, xout) in x.chunks_exact_mut(z.h * z.w).enumerate().take(z.cin) {
         for ky in 0..g.kh {
             for kx in 0..g.kw {
-                let row = &cols[((c * g.kh + ky) * g.kw + kx) * p..][..p];
+                let row = &cols[((c * g.kh + ky) * g.kw + kx) * row_stride..][..p];
                 let span = g.columns(kx, z.w, z.ow);
                 for oy in 0..z.oh {
                     let Some(iy) = g.row(oy, ky, z.h) else {
@@ -275,6 +276,74 @@ fn col2im(cols: &[f32], g: Geo, z: Sizes, x: &mut [f32]) {
                 }
             }
         }
+    }
+}
+
+/// Images per GEMM. Each GEMM packs its whole left matrix (the weights, or their transpose) once, so
+/// for small planes (ResNet's 14x14 and 7x7 stages) several images' patch matrices are set side by
+/// side and multiplied at once (ResNet-18's training step 2-7% faster); larger planes keep one GEMM
+/// per image (one per thread), and memory stays per image.
+fn images_per_gemm(z: Sizes, k: usize) -> usize {
+    const MAX_COLUMNS: usize = 800;
+    const MAX_FLOATS: usize = 1 << 23;
+    if z.p() > MAX_COLUMNS / 2 {
+        return 1;
+    }
+    (MAX_COLUMNS / z.p())
+        .min(MAX_FLOATS / (k * z.p()).max(1))
+        .clamp(1, z.n)
+}
+
+/// The images `imgs` side by side: `dst` (rows x imgs.len()·p) from `src` ((n, rows, p) row-major).
+fn gather(src: &[f32], rows: usize, p: usize, imgs: std::ops::Range<usize>, dst: &mut Vec<f32>) {
+    let width = imgs.len() * p;
+    dst.resize(rows * width, 0.0);
+    for (j, i) in imgs.enumerate() {
+        for r in 0..rows {
+            dst[r * width + j * p..][..p].copy_from_slice(&src[(i * rows + r) * p..][..p]);
+        }
+    }
+}
+
+/// The inverse of [`gather`]: `src` (rows x imgs.len()·p) back into `dst` ((n, rows, p)).
+fn scatter(src: &[f32], rows: usize, p: usize, imgs: std::ops::Range<usize>, dst: &mut [f32]) {
+    let width = imgs.len() * p;
+    for (j, i) in imgs.enumerate() {
+        for r in 0..rows {
+            dst[(i * rows + r) * p..][..p].copy_from_slice(&src[r * width + j * p..][..p]);
+        }
+    }
+}
+
+/// The patch matrices of images `imgs` side by side (K x imgs.len()·p) in `dst`; `tmp` is scratch.
+fn patches(
+    x: &[f32],
+    g: Geo,
+    z: Sizes,
+    imgs: std::ops::Range<usize>,
+    dst: &mut Vec<f32>,
+    tmp: &mut Vec<f32>,
+) {
+    let (k, p) = (z.k(g), z.p());
+    if pointwise(g) {
+        return gather(x, k, p, imgs, dst);
+    }
+    let width = imgs.len() * p;
+    dst.resize(k * width, 0.0);
+    tmp.resize(k * p, 0.0);
+    for (j, i) in imgs.enumerate() {
+        im2col(&x[i * z.image()..(i + 1) * z.image()], g, z, tmp);
+        for r in 0..k {
+            dst[r * width + j * p..][..p].copy_from_slice(&tmp[r * p..][..p]);
+        }
+    }
+}
+
+/// GEMM parallelism for one GEMM at a time over the whole pool.
+fn pool_parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
     }
 }
 
@@ -313,6 +382,20 @@ impl CustomOp2 for Forward {
         let z = Sizes::new(g, xl.shape().dims4()?, wl.shape().dims4()?.0)?;
         let (k, p) = (z.k(g), z.p());
         let mut y = vec![0f32; z.n * z.cout * p];
+        let group = images_per_gemm(z, k);
+        if group > 1 {
+            let (mut b, mut tmp, mut wide) = (Vec::new(), Vec::new(), Vec::new());
+            for i0 in (0..z.n).step_by(group) {
+                let imgs = i0..(i0 + group).min(z.n);
+                let width = imgs.len() * p;
+                patches(x, g, z, imgs.clone(), &mut b, &mut tmp);
+                wide.resize(z.cout * width, 0.0);
+                let (a, bm) = (Mat::rows(wt, z.cout, k), Mat::rows(&b, k, width));
+                gemm(&mut wide, a, bm, false, pool_parallelism());
+                scatter(&wide, z.cout, p, imgs, &mut y);
+            }
+            return Ok((CpuStorage::F32(y), Shape::from((z.n, z.cout, z.oh, z.ow))));
+        }
         let out = Out(y.as_mut_ptr(), y.len());
         per_image(z.n, Vec::new, |i, cols: &mut Vec<f32>, par| {
             let xi = &x[i * z.image()..(i + 1) * z.image()];
@@ -364,6 +447,27 @@ impl CustomOp2 for GradInput {
         let z = Sizes::new(g, (n, wl.shape().dims4()?.1, h, w), cout)?;
         let (k, p) = (z.k(g), z.p());
         let mut gx = vec![0f32; n * z.image()];
+        let group = images_per_gemm(z, k);
+        if group > 1 {
+            let (mut gyw, mut cols) = (Vec::new(), Vec::new());
+            for i0 in (0..n).step_by(group) {
+                let imgs = i0..(i0 + group).min(n);
+                let width = imgs.len() * p;
+                gather(gy, cout, p, imgs.clone(), &mut gyw);
+                cols.resize(k * width, 0.0);
+                let (wt_t, gym) = (Mat::transposed(wt, k, cout), Mat::rows(&gyw, cout, width));
+                gemm(&mut cols, wt_t, gym, false, pool_parallelism());
+                if pointwise(g) {
+                    scatter(&cols, z.cin, p, imgs, &mut gx);
+                    continue;
+                }
+                for (j, i) in imgs.enumerate() {
+                    let gxi = &mut gx[i * z.image()..(i + 1) * z.image()];
+                    col2im(&cols[j * p..], width, g, z, gxi);
+                }
+            }
+            return Ok((CpuStorage::F32(gx), Shape::from((n, z.cin, h, w))));
+        }
         let out = Out(gx.as_mut_ptr(), gx.len());
         per_image(n, Vec::new, |i, cols: &mut Vec<f32>, par| {
             let gyi = &gy[i * cout * p..(i + 1) * cout * p];
@@ -375,7 +479,7 @@ impl CustomOp2 for GradInput {
             } else {
                 cols.resize(k * p, 0.0);
                 gemm(cols, wt_t, gyi, false, par);
-                col2im(cols, g, z, gxi);
+                col2im(cols, p, g, z, gxi);
             }
         });
         Ok((CpuStorage::F32(gx), Shape::from((n, z.cin, h, w))))
@@ -399,6 +503,26 @@ impl CustomOp2 for GradWeight {
         let gy = f32_slice(gs, gl, "convolution output gradient")?;
         let z = Sizes::new(g, xl.shape().dims4()?, gl.shape().dims4()?.1)?;
         let (k, p) = (z.k(g), z.p());
+        let group = images_per_gemm(z, k);
+        if group > 1 {
+            let mut gw = vec![0f32; z.cout * k];
+            let (mut b, mut tmp, mut gyw) = (Vec::new(), Vec::new(), Vec::new());
+            for i0 in (0..z.n).step_by(group) {
+                let imgs = i0..(i0 + group).min(z.n);
+                let width = imgs.len() * p;
+                patches(x, g, z, imgs.clone(), &mut b, &mut tmp);
+                gather(gy, z.cout, p, imgs, &mut gyw);
+                let (gym, b_t) = (
+                    Mat::rows(&gyw, z.cout, width),
+                    Mat::transposed(&b, width, k),
+                );
+                gemm(&mut gw, gym, b_t, true, pool_parallelism());
+            }
+            return Ok((
+                CpuStorage::F32(gw),
+                Shape::from((z.cout, z.cin, g.kh, g.kw)),
+            ));
+        }
         // Each piece of work sums its images' products into its own (Cout x K) accumulator.
         let parts = per_image(
             z.n,
@@ -441,8 +565,25 @@ mod tests {
         d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-6)
     }
 
+    #[test]
+    fn small_planes_share_a_gemm() {
+        let g = Geo {
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: Pad::symmetric(1, 1),
+        };
+        let sizes = |n, side| Sizes::new(g, (n, 64, side, side), 64).unwrap();
+        let group = |n, side| images_per_gemm(sizes(n, side), 64 * 9);
+        assert_eq!(group(8, 7), 8);
+        assert_eq!(group(3, 17), 2);
+        assert_eq!(group(8, 21), 1);
+        assert_eq!(group(1, 7), 1);
+    }
+
     /// Forward and both gradients against candle's convolution (where its backward works: no
-    /// remainder left by the stride), for 1x1, 3x3 and 7x7 kernels, strides 1 and 2, padding.
+    /// remainder left by the stride), for 1x1, 3x3 and 7x7 kernels, strides 1 and 2, padding, and
+    /// planes small enough to share a GEMM between images or large enough to have one each.
     #[test]
     fn matches_candles_convolution_and_its_gradients() {
         let dev = Device::Cpu;
@@ -453,10 +594,16 @@ mod tests {
             (3, 2, 1, 9, 11),
             (7, 2, 3, 15, 13),
             (3, 1, 0, 6, 6),
+            // Planes of 289 pixels: two images per GEMM, the third alone (a partial group).
+            (3, 1, 1, 17, 17),
+            (1, 1, 0, 17, 17),
+            // Planes of 441 pixels: one GEMM per image.
+            (3, 1, 1, 21, 21),
+            (1, 1, 0, 21, 21),
         ];
         for (k, stride, p, h, w) in cases {
             let x =
-                Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, h, w), &dev).unwrap()).unwrap();
+                Var::from_tensor(&Tensor::randn(0f32, 1., (3, 3, h, w), &dev).unwrap()).unwrap();
             let wt =
                 Var::from_tensor(&Tensor::randn(0f32, 1., (5, 3, k, k), &dev).unwrap()).unwrap();
             let pad = Pad::symmetric(p, p);

@@ -283,7 +283,7 @@ mod tests {
         reseed(&vars, 7).unwrap();
         let (x, y) = tiny_problem(&dev);
         let params: Vec<Var> = vars.all_vars();
-        let mut opt = candle_nn::AdamW::new(
+        let mut opt = crate::nn::optim::AdamW::new(
             params,
             candle_nn::ParamsAdamW {
                 lr: 1e-3,

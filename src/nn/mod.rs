@@ -14,6 +14,7 @@ pub mod dmsl;
 pub mod gradcam;
 pub mod hagnifinder;
 pub mod layers;
+pub mod optim;
 pub mod pool;
 pub mod simd;
 pub mod vars;
