@@ -206,21 +206,59 @@ impl Pool {
         start.max(0) as usize..end.max(0) as usize
     }
 
-    /// Where output (oy, ox)'s window takes its maximum in `plane` (the first in scan order), or
-    /// None for a window of padding only.
-    fn argmax(&self, plane: &[f32], p: Planes, oy: usize, ox: usize) -> Option<usize> {
-        let mut best: Option<(usize, f32)> = None;
-        for y in self.span(oy, p.h) {
-            for x in self.span(ox, p.w) {
-                let v = plane[y * p.w + x];
-                if best.is_none_or(|(_, b)| v > b) {
-                    best = Some((y * p.w + x, v));
-                }
-            }
+    /// Every output row's and every output column's window span, computed once for all planes.
+    fn spans(&self, p: Planes) -> Spans {
+        Spans {
+            rows: (0..p.oh).map(|o| self.span(o, p.h)).collect(),
+            cols: (0..p.ow).map(|o| self.span(o, p.w)).collect(),
         }
-        best.map(|(i, _)| i)
     }
 }
+
+/// The input rows of each output row's window and the input columns of each output column's.
+struct Spans {
+    rows: Vec<std::ops::Range<usize>>,
+    cols: Vec<std::ops::Range<usize>>,
+}
+
+impl Spans {
+    /// The windows of a plane as (output index, input rows, input columns), in output order.
+    fn windows(
+        &self,
+    ) -> impl Iterator<Item = (usize, &std::ops::Range<usize>, &std::ops::Range<usize>)> {
+        let ow = self.cols.len();
+        self.rows.iter().enumerate().flat_map(move |(oy, ry)| {
+            self.cols
+                .iter()
+                .enumerate()
+                .map(move |(ox, rx)| (oy * ow + ox, ry, rx))
+        })
+    }
+}
+
+/// Where a window takes its maximum in `plane` (row length `w`; the first in scan order), or None
+/// for a window of padding only.
+#[inline(always)]
+fn argmax(
+    plane: &[f32],
+    w: usize,
+    rows: &std::ops::Range<usize>,
+    cols: &std::ops::Range<usize>,
+) -> Option<usize> {
+    let mut best: Option<(usize, f32)> = None;
+    for y in rows.clone() {
+        let line = &plane[y * w..(y + 1) * w];
+        for x in cols.clone() {
+            let v = line[x];
+            if best.is_none_or(|(_, b)| v > b) {
+                best = Some((y * w + x, v));
+            }
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+impl Pool {}
 
 impl CustomOp1 for Pool {
     fn name(&self) -> &'static str {
@@ -231,25 +269,24 @@ impl CustomOp1 for Pool {
         let x = f32_slice(s, l, "pooling input")?;
         let (planes, p) = self.planes(l)?;
         let area = (self.kernel * self.kernel) as f32;
+        let spans = self.spans(p);
         let mut y = vec![0f32; planes * p.oh * p.ow];
         y.par_chunks_mut(p.oh * p.ow)
             .zip(x.par_chunks(p.h * p.w))
             .for_each(|(out, inp)| {
-                for oy in 0..p.oh {
-                    for ox in 0..p.ow {
-                        out[oy * p.ow + ox] = match self.kind {
-                            PoolKind::Max => self
-                                .argmax(inp, p, oy, ox)
-                                .map_or(f32::NEG_INFINITY, |i| inp[i]),
-                            PoolKind::Avg => {
-                                let mut sum = 0f32;
-                                for y in self.span(oy, p.h) {
-                                    sum += inp[y * p.w..][self.span(ox, p.w)].iter().sum::<f32>();
-                                }
-                                sum / area
+                for (o, ry, rx) in spans.windows() {
+                    out[o] = match self.kind {
+                        PoolKind::Max => {
+                            argmax(inp, p.w, ry, rx).map_or(f32::NEG_INFINITY, |i| inp[i])
+                        }
+                        PoolKind::Avg => {
+                            let mut sum = 0f32;
+                            for y in ry.clone() {
+                                sum += inp[y * p.w..][rx.clone()].iter().sum::<f32>();
                             }
-                        };
-                    }
+                            sum / area
+                        }
+                    };
                 }
             });
         let (n, c, _, _) = l.shape().dims4()?;
@@ -286,25 +323,24 @@ impl CustomOp2 for PoolGrad {
             );
         }
         let area = (pool.kernel * pool.kernel) as f32;
+        let spans = pool.spans(p);
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(p.h * p.w)
             .zip(x.par_chunks(p.h * p.w))
             .zip(gy.par_chunks(p.oh * p.ow))
             .for_each(|((out, inp), g)| {
-                for oy in 0..p.oh {
-                    for ox in 0..p.ow {
-                        let d = g[oy * p.ow + ox];
-                        match pool.kind {
-                            PoolKind::Max => {
-                                if let Some(i) = pool.argmax(inp, p, oy, ox) {
-                                    out[i] += d;
-                                }
+                for (o, ry, rx) in spans.windows() {
+                    let d = g[o];
+                    match pool.kind {
+                        PoolKind::Max => {
+                            if let Some(i) = argmax(inp, p.w, ry, rx) {
+                                out[i] += d;
                             }
-                            PoolKind::Avg => {
-                                for y in pool.span(oy, p.h) {
-                                    for v in &mut out[y * p.w..][pool.span(ox, p.w)] {
-                                        *v += d / area;
-                                    }
+                        }
+                        PoolKind::Avg => {
+                            for y in ry.clone() {
+                                for v in &mut out[y * p.w..][rx.clone()] {
+                                    *v += d / area;
                                 }
                             }
                         }
