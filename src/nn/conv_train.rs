@@ -62,6 +62,15 @@ impl Geo {
     }
 }
 
+/// One plane's input (h, w) and output (oh, ow) sizes.
+#[derive(Clone, Copy)]
+pub(crate) struct Planes {
+    pub h: usize,
+    pub w: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
 /// `conv(x, w)` for x (N, Cin, H, W) and w (Cout, Cin, kh, kw), f32 on the CPU, no groups, dilation 1;
 /// differentiable in both.
 pub fn conv2d_train(x: &Tensor, w: &Tensor, stride: usize, pad: Pad) -> Result<Tensor> {
@@ -223,11 +232,7 @@ fn per_image<S: Send>(
             .collect()
     } else {
         let mut s = init();
-        let par = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
+        let par = pool_parallelism();
         for i in 0..n {
             f(i, &mut s, par);
         }

@@ -36,6 +36,16 @@ impl Activation {
         }
     }
 
+    /// The range the activation clamps to.
+    #[inline(always)]
+    pub(crate) fn bounds(self) -> (f32, f32) {
+        match self {
+            Activation::Identity => (f32::NEG_INFINITY, f32::INFINITY),
+            Activation::Relu => (0.0, f32::INFINITY),
+            Activation::Relu6 => (0.0, 6.0),
+        }
+    }
+
     /// The activation, differentiable: on f32 CPU tensors one operation forward and one backward
     /// (candle's clamp is two broadcast operations, and its backward more).
     pub fn apply_tensor(self, x: &Tensor) -> Result<Tensor> {
@@ -70,12 +80,8 @@ impl candle_core::CustomOp1 for ActOp {
         y.par_chunks_mut(1 << 14)
             .zip(x.par_chunks(1 << 14))
             .for_each(|(o, i)| {
-                // One loop per activation (the match outside it), so that it vectorises.
-                let (lo, hi) = match act {
-                    Activation::Identity => (f32::NEG_INFINITY, f32::INFINITY),
-                    Activation::Relu => (0.0, f32::INFINITY),
-                    Activation::Relu6 => (0.0, 6.0),
-                };
+                // The bounds outside the loop (not a match per element), so that it vectorises.
+                let (lo, hi) = act.bounds();
                 crate::nn::simd::vectorized(|| {
                     for (o, &v) in o.iter_mut().zip(i) {
                         *o = v.max(lo).min(hi);
@@ -115,11 +121,7 @@ impl candle_core::CustomOp2 for ActGrad {
             .zip(g.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
             .for_each(|(o, (g, y))| {
                 // The gradient passes where the output is strictly inside (lo, hi).
-                let (lo, hi) = match act {
-                    Activation::Identity => (f32::NEG_INFINITY, f32::INFINITY),
-                    Activation::Relu => (0.0, f32::INFINITY),
-                    Activation::Relu6 => (0.0, 6.0),
-                };
+                let (lo, hi) = act.bounds();
                 crate::nn::simd::vectorized(|| {
                     for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
                         *o = if y > lo && y < hi { g } else { 0.0 };
@@ -657,11 +659,7 @@ impl DepthwisePlane<'_> {
                 *a = _mm256_fmadd_ps(kv, x, *a);
             }
         }
-        let (lo, hi) = match self.act {
-            Activation::Identity => (f32::NEG_INFINITY, f32::INFINITY),
-            Activation::Relu => (0.0, f32::INFINITY),
-            Activation::Relu6 => (0.0, 6.0),
-        };
+        let (lo, hi) = self.act.bounds();
         let mut lanes = [0f32; 8];
         for (v, a) in acc.iter().enumerate() {
             let a = if self.act == Activation::Identity {

@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::conv_train::Geo;
+use super::conv_train::{Geo, Planes};
 use super::cpu_conv::f32_slice;
 use super::simd::{lane_sum, vectorized};
 use histolens_kernels::Pad;
@@ -159,15 +159,6 @@ impl CustomOp2 for GradWeight {
     }
 }
 
-/// One plane's input (h, w) and output (oh, ow) sizes.
-#[derive(Clone, Copy)]
-struct Planes {
-    h: usize,
-    w: usize,
-    oh: usize,
-    ow: usize,
-}
-
 /// Stride 1 on zero-padded planes: with the output computed at the padded width `wp` (its last
 /// `kw - 1` columns discarded), every kernel tap is one shift of the whole flattened plane, so each
 /// tap is one long vector operation instead of one short one per row.
@@ -197,8 +188,7 @@ impl Scratch {
     #[inline(always)]
     fn pad_input(&mut self, g: Geo, p: Planes, xin: &[f32]) -> usize {
         let (wp, len, _) = Self::sizes(g, p);
-        self.padded.clear();
-        self.padded.resize(len, 0.0);
+        zeroed(&mut self.padded, len);
         for (y, row) in xin.chunks_exact(p.w).enumerate() {
             let at = (y + g.pad.top) * wp + g.pad.left;
             self.padded[at..at + p.w].copy_from_slice(row);
@@ -209,8 +199,7 @@ impl Scratch {
     #[inline(always)]
     fn widen_output(&mut self, g: Geo, p: Planes, gin: &[f32]) {
         let (wp, _, wide) = Self::sizes(g, p);
-        self.wide.clear();
-        self.wide.resize(wide, 0.0);
+        zeroed(&mut self.wide, wide);
         for (y, row) in gin.chunks_exact(p.ow).enumerate() {
             self.wide[y * wp..y * wp + p.ow].copy_from_slice(row);
         }
@@ -220,8 +209,7 @@ impl Scratch {
     fn forward(&mut self, g: Geo, p: Planes, xin: &[f32], k: &[f32], out: &mut [f32]) {
         let wp = self.pad_input(g, p, xin);
         let n = p.oh * wp;
-        self.wide.clear();
-        self.wide.resize(n, 0.0);
+        zeroed(&mut self.wide, n);
         for (t, &kv) in k.iter().enumerate() {
             let off = Self::tap(g, wp, t);
             axpy_from(&mut self.wide, &self.padded[off..off + n], kv, 1);
@@ -235,8 +223,7 @@ impl Scratch {
     fn grad_input(&mut self, g: Geo, p: Planes, gin: &[f32], k: &[f32], out: &mut [f32]) {
         self.widen_output(g, p, gin);
         let (wp, len, n) = Self::sizes(g, p);
-        self.padded.clear();
-        self.padded.resize(len, 0.0);
+        zeroed(&mut self.padded, len);
         for (t, &kv) in k.iter().enumerate() {
             let off = Self::tap(g, wp, t);
             axpy_into(&mut self.padded[off..off + n], &self.wide, kv, 1);
@@ -257,6 +244,13 @@ impl Scratch {
             *kv += dot(&self.wide, &self.padded[off..off + n], 1);
         }
     }
+}
+
+/// `buf` as `len` zeros, keeping its allocation.
+#[inline(always)]
+fn zeroed(buf: &mut Vec<f32>, len: usize) {
+    buf.clear();
+    buf.resize(len, 0.0);
 }
 
 /// dst[i] += a · src[i · stride].

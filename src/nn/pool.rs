@@ -9,6 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::conv_train::Planes;
 use super::cpu_conv::f32_slice;
 
 /// Output side of a pooling window sweep (PyTorch's floor mode).
@@ -163,15 +164,6 @@ struct Pool {
 /// (x, grad_y) → grad_x of [`Pool`].
 struct PoolGrad(Pool);
 
-/// One plane's geometry: input (h, w), output (oh, ow).
-#[derive(Clone, Copy)]
-struct Planes {
-    h: usize,
-    w: usize,
-    oh: usize,
-    ow: usize,
-}
-
 impl Pool {
     fn new(kind: PoolKind, kernel: usize, stride: usize, padding: usize) -> Self {
         Pool {
@@ -257,8 +249,6 @@ fn argmax(
     }
     best.map(|(i, _)| i)
 }
-
-impl Pool {}
 
 impl CustomOp1 for Pool {
     fn name(&self) -> &'static str {
