@@ -28,9 +28,15 @@ pub struct DatasetArgs {
     /// class: QuPath's GeoJSON export, or histolens's own).
     #[arg(long = "slide")]
     pub slides: Vec<String>,
-    /// Folders with one sub-folder of images per class, as FOLDER or FOLDER@MAGNIFICATION (default 20).
+    /// Folders with one sub-folder of images per class, as FOLDER, FOLDER@MAGNIFICATION (e.g.
+    /// @20x) or FOLDER@µm/px (e.g. @0.42um); 20x when not given.
     #[arg(long = "folder")]
     pub folders: Vec<String>,
+    /// Width over height of the folders' pixels: 0.75 for images squashed horizontally to 3/4 of
+    /// their width (BACH's 1536x1536 copies of 2048x1536 fields). Fields are cut wider by this
+    /// factor, so that they come out square.
+    #[arg(long, default_value_t = 1.0)]
+    pub pixel_aspect: f64,
     #[arg(long)]
     pub out: PathBuf,
     /// The high and the low magnification of a pair.
@@ -39,8 +45,19 @@ pub struct DatasetArgs {
     #[arg(long, default_value_t = 5.0)]
     pub low: f64,
     /// Side of the field of view in µm (300 µm: 600 px at 20x, 150 px at 5x).
-    #[arg(long, default_value_t = 300.0)]
+    #[arg(long, default_value_t = 300.0, conflicts_with = "field_px")]
     pub field_um: f64,
+    /// Side of the field of view in pixels at the high magnification instead (224: 112 µm at 20x,
+    /// so 224 px at 20x, 112 px at 10x and 56 px at 5x; the network's input size).
+    #[arg(long)]
+    pub field_px: Option<u32>,
+    /// Shares of train, validation and test, dealt by image or region ("1,0,0": every image in
+    /// training, for cross-validation with `train dmsl --folds`).
+    #[arg(long, value_delimiter = ',', default_value = "0.7,0.15,0.15")]
+    pub splits: Vec<f64>,
+    /// Fields with a larger share of background (glass) are not cut.
+    #[arg(long, default_value_t = 0.5)]
+    pub max_background: f64,
     /// Grid step over regions as a share of the field (0.5: fields overlap by half).
     #[arg(long, default_value_t = 1.0)]
     pub stride: f64,
@@ -70,33 +87,41 @@ pub fn dataset(args: DatasetArgs) -> anyhow::Result<()> {
     }
     let mut folders = Vec::new();
     for f in &args.folders {
-        let (path, mag) = match f.rsplit_once('@') {
+        let (path, magnification) = match f.rsplit_once('@') {
             Some((p, m)) => (
                 p,
-                m.trim_end_matches(['x', 'X'])
-                    .parse::<f64>()
-                    .with_context(|| format!("bad magnification in {f}"))?,
+                parse_scale(m).with_context(|| format!("in --folder {f}"))?,
             ),
             None => (f.as_str(), 20.0),
         };
         folders.push(FolderSource {
             path: path.into(),
-            magnification: mag,
+            magnification,
+            pixel_aspect: args.pixel_aspect,
         });
     }
     if slides.is_empty() && folders.is_empty() {
         bail!("give labelled slides (--slide SLIDE=REGIONS.geojson) or folders (--folder DIR)");
     }
+    let fractions: [f64; 3] = match args.splits[..] {
+        [a, b, c] if [a, b, c].iter().all(|v| v.is_finite() && *v >= 0.0) && a > 0.0 => [a, b, c],
+        _ => bail!("--splits takes three shares, train first and above 0, e.g. 0.7,0.15,0.15"),
+    };
+    let field_um = match args.field_px {
+        Some(px) => f64::from(px) * 10.0 / args.high,
+        None => args.field_um,
+    };
     let cfg = PairConfig {
         geometry: PairGeometry {
             high_magnification: args.high,
             low_magnification: args.low,
-            field_um: args.field_um,
+            field_um,
         },
         stride: args.stride,
+        fractions,
         max_per_group: args.max_per_region,
+        max_background: args.max_background,
         seed: args.seed,
-        ..Default::default()
     };
     let (manifest, dataset) = build(&slides, &folders, &[], &args.out, &cfg, |s| {
         eprintln!("reading {s}")
@@ -126,8 +151,29 @@ pub fn dataset(args: DatasetArgs) -> anyhow::Result<()> {
             per_class.join(", ")
         );
     }
+    if !args.folders.is_empty() {
+        println!(
+            "splits and cross-validation folds are dealt by image: class folders name no patients, \
+             so two images of one patient can fall on both sides"
+        );
+    }
     println!("manifest: {}", args.out.join("pairs.csv").display());
     Ok(())
+}
+
+/// A folder's scale: a magnification ("20", "20x") or a pixel size ("0.42um", "0.42µm").
+fn parse_scale(s: &str) -> anyhow::Result<f64> {
+    let number = |t: &str| {
+        t.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .with_context(|| format!("bad scale {s}: give a magnification (20x) or µm/px (0.42um)"))
+    };
+    match s.strip_suffix("um").or_else(|| s.strip_suffix("µm")) {
+        Some(mpp) => Ok(10.0 / number(mpp)?),
+        None => number(s.trim_end_matches(['x', 'X'])),
+    }
 }
 
 #[derive(Args)]

@@ -314,16 +314,30 @@ pub fn read_field(
     side: f64,
     out: u32,
 ) -> Result<RgbImage, SlideError> {
+    read_field_rect(slide, [x, y], [side, side], out)
+}
+
+/// A `w` x `h` rectangle of level 0 at `[x, y]` read into `out` x `out` px: a square field of a source
+/// whose pixels are not square (`w` = `h` x its pixel aspect).
+pub fn read_field_rect(
+    slide: &Slide,
+    [x, y]: [f64; 2],
+    [w, h]: [f64; 2],
+    out: u32,
+) -> Result<RgbImage, SlideError> {
     let info = slide.info();
-    let wanted = side / f64::from(out);
+    let wanted = w.min(h) / f64::from(out);
     let level = info
         .levels
         .iter()
         .rposition(|l| l.downsample <= wanted + 1e-9)
         .unwrap_or(0);
     let ds = info.levels[level].downsample;
-    let read = ((side / ds).round() as u32).max(1);
-    let region = slide.read_region(level, x.round() as i64, y.round() as i64, read, read)?;
+    let (rw, rh) = (
+        ((w / ds).round() as u32).max(1),
+        ((h / ds).round() as u32).max(1),
+    );
+    let region = slide.read_region(level, x.round() as i64, y.round() as i64, rw, rh)?;
     Ok(to_rgb(&resize_area(&region, out, out)))
 }
 
@@ -347,6 +361,9 @@ pub struct PairConfig {
     /// At most this many fields per group (a random subset), so that one large region (e.g. of
     /// glass) does not outweigh the others.
     pub max_per_group: Option<usize>,
+    /// Fields whose share of background (glass, see [`crate::data::tissue`]) is above this are not
+    /// cut: tissue only.
+    pub max_background: f64,
     pub seed: u64,
 }
 
@@ -357,6 +374,7 @@ impl Default for PairConfig {
             stride: 1.0,
             fractions: [0.7, 0.15, 0.15],
             max_per_group: None,
+            max_background: 0.5,
             seed: 0,
         }
     }
@@ -375,7 +393,12 @@ pub struct SlideSource {
 #[derive(Debug, Clone)]
 pub struct FolderSource {
     pub path: PathBuf,
+    /// Of the images' vertical axis (10 / µm/px).
     pub magnification: f64,
+    /// Width of a stored pixel's content over its height: 1 for square pixels; 0.75 for images
+    /// squashed horizontally to 3/4 of their width (BACH's JPEG copies), whose fields are read
+    /// 0.75 times as wide as tall and so come out square again.
+    pub pixel_aspect: f64,
 }
 
 impl FolderSource {
@@ -405,6 +428,7 @@ impl FolderSource {
                     path: file,
                     class: class.clone(),
                     magnification: self.magnification,
+                    pixel_aspect: self.pixel_aspect,
                 });
             }
         }
@@ -419,7 +443,10 @@ pub struct ImageSource {
     pub class: String,
     /// The split unit: images of one group are dealt to the same split.
     pub group: String,
+    /// Of the vertical axis (10 / µm/px).
     pub magnification: f64,
+    /// See [`FolderSource::pixel_aspect`].
+    pub pixel_aspect: f64,
 }
 
 /// One field before it is written: where it came from and its image at the high magnification.
@@ -432,13 +459,17 @@ struct Field {
 
 /// The "x,y,w,h" of a level-0 square, rounded.
 fn square_region(x: f64, y: f64, side: f64) -> String {
-    format!(
-        "{},{},{},{}",
-        x.round(),
-        y.round(),
-        side.round(),
-        side.round()
-    )
+    rect_region(x, y, side, side)
+}
+
+/// The "x,y,w,h" of a level-0 rectangle, rounded.
+fn rect_region(x: f64, y: f64, w: f64, h: f64) -> String {
+    format!("{},{},{},{}", x.round(), y.round(), w.round(), h.round())
+}
+
+/// Whether a field is tissue enough to be cut (see [`PairConfig::max_background`]).
+fn is_tissue(high: &RgbImage, cfg: &PairConfig) -> bool {
+    crate::data::tissue::background_fraction_rgb(high) <= cfg.max_background
 }
 
 /// Cuts pairs from labelled slide regions, class folders and single labelled images into
@@ -467,12 +498,12 @@ pub fn build(
         check_resolution(&f.path, f.magnification, &g)?;
         progress(&f.path.display().to_string());
         for image in f.images()? {
-            fields.extend(image_fields(&image, &g)?);
+            fields.extend(image_fields(&image, cfg)?);
         }
     }
     for image in images {
         progress(&image.path.display().to_string());
-        fields.extend(image_fields(image, &g)?);
+        fields.extend(image_fields(image, cfg)?);
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     if let Some(cap) = cfg.max_per_group {
@@ -489,7 +520,7 @@ pub fn build(
     }
     if fields.is_empty() {
         return Err(PairError::Nothing(format!(
-            "no labelled region or image holds a whole {} µm field",
+            "no labelled region or image holds a whole {} µm field of tissue",
             g.field_um
         )));
     }
@@ -597,12 +628,15 @@ fn slide_fields(s: &SlideSource, cfg: &PairConfig) -> Result<Vec<Field>, PairErr
             let mut x = x0;
             while x + side <= x1 {
                 if region.contains_square(x, y, side) {
-                    fields.push(Field {
-                        class: region.class.clone(),
-                        group: format!("{}#region{ri}", s.path.display()),
-                        region: square_region(x, y, side),
-                        high: read_field(&slide, x, y, side, g.high_px())?,
-                    });
+                    let high = read_field(&slide, x, y, side, g.high_px())?;
+                    if is_tissue(&high, cfg) {
+                        fields.push(Field {
+                            class: region.class.clone(),
+                            group: format!("{}#region{ri}", s.path.display()),
+                            region: square_region(x, y, side),
+                            high,
+                        });
+                    }
                 }
                 x += step;
             }
@@ -641,19 +675,30 @@ fn sorted_entries(dir: &Path, keep: fn(&Path) -> bool) -> Result<Vec<PathBuf>, P
 /// The most fields one labelled image gives.
 const MAX_FIELDS_PER_IMAGE: u64 = 256;
 
-/// Whole fields tiled over an image (after downsampling it to the high magnification), centred.
-/// A file that is not an image is skipped: a folder of images often holds a stray note.
-fn image_fields(image: &ImageSource, g: &PairGeometry) -> Result<Vec<Field>, PairError> {
+/// Whole fields tiled over an image (after downsampling it to the high magnification), centred;
+/// fields of glass are left out. A file that is not an image is skipped: a folder of images often
+/// holds a stray note.
+fn image_fields(image: &ImageSource, cfg: &PairConfig) -> Result<Vec<Field>, PairError> {
+    let g = &cfg.geometry;
     check_resolution(&image.path, image.magnification, g)?;
+    let aspect = image.pixel_aspect;
+    if !(aspect.is_finite() && aspect > 0.0) {
+        return Err(PairError::Geometry(format!(
+            "{}: a pixel aspect must be a positive number, not {aspect}",
+            image.path.display()
+        )));
+    }
     let file = &image.path;
     let Ok(slide) = Slide::open(file) else {
         log::warn!("skipped {}: not an image", file.display());
         return Ok(Vec::new());
     };
     let out = g.high_px();
-    let side = f64::from(out) * image.magnification / g.high_magnification;
-    let (w, h) = slide.info().dimensions();
-    let (nx, ny) = ((w as f64 / side) as u64, (h as f64 / side) as u64);
+    // The field in stored pixels: `h` tall and, where pixels are squashed, `aspect` times as wide.
+    let h = f64::from(out) * image.magnification / g.high_magnification;
+    let w = h * aspect;
+    let (width, height) = slide.info().dimensions();
+    let (nx, ny) = ((width as f64 / w) as u64, (height as f64 / h) as u64);
     if nx == 0 || ny == 0 {
         log::warn!(
             "skipped {}: smaller than a {} µm field",
@@ -662,16 +707,16 @@ fn image_fields(image: &ImageSource, g: &PairGeometry) -> Result<Vec<Field>, Pai
         );
         return Ok(Vec::new());
     }
-    let mx = (w as f64 - nx as f64 * side) / 2.0;
-    let my = (h as f64 - ny as f64 * side) / 2.0;
+    let mx = (width as f64 - nx as f64 * w) / 2.0;
+    let my = (height as f64 - ny as f64 * h) / 2.0;
     // A labelled image is a field of view, not a slide: a huge one gives evenly spread fields, at
     // most MAX_FIELDS_PER_IMAGE, so that work and memory stay bounded.
     let total = nx * ny;
     let step = total.div_ceil(MAX_FIELDS_PER_IMAGE);
     if step > 1 {
         log::warn!(
-            "{}: {w}x{h} px holds {total} fields; {} evenly spread are used (give a slide this \
-             large with labelled regions instead)",
+            "{}: {width}x{height} px holds {total} fields; {} evenly spread are used (give a slide \
+             this large with labelled regions instead)",
             file.display(),
             total.div_ceil(step)
         );
@@ -679,13 +724,16 @@ fn image_fields(image: &ImageSource, g: &PairGeometry) -> Result<Vec<Field>, Pai
     let mut fields = Vec::with_capacity(total.div_ceil(step) as usize);
     for k in (0..total).step_by(step as usize) {
         let (i, j) = (k % nx, k / nx);
-        let (x, y) = (mx + i as f64 * side, my + j as f64 * side);
-        fields.push(Field {
-            class: image.class.clone(),
-            group: image.group.clone(),
-            region: square_region(x, y, side),
-            high: read_field(&slide, x, y, side, out)?,
-        });
+        let (x, y) = (mx + i as f64 * w, my + j as f64 * h);
+        let high = read_field_rect(&slide, [x, y], [w, h], out)?;
+        if is_tissue(&high, cfg) {
+            fields.push(Field {
+                class: image.class.clone(),
+                group: image.group.clone(),
+                region: rect_region(x, y, w, h),
+                high,
+            });
+        }
     }
     Ok(fields)
 }
@@ -756,6 +804,7 @@ mod tests {
         let folder = FolderSource {
             path: root.clone(),
             magnification: 40.0,
+            pixel_aspect: 1.0,
         };
         let images = folder.images().unwrap();
         assert_eq!(images.len(), 7);
@@ -777,6 +826,150 @@ mod tests {
             build(&[], &[], &[too_coarse], &dir.path().join("c"), &cfg, |_| {}),
             Err(PairError::TooLowResolution { .. })
         ));
+    }
+
+    /// "x,y,w,h" of a record's region, in µm of a source of `mpp_x` x `mpp_y` µm/px: centre and side.
+    fn physical(region: &str, [mpp_x, mpp_y]: [f64; 2]) -> [f64; 4] {
+        let v: Vec<f64> = region.split(',').map(|t| t.parse().unwrap()).collect();
+        [
+            (v[0] + v[2] / 2.0) * mpp_x,
+            (v[1] + v[3] / 2.0) * mpp_y,
+            v[2] * mpp_x,
+            v[3] * mpp_y,
+        ]
+    }
+
+    fn mean_abs_diff(a: &RgbImage, b: &RgbImage) -> f64 {
+        assert_eq!(a.dimensions(), b.dimensions());
+        let sum: u64 = a
+            .as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(&x, &y)| u64::from(x.abs_diff(y)))
+            .sum();
+        sum as f64 / a.as_raw().len() as f64
+    }
+
+    /// An image squashed horizontally to 3/4 of its width (as BACH's copies are), cut with that
+    /// pixel aspect, gives the fields of the unsquashed image: the same centre and extent in µm, the
+    /// same pixels at the high magnification, and at the low one the same field area-downsampled.
+    #[test]
+    fn squashed_images_give_the_fields_of_the_true_image_at_both_magnifications() {
+        let dir = tempfile::tempdir().unwrap();
+        // 400 x 300 px at 0.5 µm/px (20x), tissue-coloured waves along both axes.
+        let wave = |t: f64, period: f64| (t * std::f64::consts::TAU / period).sin();
+        let truth = RgbImage::from_fn(400, 300, |x, y| {
+            let (x, y) = (f64::from(x), f64::from(y));
+            image::Rgb([
+                (170.0 + 60.0 * wave(x, 60.0)) as u8,
+                (110.0 + 50.0 * wave(y, 45.0)) as u8,
+                (160.0 + 40.0 * wave(x + y, 80.0)) as u8,
+            ])
+        });
+        let rgba = image::DynamicImage::ImageRgb8(truth.clone()).to_rgba8();
+        let squashed = to_rgb(&resize_area(&rgba, 300, 300));
+        for (name, img) in [("truth", &truth), ("squashed", &squashed)] {
+            let path = dir.path().join(name).join("tumour").join("a.png");
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            img.save(&path).unwrap();
+        }
+        // 64 px fields at 20x (32 µm), 16 px at 5x.
+        let cfg = PairConfig {
+            geometry: PairGeometry {
+                high_magnification: 20.0,
+                low_magnification: 5.0,
+                field_um: 32.0,
+            },
+            ..Default::default()
+        };
+        let cut = |name: &str, pixel_aspect: f64| {
+            let folder = FolderSource {
+                path: dir.path().join(name),
+                magnification: 20.0,
+                pixel_aspect,
+            };
+            let out = dir.path().join(format!("{name}-{pixel_aspect}"));
+            build(&[], &[folder], &[], &out, &cfg, |_| {}).unwrap().0
+        };
+        let (reference, restored) = (cut("truth", 1.0), cut("squashed", 0.75));
+        assert_eq!(reference.records.len(), 6 * 4);
+        assert_eq!(restored.records.len(), reference.records.len());
+        let read = |m: &Manifest<PairRecord>, rel: &str| {
+            image::open(m.resolve_path(rel)).unwrap().to_rgb8()
+        };
+        for (a, b) in reference.records.iter().zip(&restored.records) {
+            let pa = physical(&a.region, [0.5, 0.5]);
+            let pb = physical(&b.region, [0.5 / 0.75, 0.5]);
+            for (u, v) in pa.iter().zip(&pb) {
+                assert!(
+                    (u - v).abs() < 0.5,
+                    "{} vs {}: {pa:?} vs {pb:?}",
+                    a.region,
+                    b.region
+                );
+            }
+            assert!(
+                (pb[2] - 32.0).abs() < 0.5 && (pb[3] - 32.0).abs() < 0.5,
+                "{pb:?}"
+            );
+            let (high_a, high_b) = (read(&reference, &a.high), read(&restored, &b.high));
+            assert!(mean_abs_diff(&high_a, &high_b) < 4.0, "{}", a.region);
+            // The low image is the same field, read at 5x.
+            let low_b = read(&restored, &b.low);
+            assert_eq!(low_b.dimensions(), (16, 16));
+            assert!(mean_abs_diff(&read(&reference, &a.low), &low_b) < 3.0);
+        }
+        // Cut without its aspect, the squashed image's fields are not the true ones.
+        let wrong = cut("squashed", 1.0);
+        let d = mean_abs_diff(
+            &read(&reference, &reference.records[0].high),
+            &read(&wrong, &wrong.records[0].high),
+        );
+        assert!(d > 10.0, "{d}");
+    }
+
+    /// Fields of glass are left out; the rest of the image is cut.
+    #[test]
+    fn fields_of_glass_are_not_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        // Left half tissue, right half glass: 128 x 64 px, two 64 px fields.
+        let img = RgbImage::from_fn(128, 64, |x, _| {
+            if x < 64 {
+                image::Rgb([180, 90, 160])
+            } else {
+                image::Rgb([242, 240, 244])
+            }
+        });
+        let path = dir.path().join("in/tumour/a.png");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        img.save(&path).unwrap();
+        let folder = FolderSource {
+            path: dir.path().join("in"),
+            magnification: 20.0,
+            pixel_aspect: 1.0,
+        };
+        let mut cfg = PairConfig {
+            geometry: PairGeometry {
+                high_magnification: 20.0,
+                low_magnification: 5.0,
+                field_um: 32.0,
+            },
+            ..Default::default()
+        };
+        let (m, _) = build(
+            &[],
+            std::slice::from_ref(&folder),
+            &[],
+            &dir.path().join("a"),
+            &cfg,
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(m.records.len(), 1);
+        assert_eq!(m.records[0].region, "0,0,64,64");
+        cfg.max_background = 1.0;
+        let (m, _) = build(&[], &[folder], &[], &dir.path().join("b"), &cfg, |_| {}).unwrap();
+        assert_eq!(m.records.len(), 2);
     }
 
     #[test]

@@ -108,6 +108,7 @@ impl LabelSet {
                 class: class.clone(),
                 group: e.split_unit(),
                 magnification,
+                pixel_aspect: 1.0,
             });
         }
         let classes: BTreeSet<&str> = images
