@@ -197,6 +197,11 @@ pub struct TrainArgs {
     /// compares, and the classifiers: fine-tuning from ImageNet on a CPU).
     #[arg(long, default_value = "none")]
     pub freeze: String,
+    /// With --freeze backbone or all-but-last-block: compute the frozen part once per pair (without
+    /// augmentation) and keep it in histolens's cache folder, so that epochs and folds cost only
+    /// what trains.
+    #[arg(long)]
+    pub cache_frozen: bool,
     #[arg(long, default_value_t = 30)]
     pub epochs: usize,
     #[arg(long, default_value_t = 32)]
@@ -245,6 +250,7 @@ pub fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
     cfg.beta = args.beta;
     cfg.weights = [w_high, w_low];
     cfg.steps_per_epoch = args.steps_per_epoch;
+    cfg.cache_frozen = args.cache_frozen;
     cfg.seed = args.seed;
     let device = select(args.device)?;
     let folds: Vec<Option<(usize, usize)>> = match args.folds {

@@ -1,7 +1,9 @@
 //! The DMSL task: two-magnification classification of fields of view. A trained model for inference,
-//! training and evaluation with the paper's comparison modes, classification metrics, and slide
+//! training (frozen parts cached across epochs and folds) and evaluation with the paper's comparison
+//! modes, classification metrics, and slide
 //! heatmaps (tiling, caching in a sidecar, export).
 
+pub mod frozen;
 pub mod heatmap;
 pub mod metrics;
 pub mod model;

@@ -17,6 +17,7 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::frozen::{FrozenOutput, FrozenTable};
 use super::metrics::ClassificationMetrics;
 use super::model::{DmslLayout, DmslModel, ModelError, TASK};
 use crate::data::augment::{AugmentConfig, augment_pair};
@@ -107,6 +108,10 @@ pub struct DmslTrainConfig {
     pub grey_probability: f32,
     /// Cap on training steps per epoch (None: the whole training split).
     pub steps_per_epoch: Option<usize>,
+    /// With frozen backbones: their output is computed once per pair (unaugmented) and cached, so
+    /// that epochs and folds cost only what trains.
+    #[serde(default)]
+    pub cache_frozen: bool,
     /// Cross-validation: (fold, folds). The training and validation groups are pooled and fold
     /// `fold` of `folds` becomes the validation set; the test split is never touched.
     pub fold: Option<(usize, usize)>,
@@ -140,6 +145,7 @@ impl DmslTrainConfig {
             },
             grey_probability: 0.1,
             steps_per_epoch: None,
+            cache_frozen: false,
             fold: None,
             seed: 0,
         }
@@ -533,6 +539,40 @@ pub fn train(
             ..Default::default()
         },
     )?;
+    let table = if cfg.cache_frozen {
+        if cfg.freeze == Freeze::None {
+            return Err(DmslTrainError::Config(
+                "caching frozen outputs needs a frozen backbone (--freeze backbone or \
+                 all-but-last-block)"
+                    .into(),
+            ));
+        }
+        let trained = |n: &str| last_block.iter().any(|p| n.starts_with(p.as_str()));
+        let weights = vars::fingerprint_where(&vars, |n| {
+            n.contains(".backbone.") && (cfg.freeze == Freeze::Backbone || !trained(n))
+        })?;
+        let cache = crate::cache_dir();
+        let run = FrozenRun {
+            weights,
+            cache: &cache,
+            device,
+            stop,
+        };
+        match frozen_table(&data, &layout, cfg, &frozen, norm, run, &mut on_event)? {
+            Some(t) => Some(t),
+            None => {
+                return Ok(DmslOutcome {
+                    epochs_done: state.epoch,
+                    stopped: true,
+                    best_val_loss: state.best_val,
+                    best: files.best.exists().then(|| files.best.clone()),
+                    last: files.last.clone(),
+                });
+            }
+        }
+    } else {
+        None
+    };
     let ctx = Ctx {
         data: &data,
         layout: &layout,
@@ -541,6 +581,7 @@ pub fn train(
         norm,
         model: &model,
         frozen: &frozen,
+        table: table.as_ref(),
     };
     let save = |path: &Path, epoch: usize, log: &DmslEpochLog| -> Result<(), DmslTrainError> {
         let meta = checkpoint_meta(cfg, norm, manifest_path, &data.dataset, &layout, epoch, log);
@@ -562,14 +603,18 @@ pub fn train(
         let steps = batches.len();
         let (mut sums, mut seen) = ([0.0f64; 3], 0usize);
         for (step, idx) in batches.into_iter().enumerate() {
-            let seeds: Vec<u64> = idx.iter().map(|_| rng.random()).collect();
-            let images = load_inputs(
-                &data,
-                &layout,
-                idx,
-                Some((&cfg.augment, cfg.grey_probability, &seeds)),
-            )?;
-            let (_, l) = ctx.batch(&images, idx, true)?;
+            let (_, l) = if ctx.table.is_some() {
+                ctx.batch_cached(idx, true)?
+            } else {
+                let seeds: Vec<u64> = idx.iter().map(|_| rng.random()).collect();
+                let images = load_inputs(
+                    &data,
+                    &layout,
+                    idx,
+                    Some((&cfg.augment, cfg.grey_probability, &seeds)),
+                )?;
+                ctx.batch(&images, idx, true)?
+            };
             let value = f64::from(l.total.to_dtype(DType::F32)?.to_scalar::<f32>()?);
             if !value.is_finite() {
                 return Err(DmslTrainError::NonFinite {
@@ -608,7 +653,14 @@ pub fn train(
         let val = if data.val.is_empty() {
             None
         } else {
-            Some(ctx.evaluate(&data.val)?)
+            let scored = ctx.evaluate(&data.val)?;
+            write_predictions(
+                &files.dir.join("val-predictions.csv"),
+                &data,
+                &data.val,
+                &scored.probs,
+            )?;
+            Some((scored.loss, scored.metrics))
         };
         let train_loss = sums[0] / seen_f;
         let monitored = val.as_ref().map_or(train_loss, |v| v.0);
@@ -658,6 +710,97 @@ pub fn train(
         best: files.best.exists().then(|| files.best.clone()),
         last: files.last.clone(),
     })
+}
+
+/// Where and how [`frozen_table`] works: the frozen weights' fingerprint, the cache folder, the
+/// device, and the flag that stops it.
+struct FrozenRun<'a> {
+    weights: u64,
+    cache: &'a Path,
+    device: &'a Device,
+    stop: &'a AtomicBool,
+}
+
+/// The frozen part's output of every record (cached in histolens's cache folder across runs and
+/// folds), or None when `stop` was set while it was being computed.
+fn frozen_table(
+    data: &Data,
+    layout: &DmslLayout,
+    cfg: &DmslTrainConfig,
+    frozen: &[Box<dyn Backbone>],
+    norm: Normalization,
+    run: FrozenRun,
+    on_event: &mut impl FnMut(DmslTrainEvent),
+) -> Result<Option<FrozenTable>, DmslTrainError> {
+    let FrozenRun {
+        weights,
+        cache,
+        device,
+        stop,
+    } = run;
+    let body = cfg.freeze == Freeze::AllButLastBlock;
+    let records = &data.manifest.records;
+    let images: Vec<PathBuf> = records
+        .iter()
+        .flat_map(|r| [&r.high, &r.low])
+        .map(|p| data.manifest.resolve_path(p))
+        .collect();
+    let description = format!(
+        "{} {:?} {:?} {:?}",
+        cfg.arch.name(),
+        layout.branch_magnifications,
+        norm.mean,
+        norm.std
+    );
+    let key = super::frozen::key(weights, body, &description, &images);
+    let file = cache
+        .join("features")
+        .join(format!("dmsl-{key:016x}.safetensors"));
+    if let Some(t) = FrozenTable::load(&file, frozen.len(), records.len(), body, device) {
+        on_event(DmslTrainEvent::Info(format!(
+            "the frozen backbones' output of {} pairs read from {}",
+            records.len(),
+            file.display()
+        )));
+        return Ok(Some(t));
+    }
+    on_event(DmslTrainEvent::Info(format!(
+        "computing the frozen backbones' output of {} pairs once (cached in {})",
+        records.len(),
+        file.display()
+    )));
+    let started = Instant::now();
+    let all: Vec<usize> = (0..records.len()).collect();
+    let chunks: Vec<&[usize]> = all.chunks(cfg.batch.max(1)).collect();
+    let mut batches = Vec::with_capacity(chunks.len());
+    for (k, chunk) in chunks.iter().enumerate() {
+        let images = load_inputs(data, layout, chunk, None)?;
+        let outputs = frozen
+            .iter()
+            .zip(&images)
+            .map(|(b, imgs)| {
+                let x = to_tensor(imgs, norm, device)?;
+                FrozenOutput::compute(b.as_ref(), &x, body)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        batches.push(outputs);
+        let done = k + 1;
+        if done * 10 / chunks.len() > k * 10 / chunks.len() {
+            on_event(DmslTrainEvent::Info(format!(
+                "frozen output: {} of {} pairs ({:.1} pairs/s)",
+                (done * cfg.batch).min(records.len()),
+                records.len(),
+                (done * cfg.batch).min(records.len()) as f64
+                    / started.elapsed().as_secs_f64().max(1e-9)
+            )));
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+    }
+    let table = FrozenTable::concat(batches, frozen.len())?;
+    table.store(&file);
+    Ok(Some(table))
 }
 
 /// Loads the starting weights into every branch.
@@ -756,26 +899,45 @@ struct Ctx<'a> {
     norm: Normalization,
     model: &'a Dmsl,
     frozen: &'a [Box<dyn Backbone>],
+    /// The frozen part's output of every record, when cached.
+    table: Option<&'a FrozenTable>,
 }
 
 impl Ctx<'_> {
-    /// The model's forward pass, or the classifiers on the frozen backbones' features.
+    /// The model's forward pass, or the trained part on the frozen backbones' output.
     fn forward(&self, inputs: &[Tensor], train: bool) -> candle_core::Result<DmslOutput> {
         if self.frozen.is_empty() {
             return self.model.forward(inputs, train);
         }
-        let mut logits = Vec::with_capacity(inputs.len());
-        let mut features = Vec::with_capacity(inputs.len());
-        for ((b, x), branch) in self.frozen.iter().zip(inputs).zip(&self.model.branches) {
-            let f = match self.cfg.freeze {
-                Freeze::AllButLastBlock => {
-                    let low = b.forward_low(x, false)?;
-                    let body = b.forward_body(&low, false)?;
+        let body = self.cfg.freeze == Freeze::AllButLastBlock;
+        let frozen = self
+            .frozen
+            .iter()
+            .zip(inputs)
+            .map(|(b, x)| FrozenOutput::compute(b.as_ref(), x, body))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.trained_part(frozen, train)
+    }
+
+    /// The last blocks (when they train) and the classifiers, on the frozen part's output.
+    fn trained_part(
+        &self,
+        frozen: Vec<FrozenOutput>,
+        train: bool,
+    ) -> candle_core::Result<DmslOutput> {
+        let mut logits = Vec::with_capacity(frozen.len());
+        let mut features = Vec::with_capacity(frozen.len());
+        for (f, branch) in frozen.into_iter().zip(&self.model.branches) {
+            // Training reads no first-convolution activation: the frozen output stands in for it.
+            let f = match f {
+                FrozenOutput::Body(body) => {
                     let high = branch.backbone.forward_last_block(&body, train)?;
                     let pooled = global_avg_pool(&high)?;
-                    Features::new(low, high, pooled)
+                    Features::new(body, high, pooled)
                 }
-                _ => b.forward(x, false)?,
+                FrozenOutput::Pooled { pooled, sim_map } => {
+                    Features::new(sim_map.clone(), sim_map, pooled)
+                }
             };
             logits.push(branch.classifier.forward(&f.pooled)?);
             features.push(f);
@@ -795,6 +957,27 @@ impl Ctx<'_> {
             .map(|b| to_tensor(b, self.norm, self.device))
             .collect::<candle_core::Result<_>>()?;
         let out = self.forward(&inputs, train)?;
+        self.with_loss(out, idx)
+    }
+
+    /// The forward pass and loss of a batch from the cached frozen outputs.
+    fn batch_cached(
+        &self,
+        idx: &[usize],
+        train: bool,
+    ) -> Result<(DmslOutput, DmslLoss), DmslTrainError> {
+        let table = self.table.ok_or_else(|| {
+            DmslTrainError::Config("no cached frozen outputs to train from".into())
+        })?;
+        let out = self.trained_part(table.select(idx, self.device)?, train)?;
+        self.with_loss(out, idx)
+    }
+
+    fn with_loss(
+        &self,
+        out: DmslOutput,
+        idx: &[usize],
+    ) -> Result<(DmslOutput, DmslLoss), DmslTrainError> {
         let y: Vec<u32> = idx.iter().map(|&i| self.data.labels[i] as u32).collect();
         let y = Tensor::from_vec(y, idx.len(), self.device)?;
         let l = loss(
@@ -807,13 +990,18 @@ impl Ctx<'_> {
         Ok((out, l))
     }
 
-    /// Mean loss and metrics over records (no augmentation, evaluation mode).
-    fn evaluate(&self, set: &[usize]) -> Result<(f64, ClassificationMetrics), DmslTrainError> {
+    /// Mean loss, metrics and each record's class probabilities over records (no augmentation,
+    /// evaluation mode).
+    fn evaluate(&self, set: &[usize]) -> Result<Scored, DmslTrainError> {
         let mut loss_sum = 0.0;
         let mut probs = Vec::with_capacity(set.len());
         for chunk in set.chunks(self.cfg.batch) {
-            let images = load_inputs(self.data, self.layout, chunk, None)?;
-            let (out, l) = self.batch(&images, chunk, false)?;
+            let (out, l) = if self.table.is_some() {
+                self.batch_cached(chunk, false)?
+            } else {
+                let images = load_inputs(self.data, self.layout, chunk, None)?;
+                self.batch(&images, chunk, false)?
+            };
             let v = f64::from(l.total.detach().to_dtype(DType::F32)?.to_scalar::<f32>()?);
             loss_sum += v * chunk.len() as f64;
             let p: Vec<Vec<f32>> = out
@@ -824,11 +1012,56 @@ impl Ctx<'_> {
             probs.extend(p);
         }
         let labels: Vec<usize> = set.iter().map(|&i| self.data.labels[i]).collect();
-        Ok((
-            loss_sum / set.len().max(1) as f64,
-            ClassificationMetrics::compute(&probs, &labels, self.data.dataset.classes.len()),
-        ))
+        Ok(Scored {
+            loss: loss_sum / set.len().max(1) as f64,
+            metrics: ClassificationMetrics::compute(
+                &probs,
+                &labels,
+                self.data.dataset.classes.len(),
+            ),
+            probs,
+        })
     }
+}
+
+/// A set of records scored by [`Ctx::evaluate`].
+struct Scored {
+    loss: f64,
+    metrics: ClassificationMetrics,
+    probs: Vec<Vec<f32>>,
+}
+
+/// `val-predictions.csv` of a run: each validation pair's source image, class and probabilities, for
+/// image-level and pooled cross-validation metrics (written atomically).
+fn write_predictions(
+    path: &Path,
+    data: &Data,
+    set: &[usize],
+    probs: &[Vec<f32>],
+) -> Result<(), DmslTrainError> {
+    let mut csv = String::from("pair,source,class");
+    for c in &data.dataset.classes {
+        csv.push_str(&format!(",p_{c}"));
+    }
+    csv.push('\n');
+    for (&i, p) in set.iter().zip(probs) {
+        let r = &data.manifest.records[i];
+        let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+        csv.push_str(&format!(
+            "{},{},{}",
+            quote(&r.high),
+            quote(&r.source),
+            quote(&r.class)
+        ));
+        for v in p {
+            csv.push_str(&format!(",{v:.6}"));
+        }
+        csv.push('\n');
+    }
+    write_atomic(path, csv.as_bytes()).map_err(|source| DmslTrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// What `evaluate` reports.
@@ -949,5 +1182,129 @@ mod tests {
         // Another seed deals another order; the same seed the same.
         assert_eq!(folds, cross_validation_folds(&manifest, 5, 3));
         assert_ne!(folds, cross_validation_folds(&manifest, 5, 4));
+    }
+
+    /// Training from cached frozen outputs computes the same loss and the same gradients as
+    /// recomputing the frozen part, with the last block trained and with the whole backbone frozen;
+    /// a second run reads the cache.
+    #[test]
+    fn cached_frozen_outputs_train_like_recomputed_ones() {
+        use crate::data::pairs::{FolderSource, PairConfig, PairGeometry, build as build_pairs};
+        let dir = tempfile::tempdir().unwrap();
+        for (class, shade) in [("stroma", 60u8), ("tumour", 150)] {
+            for i in 0..2u32 {
+                let img = RgbImage::from_fn(256, 128, |x, y| {
+                    let v = ((x * 7 + y * 13 + i * 31) % 97) as u8;
+                    image::Rgb([shade + v / 2, 60 + v, 140 + v / 3])
+                });
+                let path = dir.path().join("in").join(class).join(format!("{i}.png"));
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                img.save(&path).unwrap();
+            }
+        }
+        let pairs = PairConfig {
+            geometry: PairGeometry {
+                high_magnification: 20.0,
+                low_magnification: 10.0,
+                field_um: 32.0,
+            },
+            fractions: [1.0, 0.0, 0.0],
+            ..Default::default()
+        };
+        let folder = FolderSource {
+            path: dir.path().join("in"),
+            magnification: 20.0,
+            pixel_aspect: 1.0,
+        };
+        let out = dir.path().join("pairs");
+        build_pairs(&[], &[folder], &[], &out, &pairs, |_| {}).unwrap();
+        let data = load_data(&out.join("pairs.csv"), None, 0).unwrap();
+        let idx: Vec<usize> = (0..data.manifest.records.len()).collect();
+        assert_eq!(idx.len(), 32);
+        let device = Device::Cpu;
+        for freeze in [Freeze::AllButLastBlock, Freeze::Backbone] {
+            let mut cfg = DmslTrainConfig::new(Arch::EFFICIENTNET_LITE0);
+            cfg.freeze = freeze;
+            cfg.cache_frozen = true;
+            cfg.batch = 6;
+            let layout = cfg.layout(&data.dataset);
+            let vars = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vars, DType::F32, &device);
+            let model = Dmsl::new(cfg.arch, 2, &layout.weights, vb).unwrap();
+            vars::reseed(&vars, 5).unwrap();
+            let frozen: Vec<Box<dyn Backbone>> = (0..2)
+                .map(|b| {
+                    let prefix = format!("branches.{b}.backbone.");
+                    build(cfg.arch, vars::detached(&vars, &prefix, &device).unwrap()).unwrap()
+                })
+                .collect();
+            let norm = cfg.arch.imagenet_normalization();
+            let stop = AtomicBool::new(false);
+            let run = || FrozenRun {
+                weights: 1,
+                cache: dir.path(),
+                device: &device,
+                stop: &stop,
+            };
+            let mut infos = Vec::new();
+            let mut log = |e: DmslTrainEvent| {
+                if let DmslTrainEvent::Info(s) = e {
+                    infos.push(s)
+                }
+            };
+            let fresh = frozen_table(&data, &layout, &cfg, &frozen, norm, run(), &mut log)
+                .unwrap()
+                .unwrap();
+            let again = frozen_table(&data, &layout, &cfg, &frozen, norm, run(), &mut log)
+                .unwrap()
+                .unwrap();
+            assert!(
+                infos.last().is_some_and(|s| s.contains("read from")),
+                "{infos:?}"
+            );
+            assert_eq!((fresh.rows(), again.rows()), (32, 32));
+            let mut ctx = Ctx {
+                data: &data,
+                layout: &layout,
+                cfg: &cfg,
+                device: &device,
+                norm,
+                model: &model,
+                frozen: &frozen,
+                table: None,
+            };
+            let images = load_inputs(&data, &layout, &idx, None).unwrap();
+            let (_, recomputed) = ctx.batch(&images, &idx, true).unwrap();
+            ctx.table = Some(&again);
+            let (_, cached) = ctx.batch_cached(&idx, true).unwrap();
+            let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+            let (a, b) = (scalar(&recomputed.total), scalar(&cached.total));
+            assert!(
+                (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                "{freeze:?}: {a} vs {b}"
+            );
+            assert!(recomputed.sim > 0.0 && (recomputed.sim - cached.sim).abs() < 1e-4);
+            let (ga, gb) = (
+                recomputed.total.backward().unwrap(),
+                cached.total.backward().unwrap(),
+            );
+            let trained = vars::selected(&vars, |n| {
+                n.contains(".fc.")
+                    || (freeze == Freeze::AllButLastBlock && n.contains("_conv_head"))
+            })
+            .unwrap();
+            assert!(trained.len() >= 4, "{}", trained.len());
+            for v in &trained {
+                let (x, y) = (ga.get(v).unwrap(), gb.get(v).unwrap());
+                let diff = (x - y).unwrap().abs().unwrap().max_all().unwrap();
+                let size = x.abs().unwrap().max_all().unwrap();
+                assert!(
+                    scalar(&diff) <= 1e-3 * scalar(&size).max(1e-6),
+                    "{freeze:?}: {} vs {}",
+                    scalar(&diff),
+                    scalar(&size)
+                );
+            }
+        }
     }
 }

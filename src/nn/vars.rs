@@ -51,9 +51,13 @@ pub fn selected(vars: &VarMap, keep: impl Fn(&str) -> bool) -> Result<Vec<Var>> 
 /// A 64-bit FNV-1a fingerprint of the names and values of the variables under `prefix`: what a
 /// cache of a frozen model's outputs is keyed on.
 pub fn fingerprint(vars: &VarMap, prefix: &str) -> Result<u64> {
+    fingerprint_where(vars, |n| n.starts_with(prefix))
+}
+
+/// A hash of the names and values of the variables whose names pass `keep`.
+pub fn fingerprint_where(vars: &VarMap, keep: impl Fn(&str) -> bool) -> Result<u64> {
     let data = locked(vars)?;
-    let mut named: Vec<(&String, &Var)> =
-        data.iter().filter(|(n, _)| n.starts_with(prefix)).collect();
+    let mut named: Vec<(&String, &Var)> = data.iter().filter(|(n, _)| keep(n)).collect();
     named.sort_by(|a, b| a.0.cmp(b.0));
     let mut h = crate::util::fs::Fnv::default();
     for (name, var) in named {
