@@ -101,6 +101,9 @@ enum DatasetCommand {
     /// Pairs of one field of view at two magnifications (DMSL), from slides with labelled regions or
     /// folders of labelled images; split by region or image.
     Dmsl(cli::dmsl::DatasetArgs),
+    /// A pyramidal TIFF slide made of labelled images (a grid, squashed pixels restored) with their
+    /// classes as regions beside it: `heatmap --check` scores a model's heatmap against them.
+    Mosaic(cli::dmsl::MosaicArgs),
 }
 
 #[derive(Subcommand)]
@@ -138,6 +141,7 @@ fn main() -> std::process::ExitCode {
         Some(Command::Train(TrainCommand::Magnification(a))) => cli::magnification::train_cmd(a),
         Some(Command::Eval(EvalCommand::Magnification(a))) => cli::magnification::eval(*a),
         Some(Command::Dataset(DatasetCommand::Dmsl(a))) => cli::dmsl::dataset(a),
+        Some(Command::Dataset(DatasetCommand::Mosaic(a))) => cli::dmsl::mosaic(a),
         Some(Command::Train(TrainCommand::Dmsl(a))) => cli::dmsl::train_cmd(a),
         Some(Command::Eval(EvalCommand::Dmsl(a))) => cli::dmsl::eval(a),
         Some(Command::Heatmap(a)) => cli::dmsl::heatmap(a),

@@ -398,3 +398,125 @@ fn heatmap_of_the_sample_slide_with_the_demo_model() {
         assert!(model.classes().iter().any(|c| c == name));
     }
 }
+
+/// BACH end to end through the command line, on a subset: class folders of squashed images →
+/// pairs → a short DMSL run on cached frozen ImageNet features → a mosaic slide of held-out images
+/// → its heatmap scored against the mosaic's cells. BACH is CC BY-NC-ND: everything stays in a
+/// temporary folder.
+#[test]
+fn bach_mosaic_comes_back_from_the_heatmap() {
+    let Some(shared) = common::shared_data("bach_mosaic_comes_back_from_the_heatmap") else {
+        return;
+    };
+    let (bach, weights) = (
+        shared.join("bach"),
+        shared.join("weights/efficientnet-lite0-imagenet.safetensors"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_histolens"))
+            .args(args)
+            .env("HISTOLENS_CACHE_DIR", d.join("cache"))
+            .env("HISTOLENS_DATA_DIR", d.join("data"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    // Three training images of two classes; two more of each held out for the mosaic.
+    let mut held_out = Vec::new();
+    for (class, prefix) in [("normal", "n"), ("invasive", "iv")] {
+        std::fs::create_dir_all(d.join("train").join(class)).unwrap();
+        for i in 0..5 {
+            let image = bach.join(class).join(format!("{prefix}{i:03}.jpeg"));
+            if i < 3 {
+                let link = d.join("train").join(class).join(format!("{i}.jpeg"));
+                std::os::unix::fs::symlink(&image, link).unwrap();
+            } else {
+                held_out.push(image.display().to_string());
+            }
+        }
+    }
+    let s = |p: &std::path::Path| p.display().to_string();
+    let printed = run(&[
+        "dataset",
+        "dmsl",
+        "--folder",
+        &format!("{}@0.42um", s(&d.join("train"))),
+        "--pixel-aspect",
+        "0.75",
+        "--high",
+        "20",
+        "--low",
+        "5",
+        "--field-px",
+        "128",
+        "--splits",
+        "1,0,0",
+        "--max-per-region",
+        "24",
+        "--out",
+        &s(&d.join("pairs")),
+    ]);
+    assert!(printed.contains("144 pairs"), "{printed}");
+    assert!(printed.contains("dealt by image"), "{printed}");
+    run(&[
+        "train",
+        "dmsl",
+        "--data",
+        &s(&d.join("pairs/pairs.csv")),
+        "--run",
+        &s(&d.join("run")),
+        "--arch",
+        "efficientnet-lite0",
+        "--start",
+        &format!("imagenet:{}", s(&weights)),
+        "--freeze",
+        "all-but-last-block",
+        "--cache-frozen",
+        "--epochs",
+        "3",
+        "--batch",
+        "16",
+    ]);
+    let mosaic = d.join("mosaic.tiff");
+    let mut args = vec!["dataset", "mosaic"];
+    args.extend(held_out.iter().map(String::as_str));
+    let m = s(&mosaic);
+    args.extend([
+        "--out",
+        &m,
+        "--mpp",
+        "0.42",
+        "--pixel-aspect",
+        "0.75",
+        "--cols",
+        "2",
+    ]);
+    let printed = run(&args);
+    assert!(printed.contains("4096x3072 px"), "{printed}");
+    let regions = format!("{m}.regions.geojson");
+    run(&[
+        "heatmap",
+        &m,
+        "--model",
+        &s(&d.join("run/last.safetensors")),
+        "--out",
+        &s(&d.join("heat")),
+        "--check",
+        &regions,
+    ]);
+    let check: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("heat/check.json")).unwrap()).unwrap();
+    assert_eq!(check["total"], 4, "{check}");
+    for v in check["votes"].as_array().unwrap() {
+        assert!(v["fields"].as_u64().unwrap() > 20, "{v}");
+    }
+    assert!(check["right"].as_u64().unwrap() >= 3, "{check}");
+}

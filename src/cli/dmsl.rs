@@ -6,8 +6,10 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{Context as _, bail};
 use clap::Args;
 use histolens::data::Split;
+use histolens::data::mosaic::{MosaicCell, build_mosaic};
 use histolens::data::pairs::{
-    FolderSource, PairConfig, PairGeometry, SlideSource, build, read_regions,
+    FolderSource, PairConfig, PairGeometry, SlideSource, build, read_regions, regions_sidecar,
+    write_regions,
 };
 use histolens::dmsl::DmslModel;
 use histolens::dmsl::heatmap::{
@@ -17,6 +19,7 @@ use histolens::dmsl::train::{DmslTrainConfig, DmslTrainEvent, Freeze, Mode, eval
 use histolens::nn::Arch;
 use histolens::nn::device::{DeviceChoice, select};
 use histolens::slide::Slide;
+use histolens::slide::pyramid_tiff::write_pyramidal_tiff;
 use histolens::util::colormap::Colormap;
 use histolens::util::fs::write_atomic;
 
@@ -55,7 +58,8 @@ pub struct DatasetArgs {
     /// training, for cross-validation with `train dmsl --folds`).
     #[arg(long, value_delimiter = ',', default_value = "0.7,0.15,0.15")]
     pub splits: Vec<f64>,
-    /// Fields with a larger share of background (glass) are not cut.
+    /// Fields of labelled images with a larger share of background (glass) are not cut (labelled
+    /// slide regions are cut whole).
     #[arg(long, default_value_t = 0.5)]
     pub max_background: f64,
     /// Grid step over regions as a share of the field (0.5: fields overlap by half).
@@ -174,6 +178,53 @@ fn parse_scale(s: &str) -> anyhow::Result<f64> {
         Some(mpp) => Ok(10.0 / number(mpp)?),
         None => number(s.trim_end_matches(['x', 'X'])),
     }
+}
+
+#[derive(Args)]
+pub struct MosaicArgs {
+    /// The images, each labelled by the name of its folder (a class folder), in reading order.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// The pyramidal TIFF to write; its regions go beside it (`OUT.regions.geojson`, where the
+    /// window shows them too).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// µm/px of the images (their height's, with --pixel-aspect).
+    #[arg(long)]
+    pub mpp: f64,
+    /// Width over height of the images' pixels (0.75: squashed to 3/4 of their width).
+    #[arg(long, default_value_t = 1.0)]
+    pub pixel_aspect: f64,
+    /// Images per row.
+    #[arg(long, default_value_t = 3)]
+    pub cols: usize,
+}
+
+pub fn mosaic(args: MosaicArgs) -> anyhow::Result<()> {
+    let cells: Vec<MosaicCell> = args
+        .images
+        .iter()
+        .map(|p| MosaicCell::from_class_folder(p))
+        .collect();
+    let (image, regions) = build_mosaic(&cells, args.cols, args.pixel_aspect)?;
+    write_pyramidal_tiff(&args.out, &image, args.mpp, 256)?;
+    let sidecar = regions_sidecar(&args.out);
+    write_regions(&sidecar, &regions)?;
+    println!(
+        "{}: {}x{} px at {} µm/px, {} cells ({}); regions: {}",
+        args.out.display(),
+        image.width(),
+        image.height(),
+        args.mpp,
+        cells.len(),
+        cells
+            .iter()
+            .map(|c| c.class.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        sidecar.display()
+    );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -432,6 +483,11 @@ pub struct HeatmapArgs {
     /// The shards' summaries combine with `histolens merge`.
     #[arg(long)]
     pub summary: Option<PathBuf>,
+    /// Score the heatmap against labelled regions (GeoJSON; a mosaic's `.regions.geojson`): the
+    /// classified fields whose centres lie in a region vote, and the regions whose majority is
+    /// their own class are counted. Printed, and written as `check.json` in --out. One slide only.
+    #[arg(long)]
+    pub check: Option<PathBuf>,
 }
 
 /// A slide's line of `--summary`.
@@ -571,6 +627,9 @@ pub fn heatmap(args: HeatmapArgs) -> anyhow::Result<()> {
     let folders = output_folders(&args.out, &all)?;
     let mut work: Vec<(PathBuf, PathBuf)> = all.into_iter().zip(folders).collect();
     let single = work.len() == 1 && args.shard.is_none();
+    if args.check.is_some() && !single {
+        bail!("--check scores one slide against its regions: give one slide");
+    }
     if let Some(shard) = args.shard {
         work = shard.take(work);
     }
@@ -706,6 +765,38 @@ fn heatmap_one(
         "heatmap.geojson",
         serde_json::to_string(&heatmap.to_geojson())?.as_bytes(),
     )?;
+    if let Some(path) = &args.check {
+        let votes = heatmap.region_votes(&read_regions(path)?);
+        let right = votes.iter().filter(|v| v.is_right()).count();
+        for (i, v) in votes.iter().enumerate() {
+            println!(
+                "region {:>3} {:<12} majority {:<12} ({:>3.0}% of {} fields) {}",
+                i + 1,
+                v.class,
+                v.majority.as_deref().unwrap_or("-"),
+                100.0 * v.share,
+                v.fields,
+                if v.is_right() { "right" } else { "WRONG" }
+            );
+        }
+        let accuracy = right as f64 / votes.len().max(1) as f64;
+        println!(
+            "regions right: {right} of {} ({:.1}%)",
+            votes.len(),
+            100.0 * accuracy
+        );
+        let report = serde_json::json!({
+            "regions": path.display().to_string(),
+            "right": right,
+            "total": votes.len(),
+            "accuracy": accuracy,
+            "votes": votes,
+        });
+        write(
+            "check.json",
+            serde_json::to_string_pretty(&report)?.as_bytes(),
+        )?;
+    }
     let background = heatmap.count(histolens::dmsl::heatmap::CellState::Background);
     let done = heatmap.count(histolens::dmsl::heatmap::CellState::Done);
     println!(

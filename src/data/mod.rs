@@ -5,6 +5,7 @@ pub mod augment;
 pub mod degrade;
 pub mod magnification;
 pub mod manifest;
+pub mod mosaic;
 pub mod pairs;
 pub mod tensor;
 pub mod tissue;

@@ -361,8 +361,9 @@ pub struct PairConfig {
     /// At most this many fields per group (a random subset), so that one large region (e.g. of
     /// glass) does not outweigh the others.
     pub max_per_group: Option<usize>,
-    /// Fields whose share of background (glass, see [`crate::data::tissue`]) is above this are not
-    /// cut: tissue only.
+    /// Fields of labelled images whose share of background (glass, see [`crate::data::tissue`]) is
+    /// above this are not cut: tissue only. Labelled slide regions are cut whole: their label says
+    /// what they hold (a region of glass may be a class of its own).
     pub max_background: f64,
     pub seed: u64,
 }
@@ -628,15 +629,12 @@ fn slide_fields(s: &SlideSource, cfg: &PairConfig) -> Result<Vec<Field>, PairErr
             let mut x = x0;
             while x + side <= x1 {
                 if region.contains_square(x, y, side) {
-                    let high = read_field(&slide, x, y, side, g.high_px())?;
-                    if is_tissue(&high, cfg) {
-                        fields.push(Field {
-                            class: region.class.clone(),
-                            group: format!("{}#region{ri}", s.path.display()),
-                            region: square_region(x, y, side),
-                            high,
-                        });
-                    }
+                    fields.push(Field {
+                        class: region.class.clone(),
+                        group: format!("{}#region{ri}", s.path.display()),
+                        region: square_region(x, y, side),
+                        high: read_field(&slide, x, y, side, g.high_px())?,
+                    });
                 }
                 x += step;
             }

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::model::{DmslModel, ModelError};
-use crate::data::pairs::read_field;
+use crate::data::pairs::{Region, read_field};
 use crate::data::tissue::{background_fraction, background_fraction_rgb};
 use crate::slide::{Slide, SlideError};
 use crate::util::colormap::Colormap;
@@ -109,6 +109,25 @@ pub struct Heatmap {
     pub probs: Vec<f32>,
 }
 
+/// A labelled region's vote in [`Heatmap::region_votes`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RegionVote {
+    /// The region's class.
+    pub class: String,
+    /// The class most of its fields are given (None: no classified field in it).
+    pub majority: Option<String>,
+    /// Classified fields whose centres lie in the region.
+    pub fields: usize,
+    /// Share of those fields that give the majority class.
+    pub share: f64,
+}
+
+impl RegionVote {
+    pub fn is_right(&self) -> bool {
+        self.majority.as_deref() == Some(self.class.as_str())
+    }
+}
+
 /// Equal when made for the same slide, model and grid and holding the same results (NaN equals NaN:
 /// it means "unknown").
 impl PartialEq for Heatmap {
@@ -191,6 +210,36 @@ impl Heatmap {
 
     pub fn is_complete(&self) -> bool {
         self.count(CellState::Pending) == 0
+    }
+
+    /// How the classified fields whose centres lie in each labelled region vote: the most frequent
+    /// most-probable class against the region's own (e.g. the cells of a mosaic of known classes).
+    pub fn region_votes(&self, regions: &[Region]) -> Vec<RegionVote> {
+        let g = self.header.grid;
+        regions
+            .iter()
+            .map(|region| {
+                let mut votes = vec![0usize; self.classes()];
+                for cell in 0..g.len() {
+                    let (x, y) = g.origin(cell);
+                    let (cx, cy) = (x + g.cell / 2.0, y + g.cell / 2.0);
+                    if let Some(p) = self.probs_at(cell)
+                        && region.contains(cx, cy)
+                    {
+                        votes[crate::dmsl::metrics::argmax(p)] += 1;
+                    }
+                }
+                let fields: usize = votes.iter().sum();
+                let best = (0..votes.len()).max_by_key(|&c| (votes[c], std::cmp::Reverse(c)));
+                let majority = best.filter(|_| fields > 0);
+                RegionVote {
+                    class: region.class.clone(),
+                    majority: majority.map(|c| self.header.classes[c].clone()),
+                    fields,
+                    share: majority.map_or(0.0, |c| votes[c] as f64 / fields as f64),
+                }
+            })
+            .collect()
     }
 
     /// The sidecar's bytes: safetensors with `probs` (rows, cols, classes) f32 and `state` (rows, cols)
@@ -673,6 +722,37 @@ mod tests {
         h.probs[1] = 0.75;
         h.state[1] = CellState::Background;
         h
+    }
+
+    /// Fields vote by their centres; a region with no classified field has no majority.
+    #[test]
+    fn regions_take_the_majority_of_their_fields() {
+        let mut h = sample();
+        // Cells 0, 2 and 5 classified: 0 says b, 2 says a, 5 says b.
+        for (cell, pb) in [(0usize, 0.75f32), (2, 0.1), (5, 0.9)] {
+            h.state[cell] = CellState::Done;
+            h.probs[cell * 2] = 1.0 - pb;
+            h.probs[cell * 2 + 1] = pb;
+        }
+        let rect = |class: &str, [x0, y0, x1, y1]: [f64; 4]| Region {
+            class: class.into(),
+            polygon: vec![[x0, y0], [x1, y0], [x1, y1], [x0, y1]],
+        };
+        let votes = h.region_votes(&[
+            rect("b", [0.0, 0.0, 250.0, 450.0]),
+            rect("a", [400.0, 0.0, 600.0, 450.0]),
+            rect("a", [200.0, 0.0, 390.0, 150.0]),
+        ]);
+        // Column 0 holds cells 0 (b) and 3 (not classified).
+        assert_eq!(votes[0].majority.as_deref(), Some("b"));
+        assert_eq!((votes[0].fields, votes[0].share), (1, 1.0));
+        assert!(votes[0].is_right());
+        // Column 2: cells 2 (a) and 5 (b): a tie goes to the first class.
+        assert_eq!(votes[1].fields, 2);
+        assert_eq!(votes[1].majority.as_deref(), Some("a"));
+        // Cell 1 is background.
+        assert_eq!((votes[2].fields, votes[2].majority.as_deref()), (0, None));
+        assert!(!votes[2].is_right());
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod calibration;
 mod error;
 mod libtiff_log;
 pub mod pixels;
+pub mod pyramid_tiff;
 pub mod resolution;
 mod snapshot;
 mod wsi;
