@@ -92,14 +92,6 @@ fn bench_tiles_runs_on_the_sample() {
     assert!(v[0]["cold_tiles_per_second"].as_f64().unwrap() > 0.0);
 }
 
-fn npy_values(bytes: &[u8]) -> Vec<f32> {
-    let hl = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    bytes[10 + hl..]
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
 /// Grad-CAM of the demo DMSL model: the paper's grid (each branch at each depth) as PNG overlays and
 /// arrays of the branch's input size with values in [0, 1]; a bad layer name is refused.
 #[test]
@@ -130,7 +122,7 @@ fn gradcam_writes_both_depths_for_both_branches() {
             dir.path().join(format!("{name}.png")).is_file(),
             "{name}.png"
         );
-        let v = npy_values(&std::fs::read(dir.path().join(format!("{name}.npy"))).unwrap());
+        let v = common::npy_values(&std::fs::read(dir.path().join(format!("{name}.npy"))).unwrap());
         assert_eq!(v.len(), side * side, "{name}");
         assert!(v.iter().all(|x| (0.0..=1.0).contains(x)), "{name}");
     }

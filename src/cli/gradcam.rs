@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use clap::Args;
 use histolens::data::augment::{center_crop, to_rgb};
+use histolens::data::pairs::read_field_rect;
 use histolens::dmsl::DmslModel;
 use histolens::magnification::MagnificationModel;
 use histolens::nn::checkpoint::read_meta;
@@ -33,6 +34,13 @@ pub struct GradcamArgs {
     pub layer: String,
     #[arg(long)]
     pub out: PathBuf,
+    /// µm/px of the image (DMSL: its central field is read at the model's magnification; default:
+    /// the metadata, the hand calibration, or the magnification estimate).
+    #[arg(long)]
+    pub mpp: Option<f64>,
+    /// Width over height of the image's pixels (0.75: squashed to 3/4 of its width).
+    #[arg(long, default_value_t = 1.0)]
+    pub pixel_aspect: f64,
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
 }
@@ -66,7 +74,24 @@ pub fn run(args: GradcamArgs) -> anyhow::Result<()> {
     match meta.task.as_str() {
         histolens::dmsl::model::TASK => {
             let model = DmslModel::from_bytes(&bytes, &device)?;
-            let field = central(model.geometry().high_px())?;
+            // The central field of view, read at the model's high magnification.
+            let g = model.geometry();
+            let mpp = super::magnification::mpp_or_estimate(&slide, args.mpp)?;
+            if !(args.pixel_aspect.is_finite() && args.pixel_aspect > 0.0) {
+                bail!("--pixel-aspect must be a positive number");
+            }
+            let h = g.level0_side(mpp);
+            let w = h * args.pixel_aspect;
+            let (sw, sh) = slide.info().dimensions();
+            if w > sw as f64 || h > sh as f64 {
+                bail!(
+                    "{} ({sw}x{sh} px at {mpp} µm/px) is smaller than the model's {} µm field",
+                    args.image.display(),
+                    g.field_um
+                );
+            }
+            let corner = [(sw as f64 - w) / 2.0, (sh as f64 - h) / 2.0];
+            let field = read_field_rect(&slide, corner, [w, h], g.high_px())?;
             let classes = model.classes();
             let class = match &args.class {
                 Some(c) => classes

@@ -162,3 +162,12 @@ pub fn huge_tiled_tiff(path: &std::path::Path, side: u32) {
     }
     std::fs::write(path, out).unwrap();
 }
+
+/// The f32 values of a version-1 `.npy` file.
+pub fn npy_values(bytes: &[u8]) -> Vec<f32> {
+    let hl = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    bytes[10 + hl..]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
