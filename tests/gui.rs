@@ -1256,7 +1256,7 @@ fn regions_drawn_on_a_slide_become_dmsl_pairs() {
         ..PairConfig::default()
     };
     let out = data.path().join("pairs");
-    let (manifest, dataset) = set.to_dmsl_pairs(&out, &cfg, 20.0, |_| {}).unwrap();
+    let (manifest, dataset) = set.to_dmsl_pairs(&out, &cfg, 20.0, 1.0, |_| {}).unwrap();
     assert_eq!(dataset.classes, ["epithelium", "stroma"]);
     assert!(
         manifest.records.len() >= 4,
@@ -1271,4 +1271,128 @@ fn regions_drawn_on_a_slide_become_dmsl_pairs() {
             "{rec:?}"
         );
     }
+}
+
+/// BACH in the window, on a subset: its four class folders dropped → four classes with their
+/// counts → a DMSL dataset at BACH's scale (0.42 µm/px, squashed pixels restored) → a short run
+/// from ImageNet with the last block trained (live curve, evaluation) → "Use this model" → its
+/// heatmap over the sample slide. BACH is CC BY-NC-ND: everything stays in temporary folders.
+#[test]
+fn bach_class_folders_train_a_dmsl_model_in_the_window() {
+    let Some(shared) = common::shared_data("bach_class_folders_train_a_dmsl_model_in_the_window")
+    else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let bach = images.path().join("bach");
+    for (class, prefix) in [
+        ("benign", "b"),
+        ("insitu", "is"),
+        ("invasive", "iv"),
+        ("normal", "n"),
+    ] {
+        std::fs::create_dir_all(bach.join(class)).unwrap();
+        for i in 0..3 {
+            let name = format!("{prefix}{i:03}.jpeg");
+            std::os::unix::fs::symlink(
+                shared.join("bach").join(class).join(&name),
+                bach.join(class).join(&name),
+            )
+            .unwrap();
+        }
+    }
+    let slide = data.path().join("sample.svs");
+    std::fs::copy(common::sample_slide(), &slide).unwrap();
+    let mut h = harness(None, data.path());
+    h.run_steps(2);
+    h.input_mut()
+        .dropped_files
+        .push(Arc::new(Dropped(bach.clone())));
+    h.step();
+    step_until(&mut h, Duration::from_secs(120), "thumbnails", |a| {
+        !a.labels().is_busy()
+    });
+    h.run_steps(2);
+    let set = h.state().labels().label_set().expect("a label set");
+    assert_eq!(set.classes(), ["benign", "insitu", "invasive", "normal"]);
+    assert_eq!(set.entries().len(), 12);
+    {
+        let labels = h.state_mut().labels_mut();
+        labels.field_um = 128.0;
+        labels.images_mpp = 0.42;
+        labels.pixel_aspect = 0.75;
+    }
+    h.run_steps(2);
+    h.get_by_label("Build DMSL dataset").click();
+    h.run_steps(2);
+    assert_eq!(
+        h.state().mode(),
+        histolens::gui::Mode::Training,
+        "{:?}",
+        h.state().labels().message
+    );
+    let manifest = PathBuf::from(&h.state().training().form.data);
+    let pairs: histolens::data::manifest::Manifest<histolens::data::pairs::PairRecord> =
+        histolens::data::manifest::Manifest::load(&manifest).unwrap();
+    // 128 µm fields of 2048x1536 px at 0.42 µm/px: 6 x 5 per image, less those of glass.
+    let n = pairs.records.len();
+    assert!((300..=12 * 30).contains(&n), "{n} pairs");
+    let run_dir = data.path().join("runs").join("bach");
+    {
+        let f = &mut h.state_mut().training_mut().form;
+        assert_eq!(f.task, histolens::gui::training::Task::Dmsl);
+        f.run_dir = run_dir.display().to_string();
+        f.arch = histolens::nn::Arch::EFFICIENTNET_LITE0;
+        f.start = histolens::gui::training::StartKind::Imagenet;
+        f.start_file = shared
+            .join("weights/efficientnet-lite0-imagenet.safetensors")
+            .display()
+            .to_string();
+        f.freeze = histolens::dmsl::train::Freeze::AllButLastBlock;
+        f.epochs = 2;
+        f.batch = 8;
+        f.steps_per_epoch = 4;
+    }
+    h.run_steps(2);
+    h.get_by_label("Start training").click();
+    h.run_steps(2);
+    assert!(
+        h.state().training().is_running(),
+        "{:?}",
+        h.state().training().message
+    );
+    step_until(&mut h, Duration::from_secs(600), "the run to end", |a| {
+        !a.training().is_running()
+    });
+    let state = h.state().training();
+    assert_eq!(state.message, None, "{:?}", state.log);
+    assert_eq!(state.curve.len(), 2);
+    assert!(state.curve.iter().all(|p| p.train_loss.is_finite()));
+    let model = state.model.clone().expect("a model");
+    assert!(
+        state.report.is_some(),
+        "an evaluation report: {:?}",
+        state.log
+    );
+    h.get_by_label("Use this model").click();
+    h.run_steps(2);
+    assert_eq!(h.state().dmsl_model(), Some(model.as_path()));
+
+    // The run's model draws its heatmap over a slide.
+    h.input_mut().dropped_files.push(Arc::new(Dropped(slide)));
+    h.step();
+    settle(&mut h);
+    h.get_by_label("Compute heatmap").click();
+    h.step();
+    step_until(&mut h, Duration::from_secs(300), "the heatmap", |a| {
+        !a.heatmap().is_computing()
+    });
+    let heatmap = h.state().heatmap().heatmap().expect("a heatmap");
+    assert!(heatmap.is_complete());
+    assert_eq!(
+        heatmap.header.classes,
+        ["benign", "insitu", "invasive", "normal"]
+    );
+    assert!(heatmap.count(CellState::Done) > 0);
 }

@@ -32,6 +32,10 @@ pub struct LabelsState {
     pub magnification: f64,
     /// Side of a DMSL field in µm (the pairs are this field at the magnification and at a quarter of it).
     pub field_um: f64,
+    /// µm/px of the class-labelled images a DMSL dataset is cut from (their height's).
+    pub images_mpp: f64,
+    /// Width over height of those images' pixels (0.75: squashed to 3/4 of their width).
+    pub pixel_aspect: f64,
     missing: MissingFiles,
     /// The grid's columns in the last frame (for Up/Down).
     columns: usize,
@@ -60,6 +64,8 @@ impl LabelsState {
             new_class: String::new(),
             magnification: 20.0,
             field_um: 64.0,
+            images_mpp: 0.5,
+            pixel_aspect: 1.0,
             missing: MissingFiles::default(),
             columns: 1,
             reveal: false,
@@ -249,6 +255,7 @@ impl LabelsState {
     /// Builds the dataset of `task` from the set, in a folder beside its manifest.
     fn build_dataset(&mut self, task: super::training::Task) -> Option<PathBuf> {
         let (magnification, field_um) = (self.magnification, self.field_um);
+        let (images_magnification, pixel_aspect) = (10.0 / self.images_mpp, self.pixel_aspect);
         let root = self.manifest.with_file_name("datasets");
         let set = self.set()?;
         let result = match task {
@@ -266,7 +273,7 @@ impl LabelsState {
                     },
                     ..PairConfig::default()
                 };
-                set.to_dmsl_pairs(&out, &cfg, magnification, |_| {})
+                set.to_dmsl_pairs(&out, &cfg, images_magnification, pixel_aspect, |_| {})
                     .map(|_| out.join("pairs.csv"))
             }
         };
@@ -578,6 +585,26 @@ fn side(ui: &mut egui::Ui, state: &mut LabelsState) -> LabelsAction {
             state.magnification,
             state.magnification / 4.0
         ));
+    });
+    ui.horizontal(|ui| {
+        ui.label("Images at");
+        ui.add(
+            egui::DragValue::new(&mut state.images_mpp)
+                .range(0.05..=20.0)
+                .speed(0.01)
+                .suffix(" µm/px"),
+        )
+        .on_hover_text("The pixel size of the class-labelled images (of their height)");
+        ui.label("pixel aspect");
+        ui.add(
+            egui::DragValue::new(&mut state.pixel_aspect)
+                .range(0.1..=10.0)
+                .speed(0.01),
+        )
+        .on_hover_text(
+            "Width over height of a pixel's content: 0.75 for images squashed to 3/4 of their \
+             width (BACH's copies)",
+        );
     });
     ui.horizontal(|ui| {
         for (task, name) in [

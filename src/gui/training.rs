@@ -12,7 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use egui_plot::{Legend, Line, Plot};
 
 use crate::data::manifest::Split;
-use crate::dmsl::train::{DmslTrainConfig, Mode};
+use crate::dmsl::train::{DmslTrainConfig, Freeze, Mode};
 use crate::magnification::train::TrainConfig;
 use crate::nn::backbone::Arch;
 use crate::nn::device::DeviceChoice;
@@ -48,6 +48,10 @@ pub struct TrainingForm {
     pub input_size: usize,
     /// DMSL: sim, mm, high or low.
     pub mode: Mode,
+    /// DMSL: which weights stay fixed.
+    pub freeze: Freeze,
+    /// DMSL with a frozen backbone: its output computed once per pair and cached.
+    pub cache_frozen: bool,
     pub alpha: f64,
     pub beta: f64,
     /// Steps per epoch (0: the whole training split).
@@ -69,6 +73,8 @@ impl Default for TrainingForm {
             lr: 1e-3,
             input_size: 224,
             mode: Mode::Sim,
+            freeze: Freeze::None,
+            cache_frozen: false,
             alpha: 0.5,
             beta: 0.5,
             steps_per_epoch: 0,
@@ -109,6 +115,8 @@ impl TrainingForm {
                 c.batch = self.batch;
                 c.lr = self.lr;
                 c.mode = self.mode;
+                c.freeze = self.freeze;
+                c.cache_frozen = self.cache_frozen && self.freeze != Freeze::None;
                 c.alpha = self.alpha;
                 c.beta = self.beta;
                 c.steps_per_epoch = steps;
@@ -146,6 +154,8 @@ impl TrainingForm {
                 f.batch = c.batch;
                 f.lr = c.lr;
                 f.mode = c.mode;
+                f.freeze = c.freeze;
+                f.cache_frozen = c.cache_frozen;
                 f.alpha = c.alpha;
                 f.beta = c.beta;
                 f.steps_per_epoch = c.steps_per_epoch.unwrap_or(0);
@@ -643,6 +653,22 @@ pub fn show(ui: &mut egui::Ui, state: &mut TrainingState) -> TrainingAction {
                                     .speed(0.05)
                                     .prefix("β "),
                             );
+                            egui::ComboBox::from_id_salt("training-freeze")
+                                .selected_text(freeze_name(f.freeze))
+                                .show_ui(ui, |ui| {
+                                    for z in
+                                        [Freeze::None, Freeze::AllButLastBlock, Freeze::Backbone]
+                                    {
+                                        ui.selectable_value(&mut f.freeze, z, freeze_name(z));
+                                    }
+                                });
+                            if f.freeze != Freeze::None {
+                                ui.checkbox(&mut f.cache_frozen, "Cache frozen features")
+                                    .on_hover_text(
+                                        "Run the frozen part once per pair (no augmentation): \
+                                         every epoch after costs only what trains",
+                                    );
+                            }
                         }
                     }
                 });
@@ -786,6 +812,14 @@ pub fn show(ui: &mut egui::Ui, state: &mut TrainingState) -> TrainingAction {
             }
         });
     action
+}
+
+fn freeze_name(f: Freeze) -> &'static str {
+    match f {
+        Freeze::None => "train everything",
+        Freeze::AllButLastBlock => "train the last block",
+        Freeze::Backbone => "train the classifiers",
+    }
 }
 
 fn mode_name(m: Mode) -> &'static str {

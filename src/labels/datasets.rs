@@ -72,7 +72,8 @@ impl LabelSet {
         Ok(manifest)
     }
 
-    /// The class-labelled images, all at `magnification`, and the slides with regions drawn on them
+    /// The class-labelled images, all at `magnification` with pixels `pixel_aspect` as wide as tall
+    /// ([`pairs::FolderSource::pixel_aspect`]), and the slides with regions drawn on them
     /// (`pairs::regions_sidecar`), through the DMSL pair builder into `out_dir` (`pairs.csv`,
     /// `dataset.json`, `pairs/`). Each image is tiled whole into fields; an
     /// entry's group is its split unit, and the builder deals the groups of each class to the splits
@@ -82,6 +83,7 @@ impl LabelSet {
         out_dir: &Path,
         cfg: &PairConfig,
         magnification: f64,
+        pixel_aspect: f64,
         progress: impl FnMut(&str),
     ) -> Result<(Manifest<PairRecord>, PairDataset), LabelError> {
         let mut images = Vec::new();
@@ -108,7 +110,7 @@ impl LabelSet {
                 class: class.clone(),
                 group: e.split_unit(),
                 magnification,
-                pixel_aspect: 1.0,
+                pixel_aspect,
             });
         }
         let classes: BTreeSet<&str> = images

@@ -107,8 +107,17 @@ fn scan_folder(root: &Path, known: &mut Vec<String>, scan: &mut Scan) -> Result<
         {
             known.push(c.clone());
         }
+        // Images straight inside their class folder are each their own split unit (a class
+        // folder is not a case: dealing it whole would put each class on one side only); images in
+        // a case folder (inside or around the class folder) share the case's.
+        let in_class_folder =
+            matches!((&class, folders.last()), (Some(c), Some(f)) if c.eq_ignore_ascii_case(f));
         scan.found.push(Found {
-            group: group_name(&file, Some(base)),
+            group: if in_class_folder {
+                String::new()
+            } else {
+                group_name(&file, Some(base))
+            },
             proposal: if folders.is_empty() { proposal } else { None },
             path: file,
             class,

@@ -228,16 +228,9 @@ fn class_folders_are_labelled_and_loose_images_get_their_folder_proposed() {
                 class("stroma"),
                 "tiles/stroma/patient9".into()
             ),
-            (
-                "tumour/1.png".into(),
-                class("tumour"),
-                "tiles/tumour".into()
-            ),
-            (
-                "tumour/2.JPG".into(),
-                class("tumour"),
-                "tiles/tumour".into()
-            ),
+            // Straight inside their class folder: each image is its own split unit.
+            ("tumour/1.png".into(), class("tumour"), String::new()),
+            ("tumour/2.JPG".into(), class("tumour"), String::new()),
         ]
     );
     assert_eq!(set.classes(), ["stroma", "tumour"]);
@@ -537,7 +530,7 @@ fn dmsl_pairs_load_back() {
     }
     let mut progressed = 0;
     let (made, dataset) = set
-        .to_dmsl_pairs(&out, &cfg, 20.0, |_| progressed += 1)
+        .to_dmsl_pairs(&out, &cfg, 20.0, 1.0, |_| progressed += 1)
         .unwrap();
     assert_eq!(progressed, 6);
     // 256 px at 20x holds 2 x 2 fields of 128 px.
@@ -559,7 +552,7 @@ fn dmsl_pairs_load_back() {
     );
     // Pairs need upsampling below the high magnification, and two classes.
     assert!(matches!(
-        set.to_dmsl_pairs(&out, &cfg, 10.0, |_| {}),
+        set.to_dmsl_pairs(&out, &cfg, 10.0, 1.0, |_| {}),
         Err(LabelError::Pairs(_))
     ));
     let tumour: Vec<usize> = (0..set.entries().len())
@@ -567,7 +560,7 @@ fn dmsl_pairs_load_back() {
         .collect();
     set.assign(&tumour, None).unwrap();
     assert!(matches!(
-        set.to_dmsl_pairs(&out, &cfg, 20.0, |_| {}),
+        set.to_dmsl_pairs(&out, &cfg, 20.0, 1.0, |_| {}),
         Err(LabelError::NothingToExport(_))
     ));
 }
