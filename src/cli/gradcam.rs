@@ -107,8 +107,19 @@ pub fn run(args: GradcamArgs) -> anyhow::Result<()> {
                 }
             };
             println!("class {} ({class})", classes[class]);
-            for &tap in taps {
+            for (k, &tap) in taps.iter().enumerate() {
                 for (m, image, cam) in model.gradcam(&field, class, tap)? {
+                    if k == 0 {
+                        // The branch's input as it saw it, for comparing the maps with.
+                        let path = args.out.join(format!("{m}x-field.png"));
+                        let mut png = Vec::new();
+                        image.write_to(
+                            &mut std::io::Cursor::new(&mut png),
+                            image::ImageFormat::Png,
+                        )?;
+                        write_atomic(&path, &png)
+                            .with_context(|| format!("writing {}", path.display()))?;
+                    }
                     let name = format!("{m}x-{}", tap_name(tap));
                     write_map(
                         &args.out,
