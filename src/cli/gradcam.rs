@@ -15,7 +15,7 @@ use histolens::nn::device::{DeviceChoice, select};
 use histolens::nn::gradcam::Tap;
 use histolens::slide::Slide;
 use histolens::util::colormap::Colormap;
-use histolens::util::fs::write_atomic;
+use histolens::util::fs::{write_atomic, write_png_atomic};
 use histolens::util::npy::f32_npy;
 use image::RgbImage;
 
@@ -112,12 +112,7 @@ pub fn run(args: GradcamArgs) -> anyhow::Result<()> {
                     if k == 0 {
                         // The branch's input as it saw it, for comparing the maps with.
                         let path = args.out.join(format!("{m}x-field.png"));
-                        let mut png = Vec::new();
-                        image.write_to(
-                            &mut std::io::Cursor::new(&mut png),
-                            image::ImageFormat::Png,
-                        )?;
-                        write_atomic(&path, &png)
+                        write_png_atomic(&path, &image)
                             .with_context(|| format!("writing {}", path.display()))?;
                     }
                     let name = format!("{m}x-{}", tap_name(tap));
@@ -181,10 +176,8 @@ fn write_map(
             ((u16::from(c[i]) + u16::from(p[i])) / 2) as u8
         }))
     });
-    let mut png = Vec::new();
-    overlay.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
     let path = dir.join(format!("{name}.png"));
-    write_atomic(&path, &png).with_context(|| format!("writing {}", path.display()))?;
+    write_png_atomic(&path, &overlay).with_context(|| format!("writing {}", path.display()))?;
     let path = dir.join(format!("{name}.npy"));
     write_atomic(&path, &f32_npy(&[h, w], map.iter().copied()))
         .with_context(|| format!("writing {}", path.display()))?;

@@ -560,15 +560,7 @@ pub fn train(
         };
         match frozen_table(&data, &layout, cfg, &frozen, norm, run, &mut on_event)? {
             Some(t) => Some(t),
-            None => {
-                return Ok(DmslOutcome {
-                    epochs_done: state.epoch,
-                    stopped: true,
-                    best_val_loss: state.best_val,
-                    best: files.best.exists().then(|| files.best.clone()),
-                    last: files.last.clone(),
-                });
-            }
+            None => return Ok(outcome(&files, &state, true)),
         }
     } else {
         None
@@ -703,13 +695,18 @@ pub fn train(
         files.commit_epoch(&log, &state)?;
         on_event(DmslTrainEvent::Epoch(log));
     }
-    Ok(DmslOutcome {
+    Ok(outcome(&files, &state, stopped))
+}
+
+/// What a run ended with, from its folder and state.
+fn outcome(files: &RunFiles, state: &State, stopped: bool) -> DmslOutcome {
+    DmslOutcome {
         epochs_done: state.epoch,
         stopped,
         best_val_loss: state.best_val,
         best: files.best.exists().then(|| files.best.clone()),
         last: files.last.clone(),
-    })
+    }
 }
 
 /// Where and how [`frozen_table`] works: the frozen weights' fingerprint, the cache folder, the
