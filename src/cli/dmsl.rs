@@ -309,6 +309,12 @@ pub fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
         Some(k) => bail!("--folds needs 2 or more, got {k}"),
         None => vec![None],
     };
+    if let Some(k) = args.folds {
+        println!(
+            "{k}-fold cross-validation dealt by source image or region, stratified by class: a \
+             patient's images are kept together only if they share a source"
+        );
+    }
     let mut summaries = Vec::new();
     for fold in folds {
         cfg.fold = fold;
