@@ -624,3 +624,66 @@ fn info_json_on_a_latin1_file_name() {
             .contains("coupe-\u{fffd}")
     );
 }
+
+/// `dataset dmsl --pixel-aspect TABLE`: the images the table lists are read with their aspect
+/// (fields 0.75 as wide as tall in stored pixels), the others with square pixels; a bad number in
+/// the table is refused.
+#[test]
+fn dmsl_pairs_take_each_image_aspect_from_a_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let class = dir.path().join("in/tumour");
+    std::fs::create_dir_all(&class).unwrap();
+    for name in ["squashed.png", "square.png"] {
+        image::RgbImage::from_fn(200, 200, |x, y| {
+            image::Rgb([150, (x % 200) as u8, (y % 200) as u8])
+        })
+        .save(class.join(name))
+        .unwrap();
+    }
+    let table = dir.path().join("aspects.csv");
+    std::fs::write(&table, "file,aspect\nsquashed.png,0.75\n").unwrap();
+    let out = dir.path().join("pairs");
+    let folder = format!("{}@20x", dir.path().join("in").display());
+    let run = |aspect: &Path| {
+        histolens()
+            .args([
+                "dataset",
+                "dmsl",
+                "--folder",
+                &folder,
+                "--field-px",
+                "64",
+                "--low",
+                "10",
+            ])
+            .arg("--pixel-aspect")
+            .arg(aspect)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let done = run(&table);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let csv = std::fs::read_to_string(out.join("pairs.csv")).unwrap();
+    let sizes = |name: &str| -> Vec<String> {
+        csv.lines()
+            .filter(|l| l.contains(name))
+            .map(|l| {
+                let region = l.split('"').nth(1).unwrap();
+                region.split(',').skip(2).collect::<Vec<_>>().join("x")
+            })
+            .collect()
+    };
+    // 64 px fields: 48 x 64 stored pixels where squashed (4 x 3 of them), 64 x 64 elsewhere (3 x 3).
+    assert_eq!(sizes("squashed.png"), vec!["48x64"; 12], "{csv}");
+    assert_eq!(sizes("square.png"), vec!["64x64"; 9], "{csv}");
+    std::fs::write(&table, "file,aspect\nsquashed.png,-2\n").unwrap();
+    let refused = run(&table);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("positive number"));
+}

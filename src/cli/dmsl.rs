@@ -36,10 +36,11 @@ pub struct DatasetArgs {
     #[arg(long = "folder")]
     pub folders: Vec<String>,
     /// Width over height of the folders' pixels: 0.75 for images squashed horizontally to 3/4 of
-    /// their width (BACH's 1536x1536 copies of 2048x1536 fields). Fields are cut wider by this
+    /// their width (BACH's 1536x1536 copies of 2048x1536 fields), or a CSV table of `file,aspect`
+    /// rows by file name (files it does not list have square pixels). Fields are cut wider by this
     /// factor, so that they come out square.
-    #[arg(long, default_value_t = 1.0)]
-    pub pixel_aspect: f64,
+    #[arg(long, default_value = "1")]
+    pub pixel_aspect: String,
     #[arg(long)]
     pub out: PathBuf,
     /// The high and the low magnification of a pair.
@@ -101,10 +102,23 @@ pub fn dataset(args: DatasetArgs) -> anyhow::Result<()> {
         folders.push(FolderSource {
             path: path.into(),
             magnification,
-            pixel_aspect: args.pixel_aspect,
+            pixel_aspect: 1.0,
         });
     }
-    if slides.is_empty() && folders.is_empty() {
+    // One aspect for every folder, or each image its own from a table.
+    let mut images = Vec::new();
+    match PixelAspect::parse(&args.pixel_aspect)? {
+        PixelAspect::All(v) => folders.iter_mut().for_each(|f| f.pixel_aspect = v),
+        table => {
+            for f in std::mem::take(&mut folders) {
+                for mut image in f.images()? {
+                    image.pixel_aspect = table.of(&image.path);
+                    images.push(image);
+                }
+            }
+        }
+    }
+    if slides.is_empty() && folders.is_empty() && images.is_empty() {
         bail!("give labelled slides (--slide SLIDE=REGIONS.geojson) or folders (--folder DIR)");
     }
     let fractions: [f64; 3] = match args.splits[..] {
@@ -127,7 +141,7 @@ pub fn dataset(args: DatasetArgs) -> anyhow::Result<()> {
         max_background: args.max_background,
         seed: args.seed,
     };
-    let (manifest, dataset) = build(&slides, &folders, &[], &args.out, &cfg, |s| {
+    let (manifest, dataset) = build(&slides, &folders, &images, &args.out, &cfg, |s| {
         eprintln!("reading {s}")
     })?;
     let g = dataset.geometry;
@@ -163,6 +177,54 @@ pub fn dataset(args: DatasetArgs) -> anyhow::Result<()> {
     }
     println!("manifest: {}", args.out.join("pairs.csv").display());
     Ok(())
+}
+
+/// `--pixel-aspect`: one aspect for every image, or a table of aspects by file name.
+enum PixelAspect {
+    All(f64),
+    ByName(std::collections::HashMap<String, f64>),
+}
+
+impl PixelAspect {
+    fn parse(s: &str) -> anyhow::Result<Self> {
+        let valid = |v: f64| v.is_finite() && v > 0.0;
+        if let Ok(v) = s.trim().parse::<f64>() {
+            if !valid(v) {
+                bail!("--pixel-aspect must be a positive number, not {s}");
+            }
+            return Ok(PixelAspect::All(v));
+        }
+        let text = std::fs::read_to_string(s).with_context(|| {
+            format!("--pixel-aspect {s}: neither a number nor a readable table")
+        })?;
+        let mut table = std::collections::HashMap::new();
+        for (n, line) in text.lines().enumerate() {
+            let Some((file, v)) = line.split_once(',') else {
+                continue;
+            };
+            match v.trim().parse::<f64>() {
+                Ok(v) if valid(v) => {
+                    table.insert(file.trim().to_string(), v);
+                }
+                // A header line.
+                _ if n == 0 => {}
+                _ => bail!("{s}, line {}: the aspect must be a positive number", n + 1),
+            }
+        }
+        Ok(PixelAspect::ByName(table))
+    }
+
+    /// The aspect of one image (by its file name in a table; square when not listed).
+    fn of(&self, path: &Path) -> f64 {
+        match self {
+            PixelAspect::All(v) => *v,
+            PixelAspect::ByName(t) => path
+                .file_name()
+                .and_then(|n| t.get(n.to_string_lossy().as_ref()))
+                .copied()
+                .unwrap_or(1.0),
+        }
+    }
 }
 
 /// A folder's scale: a magnification ("20", "20x") or a pixel size ("0.42um", "0.42µm").
