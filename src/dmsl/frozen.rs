@@ -36,7 +36,8 @@ impl FrozenOutput {
         })
     }
 
-    fn tensors(&self) -> Vec<&Tensor> {
+    /// Its tensors (one or two).
+    pub fn tensors(&self) -> Vec<&Tensor> {
         match self {
             FrozenOutput::Body(t) => vec![t],
             FrozenOutput::Pooled { pooled, sim_map } => vec![pooled, sim_map],

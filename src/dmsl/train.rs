@@ -780,6 +780,27 @@ fn frozen_table(
                 FrozenOutput::compute(b.as_ref(), &x, body)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
+        if k == 0 {
+            // The whole table stays in memory: refuse one that would not fit in half the RAM free.
+            let per_pair: usize = outputs
+                .iter()
+                .flat_map(FrozenOutput::tensors)
+                .map(|t| t.elem_count() * 4)
+                .sum::<usize>()
+                / chunk.len().max(1);
+            let need = (per_pair * records.len()) as u64;
+            if let Some(free) = crate::util::memory::available_ram_bytes()
+                && need > free / 2
+            {
+                return Err(DmslTrainError::Config(format!(
+                    "caching the frozen output of {} pairs needs {:.1} GB, more than half the {:.1} GB \
+                     of free memory: train without --cache-frozen (or on fewer pairs)",
+                    records.len(),
+                    need as f64 / 1e9,
+                    free as f64 / 1e9
+                )));
+            }
+        }
         batches.push(outputs);
         let done = k + 1;
         if done * 10 / chunks.len() > k * 10 / chunks.len() {
