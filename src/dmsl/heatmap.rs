@@ -116,7 +116,7 @@ pub struct RegionVote {
     pub class: String,
     /// The class most of its fields are given (None: no classified field in it).
     pub majority: Option<String>,
-    /// Classified fields whose centres lie in the region.
+    /// Classified fields of the region (see [`Heatmap::region_votes`]).
     pub fields: usize,
     /// Share of those fields that give the majority class.
     pub share: f64,
@@ -212,23 +212,32 @@ impl Heatmap {
         self.count(CellState::Pending) == 0
     }
 
-    /// How the classified fields whose centres lie in each labelled region vote: the most frequent
-    /// most-probable class against the region's own (e.g. the cells of a mosaic of known classes).
+    /// How the classified fields of each labelled region vote: the most frequent most-probable class
+    /// against the region's own (e.g. the cells of a mosaic of known classes). A region's fields are
+    /// those wholly inside it, as training fields are cut; a region too small for any, those whose
+    /// centres lie in it.
     pub fn region_votes(&self, regions: &[Region]) -> Vec<RegionVote> {
         let g = self.header.grid;
         regions
             .iter()
             .map(|region| {
-                let mut votes = vec![0usize; self.classes()];
-                for cell in 0..g.len() {
-                    let (x, y) = g.origin(cell);
-                    let (cx, cy) = (x + g.cell / 2.0, y + g.cell / 2.0);
-                    if let Some(p) = self.probs_at(cell)
-                        && region.contains(cx, cy)
-                    {
-                        votes[crate::dmsl::metrics::argmax(p)] += 1;
+                let count = |inside: &dyn Fn(f64, f64) -> bool| {
+                    let mut votes = vec![0usize; self.classes()];
+                    let mut any = false;
+                    for cell in 0..g.len() {
+                        let (x, y) = g.origin(cell);
+                        if inside(x, y) {
+                            any = true;
+                            if let Some(p) = self.probs_at(cell) {
+                                votes[crate::dmsl::metrics::argmax(p)] += 1;
+                            }
+                        }
                     }
-                }
+                    any.then_some(votes)
+                };
+                let votes = count(&|x, y| region.contains_square(x, y, g.cell))
+                    .or_else(|| count(&|x, y| region.contains(x + g.cell / 2.0, y + g.cell / 2.0)))
+                    .unwrap_or_else(|| vec![0; self.classes()]);
                 let fields: usize = votes.iter().sum();
                 let best = (0..votes.len()).max_by_key(|&c| (votes[c], std::cmp::Reverse(c)));
                 let majority = best.filter(|_| fields > 0);
@@ -728,8 +737,8 @@ mod tests {
     #[test]
     fn regions_take_the_majority_of_their_fields() {
         let mut h = sample();
-        // Cells 0, 2 and 5 classified: 0 says b, 2 says a, 5 says b.
-        for (cell, pb) in [(0usize, 0.75f32), (2, 0.1), (5, 0.9)] {
+        // Cells 0, 1, 2 and 5 classified: 0 says b, 1 and 2 say a, 5 says b.
+        for (cell, pb) in [(0usize, 0.75f32), (1, 0.2), (2, 0.1), (5, 0.9)] {
             h.state[cell] = CellState::Done;
             h.probs[cell * 2] = 1.0 - pb;
             h.probs[cell * 2 + 1] = pb;
@@ -739,20 +748,26 @@ mod tests {
             polygon: vec![[x0, y0], [x1, y0], [x1, y1], [x0, y1]],
         };
         let votes = h.region_votes(&[
-            rect("b", [0.0, 0.0, 250.0, 450.0]),
+            rect("b", [0.0, 0.0, 310.0, 450.0]),
             rect("a", [400.0, 0.0, 600.0, 450.0]),
             rect("a", [200.0, 0.0, 390.0, 150.0]),
+            rect("a", [420.0, 420.0, 440.0, 440.0]),
         ]);
-        // Column 0 holds cells 0 (b) and 3 (not classified).
+        // Wholly inside: cells 0 (b) and 3 (not classified); cell 1 (a) only has its centre in it.
         assert_eq!(votes[0].majority.as_deref(), Some("b"));
         assert_eq!((votes[0].fields, votes[0].share), (1, 1.0));
         assert!(votes[0].is_right());
         // Column 2: cells 2 (a) and 5 (b): a tie goes to the first class.
         assert_eq!(votes[1].fields, 2);
         assert_eq!(votes[1].majority.as_deref(), Some("a"));
-        // Cell 1 is background.
-        assert_eq!((votes[2].fields, votes[2].majority.as_deref()), (0, None));
-        assert!(!votes[2].is_right());
+        // Too small for a whole field: cell 1, whose centre it holds, votes.
+        assert_eq!(
+            (votes[2].fields, votes[2].majority.as_deref()),
+            (1, Some("a"))
+        );
+        // Neither a whole field nor a field's centre in it: no vote.
+        assert_eq!((votes[3].fields, votes[3].majority.as_deref()), (0, None));
+        assert!(!votes[3].is_right());
     }
 
     #[test]
