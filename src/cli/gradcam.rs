@@ -77,6 +77,12 @@ pub fn run(args: GradcamArgs) -> anyhow::Result<()> {
             // The central field of view, read at the model's high magnification.
             let g = model.geometry();
             let mpp = super::magnification::mpp_or_estimate(&slide, args.mpp)?;
+            // Too coarse is refused and upsampled is said, as for heatmaps.
+            match histolens::dmsl::heatmap::field_scale(mpp, g.high_magnification) {
+                Ok(None) => {}
+                Ok(Some(warning)) => eprintln!("warning: {}: {warning}", args.image.display()),
+                Err(why) => bail!("{}: {why}", args.image.display()),
+            }
             if !(args.pixel_aspect.is_finite() && args.pixel_aspect > 0.0) {
                 bail!("--pixel-aspect must be a positive number");
             }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use image::{RgbImage, RgbaImage};
+use image::RgbImage;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::augment::to_rgb;
 use super::magnification::split_for_rank;
 use super::manifest::{Manifest, ManifestError, Record, Split};
-use crate::slide::{Slide, SlideError, resize_area};
+use crate::slide::{Slide, SlideError, resize_area, resize_area_rgb};
 use crate::util::fs::write_atomic;
 
 /// The two magnifications of a pair and the side of its (square) field of view.
@@ -343,11 +343,7 @@ pub fn read_field_rect(
 
 /// Both images of a pair from one high-magnification field image (the low one area-downsampled).
 pub fn pair_from_field(high: &RgbImage, geometry: &PairGeometry) -> RgbImage {
-    let rgba = RgbaImage::from_fn(high.width(), high.height(), |x, y| {
-        let p = high.get_pixel(x, y).0;
-        image::Rgba([p[0], p[1], p[2], 255])
-    });
-    to_rgb(&resize_area(&rgba, geometry.low_px(), geometry.low_px()))
+    resize_area_rgb(high, geometry.low_px(), geometry.low_px())
 }
 
 /// How pairs are cut.

@@ -511,8 +511,8 @@ pub fn field_scale(mpp: f64, high_magnification: f64) -> Result<Option<String>, 
     } else if factor <= MAX_UPSAMPLE * SLACK {
         Ok(Some(format!(
             "this slide is {native:.1}x ({mpp:.3} µm/px), the model wants {high_magnification}x \
-             fields: they are upsampled {factor:.2}x, so fine detail is missing and the heatmap is \
-             less reliable"
+             fields: they are upsampled {factor:.2}x, so fine detail is missing and the model's \
+             output is less reliable"
         )))
     } else {
         Err(format!(

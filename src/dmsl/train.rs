@@ -1057,29 +1057,25 @@ fn write_predictions(
     set: &[usize],
     probs: &[Vec<f32>],
 ) -> Result<(), DmslTrainError> {
-    let mut csv = String::from("pair,source,class");
-    for c in &data.dataset.classes {
-        csv.push_str(&format!(",p_{c}"));
-    }
-    csv.push('\n');
+    let io = |e: std::io::Error| DmslTrainError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let header = ["pair", "source", "class"]
+        .map(String::from)
+        .into_iter()
+        .chain(data.dataset.classes.iter().map(|c| format!("p_{c}")));
+    w.write_record(header).map_err(|e| io(e.into()))?;
     for (&i, p) in set.iter().zip(probs) {
         let r = &data.manifest.records[i];
-        let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
-        csv.push_str(&format!(
-            "{},{},{}",
-            quote(&r.high),
-            quote(&r.source),
-            quote(&r.class)
-        ));
-        for v in p {
-            csv.push_str(&format!(",{v:.6}"));
-        }
-        csv.push('\n');
+        let row = [r.high.clone(), r.source.clone(), r.class.clone()]
+            .into_iter()
+            .chain(p.iter().map(|v| format!("{v:.6}")));
+        w.write_record(row).map_err(|e| io(e.into()))?;
     }
-    write_atomic(path, csv.as_bytes()).map_err(|source| DmslTrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    let bytes = w.into_inner().map_err(|e| io(e.into_error()))?;
+    write_atomic(path, &bytes).map_err(io)
 }
 
 /// What `evaluate` reports.

@@ -299,6 +299,13 @@ fn images_per_gemm(z: Sizes, k: usize) -> usize {
         .clamp(1, z.n)
 }
 
+/// Images 0..n in consecutive groups of `group` (the last one shorter).
+fn image_groups(n: usize, group: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..n)
+        .step_by(group.max(1))
+        .map(move |i| i..(i + group).min(n))
+}
+
 /// The images `imgs` side by side: `dst` (rows x imgs.len()·p) from `src` ((n, rows, p) row-major).
 fn gather(src: &[f32], rows: usize, p: usize, imgs: std::ops::Range<usize>, dst: &mut Vec<f32>) {
     let width = imgs.len() * p;
@@ -390,8 +397,7 @@ impl CustomOp2 for Forward {
         let group = images_per_gemm(z, k);
         if group > 1 {
             let (mut b, mut tmp, mut wide) = (Vec::new(), Vec::new(), Vec::new());
-            for i0 in (0..z.n).step_by(group) {
-                let imgs = i0..(i0 + group).min(z.n);
+            for imgs in image_groups(z.n, group) {
                 let width = imgs.len() * p;
                 patches(x, g, z, imgs.clone(), &mut b, &mut tmp);
                 wide.resize(z.cout * width, 0.0);
@@ -455,8 +461,7 @@ impl CustomOp2 for GradInput {
         let group = images_per_gemm(z, k);
         if group > 1 {
             let (mut gyw, mut cols) = (Vec::new(), Vec::new());
-            for i0 in (0..n).step_by(group) {
-                let imgs = i0..(i0 + group).min(n);
+            for imgs in image_groups(n, group) {
                 let width = imgs.len() * p;
                 gather(gy, cout, p, imgs.clone(), &mut gyw);
                 cols.resize(k * width, 0.0);
@@ -512,8 +517,7 @@ impl CustomOp2 for GradWeight {
         if group > 1 {
             let mut gw = vec![0f32; z.cout * k];
             let (mut b, mut tmp, mut gyw) = (Vec::new(), Vec::new(), Vec::new());
-            for i0 in (0..z.n).step_by(group) {
-                let imgs = i0..(i0 + group).min(z.n);
+            for imgs in image_groups(z.n, group) {
                 let width = imgs.len() * p;
                 patches(x, g, z, imgs.clone(), &mut b, &mut tmp);
                 gather(gy, z.cout, p, imgs, &mut gyw);

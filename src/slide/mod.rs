@@ -378,6 +378,12 @@ pub fn resize_area(src: &RgbaImage, w: u32, h: u32) -> RgbaImage {
     image::imageops::resize(cur.as_ref(), w, h, image::imageops::FilterType::Triangle)
 }
 
+/// [`resize_area`] of an opaque RGB image.
+pub fn resize_area_rgb(src: &image::RgbImage, w: u32, h: u32) -> image::RgbImage {
+    let rgba = image::DynamicImage::ImageRgb8(src.clone()).into_rgba8();
+    image::DynamicImage::ImageRgba8(resize_area(&rgba, w, h)).into_rgb8()
+}
+
 fn parse_hex_rgb(hex: &str) -> Option<[u8; 3]> {
     let hex = hex.trim().trim_start_matches('#');
     if hex.len() != 6 {

@@ -6,9 +6,9 @@
 use std::io::Write as _;
 use std::path::Path;
 
-use image::{RgbImage, RgbaImage};
+use image::RgbImage;
 
-use super::resize_area;
+use super::resize_area_rgb;
 use crate::util::fs::write_atomic;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,26 +40,13 @@ pub fn write_pyramidal_tiff(
         return Err(TiffWriteError::Mpp(mpp));
     }
     let tile = tile.max(16) / 16 * 16;
-    let mut levels = vec![image.clone()];
-    while let Some(last) = levels.last()
-        && (last.width() > tile || last.height() > tile)
-    {
-        let (w, h) = ((last.width() / 2).max(1), (last.height() / 2).max(1));
-        let rgba = RgbaImage::from_fn(last.width(), last.height(), |x, y| {
-            let [r, g, b] = last.get_pixel(x, y).0;
-            image::Rgba([r, g, b, 255])
-        });
-        let half = resize_area(&rgba, w, h);
-        levels.push(RgbImage::from_fn(w, h, |x, y| {
-            let [r, g, b, _] = half.get_pixel(x, y).0;
-            image::Rgb([r, g, b])
-        }));
-    }
     let mut out: Vec<u8> = b"II*\0\0\0\0\0".to_vec();
     // Where the previous directory's "next" pointer is (first: the header's).
     let mut next_pointer = 4usize;
-    for (k, level) in levels.iter().enumerate() {
-        let (offsets, counts) = write_tiles(&mut out, level, tile);
+    // Level k is written, then halved into level k + 1 (only two levels in memory at once).
+    let mut level = std::borrow::Cow::Borrowed(image);
+    for k in 0.. {
+        let (offsets, counts) = write_tiles(&mut out, &level, tile);
         let downsample = f64::from(image.width()) / f64::from(level.width());
         // Pixels per centimetre, as a rational with 1000 as denominator.
         let per_cm = (10_000.0 / (mpp * downsample) * 1000.0).round() as u32;
@@ -113,6 +100,11 @@ pub fn write_pyramidal_tiff(
         }
         out[next_pointer..next_pointer + 4].copy_from_slice(&(ifd as u32).to_le_bytes());
         next_pointer = out.len() - 4;
+        if level.width() <= tile && level.height() <= tile {
+            break;
+        }
+        let (w, h) = ((level.width() / 2).max(1), (level.height() / 2).max(1));
+        level = std::borrow::Cow::Owned(resize_area_rgb(&level, w, h));
     }
     write_atomic(path, &out).map_err(|source| TiffWriteError::Io {
         path: path.to_path_buf(),
