@@ -59,8 +59,9 @@ struct FirstFile {
     /// Median seconds from the path to the estimate (`Slide::open` and `check_file`,
     /// as `histolens predict`).
     end_to_end_seconds: f64,
-    /// The same pipeline timed in parts (snapshots only): opening and decoding the file and reading
-    /// its central region; scoring the grid for tissue and cutting the crops; normalising and the model.
+    /// The first pass of the same pipeline timed in parts (snapshots only): opening and decoding the
+    /// file and reading its central region; scoring the grid for tissue and cutting the crops;
+    /// normalising and the model. The end-to-end time also holds the second, refining pass.
     decode_seconds: Option<f64>,
     crops_seconds: Option<f64>,
     model_seconds: Option<f64>,
@@ -189,8 +190,9 @@ fn saved_file(model: &MagnificationModel, path: &Path, max_crops: usize) -> Save
     let result = (|| -> anyhow::Result<()> {
         let (estimate, kind) = estimate_file(model, path, max_crops)?;
         out.kind = kind;
-        out.magnification = Some(estimate.magnification);
-        out.predictions = estimate.predictions.clone();
+        out.magnification = Some(median(estimate.first_pass.clone()));
+        // The baseline runs the first pass (the image as it is), not the refining one.
+        out.predictions = estimate.first_pass.clone();
         if let Some((img, region)) = decode(path)? {
             let CropPlan {
                 size: padded,
@@ -199,16 +201,16 @@ fn saved_file(model: &MagnificationModel, path: &Path, max_crops: usize) -> Save
                 ..
             } = plan_crops(&img, model.input_size(), max_crops);
             let predictions = model.predict(&crops)?;
-            let same = predictions.len() == estimate.predictions.len()
+            let same = predictions.len() == estimate.first_pass.len()
                 && predictions
                     .iter()
-                    .zip(&estimate.predictions)
+                    .zip(&estimate.first_pass)
                     .all(|(a, b)| (a - b).abs() <= 1e-6 * b.abs().max(1.0));
             anyhow::ensure!(
                 same,
                 "the crops written for the baseline do not give estimate_snapshot's predictions \
                  ({predictions:?} against {:?})",
-                estimate.predictions
+                estimate.first_pass
             );
             out.region = Some(region);
             out.padded = Some(padded);
@@ -256,10 +258,10 @@ pub fn run(args: PredictBenchArgs) -> anyhow::Result<()> {
         for _ in 0..args.iters {
             if let Some((s, predictions)) = timed_parts(&model, &first_path, args.crops)? {
                 anyhow::ensure!(
-                    predictions.len() == warm.predictions.len(),
+                    predictions.len() == warm.first_pass.len(),
                     "the timed parts scored {} crops, the estimate {}",
                     predictions.len(),
-                    warm.predictions.len()
+                    warm.first_pass.len()
                 );
                 for (v, x) in parts.iter_mut().zip(s) {
                     v.push(x);
