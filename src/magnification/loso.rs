@@ -197,7 +197,7 @@ impl LosoReport {
 
     pub fn table(&self) -> String {
         format!(
-            "network alone\n{}\nnuclei ruler alone (images it reads inside {:.1}-{:.1} µm/px)\n{}\nnetwork and ruler fused (what `predict` reports)\n{}",
+            "network alone\n{}\nnuclei ruler alone (images it reads, resampled toward 0.5 µm/px, inside {:.1}-{:.1} µm/px)\n{}\nnetwork and ruler fused (what `predict` reports)\n{}",
             self.network.table(),
             RELIABLE_MPP.0,
             RELIABLE_MPP.1,

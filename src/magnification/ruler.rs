@@ -6,7 +6,8 @@
 //! What it can and cannot do (measured on images from other labs): a wide prior inside about
 //! 0.3–1.5 µm/px; it reads 40x images somewhat coarse (pale nuclei break up); above about 1.5 µm/px
 //! nuclei are 2–4 px wide and it only says "at least this coarse". So it flags disagreement with the
-//! network and is fused with it only inside its range, never used alone.
+//! network and is fused with it only inside its range, never used alone. The estimate gives it the
+//! crops of the image resampled toward 0.5 µm/px, where it reads best ([`RulerReading::of_zoomed`]).
 
 use image::RgbImage;
 use serde::Serialize;
@@ -31,12 +32,24 @@ pub struct RulerReading {
     pub diameter_px: f64,
     /// The nuclei are too small to measure: the image is at least `mpp` µm/px.
     pub lower_bound: bool,
+    /// µm/px of the image the nuclei were measured on over the image's own (1: read as it is).
+    pub zoom: f64,
 }
 
 impl RulerReading {
-    /// Whether the reading is inside the range where it is a usable estimate.
+    /// Whether the image it measured was inside the range where the reading is a usable estimate.
     pub fn reliable(&self) -> bool {
-        !self.lower_bound && (RELIABLE_MPP.0..=RELIABLE_MPP.1).contains(&self.mpp)
+        !self.lower_bound && (RELIABLE_MPP.0..=RELIABLE_MPP.1).contains(&(self.mpp * self.zoom))
+    }
+
+    /// A reading of the image resampled to `k` times its µm/px, as a reading of the image itself.
+    pub fn of_zoomed(self, k: f64) -> Self {
+        Self {
+            mpp: self.mpp / k,
+            diameter_px: self.diameter_px * k,
+            zoom: self.zoom * k,
+            ..self
+        }
     }
 }
 
@@ -221,6 +234,7 @@ fn reading(mut diameters: Vec<(f64, f64)>) -> Option<RulerReading> {
         nuclei: diameters.len(),
         diameter_px: diameter,
         lower_bound,
+        zoom: 1.0,
     })
 }
 
@@ -281,5 +295,19 @@ mod tests {
         assert!(r.lower_bound && !r.reliable());
         // Glass alone: nothing to read.
         assert!(measure(&RgbImage::from_pixel(200, 200, image::Rgb([245, 245, 245]))).is_none());
+    }
+
+    #[test]
+    fn a_reading_of_an_enlarged_image_is_a_reading_of_the_image() {
+        // 2 µm/px nuclei (3.6 px) enlarged 4x: read at 0.5 µm/px, reported at 2, and reliable
+        // because the image it measured was inside the range.
+        let r = measure(&synthetic(14.5, 40)).expect("a reading");
+        assert!(r.reliable() && (r.mpp - 0.5).abs() < 0.05, "{r:?}");
+        let own = r.clone().of_zoomed(0.25);
+        assert!((own.mpp - 4.0 * r.mpp).abs() < 1e-12, "{own:?}");
+        assert!((own.diameter_px - r.diameter_px / 4.0).abs() < 1e-12);
+        assert!(own.reliable() && own.mpp > RELIABLE_MPP.1);
+        // Read as it is at 2 µm/px, the same value would be outside the range.
+        assert!(!RulerReading { zoom: 1.0, ..own }.reliable());
     }
 }
