@@ -5,8 +5,8 @@
 # Prints the end-to-end time of the first file and the predictions/s over all files, with the ratios
 # histolens/onnxruntime, and checks that both give the same crops and predictions; then the training
 # throughput (images/s of one training step at batch 8) of each backbone. The baseline runs the first
-# pass on the image as it is; histolens also runs its second pass on the image resampled toward 0.5 µm/px
-# (refine_zoom in src/magnification/estimate.rs), so the ratios count up to twice the model work on our
+# pass on the image as it is; histolens also reads the image resampled toward 0.5 µm/px, up to twice
+# (next_zoom in src/magnification/estimate.rs), so the ratios count up to three times the model work on our
 # side; the agreement check is of the first pass.
 #
 # Usage: [ITERS=10] [PASSES=3] benches/predict.sh [FILE [PATH...]]

@@ -678,7 +678,7 @@ fn shipped_model_reaches_its_reported_accuracy() {
         "bach",
     );
     assert!(network["n"].as_u64().unwrap() >= 20, "{network}");
-    // Measured: within ±25% 25.0% (network and fused), median |log2 error| 0.656 / 0.541 (24 fields).
+    // Measured: within ±25% 29.2% (network and fused), median |log2 error| 0.673 / 0.558 (24 fields).
     assert!(fused["within_25"].as_f64().unwrap() >= 0.15, "{fused}");
     assert!(
         fused["median_abs_log2"].as_f64().unwrap() <= 0.65,
@@ -700,13 +700,13 @@ fn shipped_model_reaches_its_reported_accuracy() {
         "",
     );
     assert!(network["n"].as_u64().unwrap() >= 30, "{network}");
-    // Measured: network within ±25% 93.2%, median 0.106; fused 81.1%, 0.213 (74 fields).
-    assert!(network["within_25"].as_f64().unwrap() >= 0.88, "{network}");
+    // Measured: network within ±25% 91.9%, median 0.093; fused 82.4%, 0.198 (74 fields).
+    assert!(network["within_25"].as_f64().unwrap() >= 0.87, "{network}");
     assert!(
         network["median_abs_log2"].as_f64().unwrap() <= 0.13,
         "{network}"
     );
-    assert!(fused["within_25"].as_f64().unwrap() >= 0.72, "{fused}");
+    assert!(fused["within_25"].as_f64().unwrap() >= 0.75, "{fused}");
 }
 
 /// A real `histolens train` process killed (SIGKILL) at several moments, then resumed: the run
