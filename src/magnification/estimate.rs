@@ -1,8 +1,9 @@
-//! Estimates for whole images and slides: several crops on tissue are scored by the network, then
-//! again on the image resampled toward [`REFINE_TARGET_MPP`] by that first reading, and summarised by
-//! their median and interquartile range (the uncertainty); the nuclei ruler reads the resampled
-//! crops, and where it reads inside its range the two are fused (which measured better in
-//! leave-one-source-out evaluation) and a disagreement beyond 1.5x is flagged. A file's metadata, when
+//! Estimates for whole images and slides: several crops on tissue are scored by the network and the
+//! nuclei ruler, then read again (up to [`REFINEMENTS`] times) on the image resampled to where the
+//! estimate so far puts it at [`REFINE_TARGET_MPP`]. The last reading is summarised by the median and
+//! interquartile range (the uncertainty) of the crops; where the ruler reads inside its range the two
+//! are fused (which measured better in leave-one-source-out evaluation) and a disagreement beyond
+//! 1.5x is flagged. A file's metadata, when
 //! it states a pixel size, is compared with the estimate the same way for slides and snapshots.
 
 use image::imageops::FilterType;
@@ -69,18 +70,20 @@ pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
 }
 
+/// The finite values, sorted.
+fn sorted_finite(values: &[f64]) -> Vec<f64> {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    sorted.sort_by(f64::total_cmp);
+    sorted
+}
+
 fn summarise(
     model: &MagnificationModel,
     predictions: Vec<f64>,
     ruler: Option<RulerReading>,
     mut warnings: Vec<String>,
 ) -> Estimate {
-    let mut sorted: Vec<f64> = predictions
-        .iter()
-        .copied()
-        .filter(|v| v.is_finite())
-        .collect();
-    sorted.sort_by(f64::total_cmp);
+    let sorted = sorted_finite(&predictions);
     let network = quantile(&sorted, 0.5);
     let spread = quantile(&sorted, 0.75) - quantile(&sorted, 0.25);
     let invalid = !(network.is_finite() && network > 0.0);
@@ -291,36 +294,41 @@ pub fn next_zoom(
     min_side: u32,
     input: u32,
 ) -> Option<f64> {
-    let mut valid: Vec<f64> = predictions
-        .iter()
-        .copied()
-        .filter(|v| v.is_finite() && *v > 0.0)
-        .collect();
-    if valid.is_empty() {
+    let network = quantile(&sorted_finite(predictions), 0.5);
+    if !(network.is_finite() && network > 0.0) {
         return None;
     }
-    valid.sort_by(f64::total_cmp);
-    let network_mpp = 10.0 / quantile(&valid, 0.5);
+    let network_mpp = 10.0 / network;
     let mpp = fuse(network_mpp, ruler.filter(|r| r.reliable()).map(|r| r.mpp));
     let max_down = (f64::from(min_side) / f64::from(input)).max(1.0);
     let k = (REFINE_TARGET_MPP / mpp).clamp(1.0 / MAX_UPSAMPLE, max_down);
     ((k / current).log2().abs() >= 0.07).then_some(k)
 }
 
-/// The image at k times its µm/px: area-averaged down, or its central region enlarged (Catmull-Rom)
-/// to at most [`MAX_ZOOMED_SIDE`] pixels a side.
+/// The image at k times its µm/px: shrunk whole, or its central region enlarged to at most
+/// [`MAX_ZOOMED_SIDE`] pixels a side.
 pub fn zoom_image(rgb: &RgbImage, k: f64) -> RgbaImage {
     let (w, h) = rgb.dimensions();
     let scaled = |v: u32| ((f64::from(v) / k).round() as u32).max(1);
     let out = if k >= 1.0 {
-        crate::slide::resize_area_rgb(rgb, scaled(w), scaled(h))
+        resample(rgb, scaled(w), scaled(h))
     } else {
         let side = |v: u32| ((f64::from(MAX_ZOOMED_SIDE) * k).floor() as u32).clamp(1, v);
         let (cw, ch) = (side(w), side(h));
         let centre = image::imageops::crop_imm(rgb, (w - cw) / 2, (h - ch) / 2, cw, ch).to_image();
-        image::imageops::resize(&centre, scaled(cw), scaled(ch), FilterType::CatmullRom)
+        resample(&centre, scaled(cw), scaled(ch))
     };
     image::DynamicImage::ImageRgb8(out).into_rgba8()
+}
+
+/// `img` at `w` x `h`: area-averaged when shrinking (antialiased, as the training fields were
+/// made), Catmull-Rom when enlarging.
+fn resample(img: &RgbImage, w: u32, h: u32) -> RgbImage {
+    if w <= img.width() && h <= img.height() {
+        crate::slide::resize_area_rgb(img, w, h)
+    } else {
+        image::imageops::resize(img, w, h, FilterType::CatmullRom)
+    }
 }
 
 /// Magnifications read on an image zoomed by `k`, as magnifications of the image itself.
@@ -478,11 +486,7 @@ pub fn check_slide(
             .iter()
             .map(|&(x, y)| {
                 let region = to_rgb(&slide.read_region(0, c(x), c(y), side, side)?);
-                Ok(if k >= 1.0 {
-                    crate::slide::resize_area_rgb(&region, size, size)
-                } else {
-                    image::imageops::resize(&region, size, size, FilterType::CatmullRom)
-                })
+                Ok(resample(&region, size, size))
             })
             .collect()
     })?;
