@@ -77,12 +77,14 @@ fn sorted_finite(values: &[f64]) -> Vec<f64> {
     sorted
 }
 
-fn summarise(
-    model: &MagnificationModel,
-    predictions: Vec<f64>,
-    ruler: Option<RulerReading>,
-    mut warnings: Vec<String>,
-) -> Estimate {
+/// The estimate from the last reading of an image.
+fn summarise(model: &MagnificationModel, reading: Reading, mut warnings: Vec<String>) -> Estimate {
+    let Reading {
+        zoom,
+        predictions,
+        ruler,
+        first_pass,
+    } = reading;
     let sorted = sorted_finite(&predictions);
     let network = quantile(&sorted, 0.5);
     let spread = quantile(&sorted, 0.75) - quantile(&sorted, 0.25);
@@ -126,10 +128,10 @@ fn summarise(
         disagreement,
         spread,
         crops: predictions.len(),
-        first_pass: predictions.clone(),
+        first_pass,
         predictions,
         out_of_range,
-        zoom: 1.0,
+        zoom,
         warnings,
     }
 }
@@ -148,22 +150,23 @@ pub struct CropPlan {
 }
 
 pub fn plan_crops(img: &RgbaImage, size: u32, max_crops: usize) -> CropPlan {
-    plan_crops_every(img, size, max_crops, size)
+    plan_rgb_crops(&to_rgb(img), size, max_crops, size)
 }
 
-/// [`plan_crops`] with crops every `step` pixels (overlapping when `step` < `size`).
-pub fn plan_crops_every(img: &RgbaImage, size: u32, max_crops: usize, step: u32) -> CropPlan {
+/// [`plan_crops`] of an RGB image, with crops every `step` pixels (overlapping when `step` < `size`).
+fn plan_rgb_crops(rgb: &RgbImage, size: u32, max_crops: usize, step: u32) -> CropPlan {
     let step = step.clamp(1, size);
     let mut warnings = Vec::new();
-    let rgb = to_rgb(img);
+    let padded;
     let rgb = if rgb.width() < size || rgb.height() < size {
         warnings.push(format!(
             "the image ({}x{} px) is smaller than the model's {size} px input: padded with white, \
              the estimate is less reliable",
-            img.width(),
-            img.height()
+            rgb.width(),
+            rgb.height()
         ));
-        pad_to(&rgb, size)
+        padded = pad_to(rgb, size);
+        &padded
     } else {
         rgb
     };
@@ -177,7 +180,7 @@ pub fn plan_crops_every(img: &RgbaImage, size: u32, max_crops: usize, step: u32)
     let mut cells: Vec<(f64, u32, u32)> = (0..ny)
         .flat_map(|j| (0..nx).map(move |i| (ox + i * step, oy + j * step)))
         .map(|(x, y)| {
-            let crop = image::imageops::crop_imm(&rgb, x, y, size, size).to_image();
+            let crop = image::imageops::crop_imm(rgb, x, y, size, size).to_image();
             (background_fraction_rgb(&crop), x, y)
         })
         .collect();
@@ -192,7 +195,7 @@ pub fn plan_crops_every(img: &RgbaImage, size: u32, max_crops: usize, step: u32)
     let corners: Vec<[u32; 2]> = cells[..take].iter().map(|&(_, x, y)| [x, y]).collect();
     let crops = corners
         .iter()
-        .map(|&[x, y]| image::imageops::crop_imm(&rgb, x, y, size, size).to_image())
+        .map(|&[x, y]| image::imageops::crop_imm(rgb, x, y, size, size).to_image())
         .collect();
     CropPlan {
         size: [w, h],
@@ -209,14 +212,14 @@ pub fn estimate_image(
     max_crops: usize,
 ) -> Result<Estimate, EstimateError> {
     let size = model.input_size();
-    let plan = plan_crops(img, size, max_crops);
     let rgb = to_rgb(img);
+    let plan = plan_rgb_crops(&rgb, size, max_crops, size);
     let min_side = rgb.width().min(rgb.height());
     let reading = refine(model, &plan.crops, min_side, |k| {
         // Half-overlapping crops: a shrunken image has few whole ones.
-        Ok(plan_crops_every(&zoom_image(&rgb, k), size, max_crops, size / 2).crops)
+        Ok(plan_rgb_crops(&zoom_image(&rgb, k), size, max_crops, size / 2).crops)
     })?;
-    Ok(reading.summarise(model, plan.warnings))
+    Ok(summarise(model, reading, plan.warnings))
 }
 
 /// The network's and the ruler's reading of an image at one zoom.
@@ -227,15 +230,6 @@ struct Reading {
     predictions: Vec<f64>,
     ruler: Option<RulerReading>,
     first_pass: Vec<f64>,
-}
-
-impl Reading {
-    fn summarise(self, model: &MagnificationModel, warnings: Vec<String>) -> Estimate {
-        let mut e = summarise(model, self.predictions, self.ruler, warnings);
-        e.zoom = self.zoom;
-        e.first_pass = self.first_pass;
-        e
-    }
 }
 
 /// Reads `crops` (the image as it is), then up to [`REFINEMENTS`] times the crops `zoomed(k)` of the
@@ -287,7 +281,7 @@ const MAX_ZOOMED_SIDE: u32 = 2048;
 /// that brings the estimate so far (the network's median fused with a reliable ruler reading) to
 /// [`REFINE_TARGET_MPP`]. None when the readings are invalid or k is within 5% of `current`.
 /// Downsampling stops where the image would get smaller than `input`.
-pub fn next_zoom(
+fn next_zoom(
     predictions: &[f64],
     ruler: Option<&RulerReading>,
     current: f64,
@@ -307,18 +301,17 @@ pub fn next_zoom(
 
 /// The image at k times its µm/px: shrunk whole, or its central region enlarged to at most
 /// [`MAX_ZOOMED_SIDE`] pixels a side.
-pub fn zoom_image(rgb: &RgbImage, k: f64) -> RgbaImage {
+fn zoom_image(rgb: &RgbImage, k: f64) -> RgbImage {
     let (w, h) = rgb.dimensions();
     let scaled = |v: u32| ((f64::from(v) / k).round() as u32).max(1);
-    let out = if k >= 1.0 {
+    if k >= 1.0 {
         resample(rgb, scaled(w), scaled(h))
     } else {
         let side = |v: u32| ((f64::from(MAX_ZOOMED_SIDE) * k).floor() as u32).clamp(1, v);
         let (cw, ch) = (side(w), side(h));
         let centre = image::imageops::crop_imm(rgb, (w - cw) / 2, (h - ch) / 2, cw, ch).to_image();
         resample(&centre, scaled(cw), scaled(ch))
-    };
-    image::DynamicImage::ImageRgb8(out).into_rgba8()
+    }
 }
 
 /// `img` at `w` x `h`: area-averaged when shrinking (antialiased, as the training fields were
@@ -490,7 +483,7 @@ pub fn check_slide(
             })
             .collect()
     })?;
-    Ok(compare(reading.summarise(model, warnings), info.mpp))
+    Ok(compare(summarise(model, reading, warnings), info.mpp))
 }
 
 /// The one comparison of an estimate with a stated pixel size (a hand calibration is not metadata).
