@@ -11,7 +11,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::cpu_conv::f32_slice;
-use super::simd::{lane_sum, vectorized};
+use super::simd::{lane_sum, par_filled, vectorized};
 
 /// Per-channel mean and biased variance of an NCHW tensor, (2, C): row 0 the means, row 1 the variances.
 struct ChannelStats;
@@ -96,20 +96,19 @@ impl CustomOp3 for Normalize {
         if gamma.len() != c || beta.len() != c || self.mean.len() != c {
             bail!("batch norm: {c} channels, {} weights", gamma.len())
         }
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(hw)
-            .zip(x.par_chunks(hw))
-            .enumerate()
-            .for_each(|(plane, (out, inp))| {
+        // SAFETY: each output plane is zipped with the input plane of the same length.
+        let y = unsafe {
+            par_filled(x.len(), hw, |plane, out| {
                 let ch = plane % c;
                 let scale = gamma[ch] * self.inv_std[ch];
                 let shift = beta[ch] - self.mean[ch] * scale;
                 vectorized(|| {
-                    for (o, &v) in out.iter_mut().zip(inp) {
-                        *o = v * scale + shift;
+                    for (o, &v) in out.iter_mut().zip(&x[plane * hw..]) {
+                        o.write(v * scale + shift);
                     }
                 });
-            });
+            })
+        };
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
@@ -208,19 +207,24 @@ impl CustomOp2 for GradInput {
         let gy = f32_slice(gs, gl, "batch-norm output gradient")?;
         let (n, c, hw) = nchw(xl)?;
         let m = (n * hw) as f32;
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(hw).enumerate().for_each(|(plane, out)| {
-            let ch = plane % c;
-            let (s, sx) = (self.sum[ch] / m, self.sum_xhat[ch] / m);
-            let k = self.gamma[ch] * self.norm.inv_std[ch];
-            let (mean, inv_std) = (self.norm.mean[ch], self.norm.inv_std[ch]);
-            let at = plane * hw;
-            vectorized(|| {
-                for ((o, &d), &v) in out.iter_mut().zip(&gy[at..at + hw]).zip(&x[at..at + hw]) {
-                    *o = k * (d - s - (v - mean) * inv_std * sx);
-                }
-            });
-        });
+        if gy.len() != x.len() {
+            bail!("batch norm: {} gradients for {} values", gy.len(), x.len())
+        }
+        // SAFETY: each output plane is zipped with input planes of the same length.
+        let dx = unsafe {
+            par_filled(x.len(), hw, |plane, out| {
+                let ch = plane % c;
+                let (s, sx) = (self.sum[ch] / m, self.sum_xhat[ch] / m);
+                let k = self.gamma[ch] * self.norm.inv_std[ch];
+                let (mean, inv_std) = (self.norm.mean[ch], self.norm.inv_std[ch]);
+                let at = plane * hw;
+                vectorized(|| {
+                    for ((o, &d), &v) in out.iter_mut().zip(&gy[at..at + hw]).zip(&x[at..at + hw]) {
+                        o.write(k * (d - s - (v - mean) * inv_std * sx));
+                    }
+                });
+            })
+        };
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 }

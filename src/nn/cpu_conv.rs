@@ -76,18 +76,19 @@ impl candle_core::CustomOp1 for ActOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "activation input")?;
         let act = self.0;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(1 << 14)
-            .zip(x.par_chunks(1 << 14))
-            .for_each(|(o, i)| {
+        const CHUNK: usize = 1 << 14;
+        // SAFETY: each output chunk is zipped with the input chunk of the same length.
+        let y = unsafe {
+            crate::nn::simd::par_filled(x.len(), CHUNK, |i, o| {
                 // The bounds outside the loop (not a match per element), so that it vectorises.
                 let (lo, hi) = act.bounds();
                 crate::nn::simd::vectorized(|| {
-                    for (o, &v) in o.iter_mut().zip(i) {
-                        *o = v.max(lo).min(hi);
+                    for (o, &v) in o.iter_mut().zip(&x[i * CHUNK..]) {
+                        o.write(v.max(lo).min(hi));
                     }
                 });
-            });
+            })
+        };
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -116,18 +117,22 @@ impl candle_core::CustomOp2 for ActGrad {
             bail!("activation gradient of {} values for {}", g.len(), y.len())
         }
         let act = self.0;
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(1 << 14)
-            .zip(g.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
-            .for_each(|(o, (g, y))| {
-                // The gradient passes where the output is strictly inside (lo, hi).
+        const CHUNK: usize = 1 << 14;
+        // SAFETY: each output chunk is zipped with input chunks of the same length (checked above).
+        let out = unsafe {
+            crate::nn::simd::par_filled(g.len(), CHUNK, |i, o| {
+                let (g, y) = (&g[i * CHUNK..], &y[i * CHUNK..]);
+                // The gradient passes where the output is strictly inside (lo, hi): a mask of the
+                // bits rather than a branch, so that it vectorises.
                 let (lo, hi) = act.bounds();
                 crate::nn::simd::vectorized(|| {
                     for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                        *o = if y > lo && y < hi { g } else { 0.0 };
+                        let keep = u32::from(y > lo) & u32::from(y < hi);
+                        o.write(f32::from_bits(g.to_bits() & keep.wrapping_neg()));
                     }
                 });
-            });
+            })
+        };
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
 }
@@ -824,13 +829,14 @@ mod tests {
         );
     }
 
-    /// The fused activations and their gradients against candle's relu and clamp.
+    /// The fused activations and their gradients against candle's relu and clamp (over more than
+    /// two of the chunks they run in).
     #[test]
     fn fused_activations_match_candle() {
         let dev = Device::Cpu;
         for act in [Activation::Relu, Activation::Relu6] {
             let x =
-                candle_core::Var::from_tensor(&(Tensor::randn(0f32, 4., (3, 5, 7), &dev).unwrap()))
+                candle_core::Var::from_tensor(&(Tensor::randn(0f32, 4., (3, 110, 110), &dev).unwrap()))
                     .unwrap();
             let ours = act.apply_tensor(x.as_tensor()).unwrap();
             let theirs = match act {
@@ -839,7 +845,7 @@ mod tests {
             };
             let d = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
             assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
-            let weigh = Tensor::randn(0f32, 1., (3, 5, 7), &dev).unwrap();
+            let weigh = Tensor::randn(0f32, 1., (3, 110, 110), &dev).unwrap();
             let g1 = (&ours * &weigh)
                 .unwrap()
                 .sum_all()

@@ -1,5 +1,9 @@
 //! Loops the compiler vectorises for the CPU it runs on, not only for the SSE2 baseline.
 
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
 /// Runs `f` compiled for AVX2 where the CPU has it, so that its loops (over plain slices, with no
 /// per-element branch on an enum) are vectorised 8 floats at a time instead of SSE2's 4.
 #[inline(always)]
@@ -35,4 +39,27 @@ pub fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + tail
+}
+
+/// A vector of `len` values written in parallel, `chunk` at a time, by `fill(chunk index, chunk)`,
+/// without zeroing the memory first (calloc's memset of a reused block costs as much as a pass of
+/// an elementwise kernel).
+///
+/// # Safety
+/// `fill` must write every element of each chunk it is given.
+pub unsafe fn par_filled(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let mut out: Vec<MaybeUninit<f32>> = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit values need no initialisation.
+    unsafe { out.set_len(len) };
+    out.par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, c)| fill(i, c));
+    let mut out = std::mem::ManuallyDrop::new(out);
+    // SAFETY: every element was written (the caller's contract), and MaybeUninit<f32> has the
+    // layout of f32; the allocation moves to the new vector whole.
+    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), len, out.capacity()) }
 }
