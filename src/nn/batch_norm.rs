@@ -4,13 +4,14 @@
 //! operations, each allocating a full-size tensor, and autograd replays as many backward. Here the
 //! batch statistics take one pass over the input, the normalisation one more, and the backward two:
 //! per channel, Σdy and Σdy·x̂, then dx = γ/σ · (dy − Σdy/M − x̂·Σdy·x̂/M), dγ = Σdy·x̂, dβ = Σdy.
+//! The activation that follows (ReLU, ReLU6) is applied in the same pass, and its gradient (dy kept
+//! where the output is strictly inside the activation's range) is read in the same backward passes:
+//! no separate tensor, pass or autograd node for it.
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, Var, bail,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, Var, bail};
 use rayon::prelude::*;
 
-use super::cpu_conv::f32_slice;
+use super::cpu_conv::{Activation, f32_slice};
 use super::simd::{lane_sum, par_filled, vectorized};
 
 /// Per-channel mean and biased variance of an NCHW tensor, (2, C): row 0 the means, row 1 the variances.
@@ -68,11 +69,21 @@ impl CustomOp1 for ChannelStats {
     }
 }
 
-/// y = γ (x − mean) / sqrt(var + eps) + β with the batch's statistics (given, one value per channel).
+/// y = act(γ (x − mean) / sqrt(var + eps) + β) with the batch's statistics (given, one value per
+/// channel).
 #[derive(Clone)]
 struct Normalize {
     mean: Vec<f32>,
     inv_std: Vec<f32>,
+    act: Activation,
+}
+
+/// dy where the output `y` is strictly inside the activation's range (lo, hi), else 0: bit masks,
+/// and the bounds read before the loop, so that the loops using it vectorise.
+#[inline(always)]
+fn pass(dy: f32, y: f32, (lo, hi): (f32, f32)) -> f32 {
+    let keep = u32::from(y > lo) & u32::from(y < hi);
+    f32::from_bits(dy.to_bits() & keep.wrapping_neg())
 }
 
 impl CustomOp3 for Normalize {
@@ -102,9 +113,10 @@ impl CustomOp3 for Normalize {
                 let ch = plane % c;
                 let scale = gamma[ch] * self.inv_std[ch];
                 let shift = beta[ch] - self.mean[ch] * scale;
+                let (lo, hi) = self.act.bounds();
                 vectorized(|| {
                     for (o, &v) in out.iter_mut().zip(&x[plane * hw..]) {
-                        o.write(v * scale + shift);
+                        o.write((v * scale + shift).max(lo).min(hi));
                     }
                 });
             })
@@ -117,15 +129,16 @@ impl CustomOp3 for Normalize {
         x: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         grad_y: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Two passes over the activations, read in place: the sums, then the input gradient.
-        let gy = grad_y.contiguous()?;
-        let sums = x.apply_op2_no_bwd(&gy, &GradSums(self.clone()))?;
+        let (gy, y) = (grad_y.contiguous()?, y.contiguous()?);
+        let sums = x.apply_op3_no_bwd(&gy, &y, &GradSums(self.clone()))?;
         let (dbeta, dgamma) = (sums.get(0)?, sums.get(1)?);
-        let dx = x.apply_op2_no_bwd(
+        let dx = x.apply_op3_no_bwd(
             &gy,
+            &y,
             &GradInput {
                 norm: self.clone(),
                 gamma: gamma.to_vec1()?,
@@ -137,10 +150,10 @@ impl CustomOp3 for Normalize {
     }
 }
 
-/// (x, dy) → (2, C): Σdy and Σdy·x̂ per channel (dβ and dγ).
+/// (x, dy, y) → (2, C): Σdy and Σdy·x̂ per channel (dβ and dγ), dy through the activation.
 struct GradSums(Normalize);
 
-/// (x, dy) → dx = γ/σ · (dy − Σdy/M − x̂·Σdy·x̂/M).
+/// (x, dy, y) → dx = γ/σ · (dy − Σdy/M − x̂·Σdy·x̂/M), dy through the activation.
 struct GradInput {
     norm: Normalize,
     gamma: Vec<f32>,
@@ -148,7 +161,27 @@ struct GradInput {
     sum_xhat: Vec<f32>,
 }
 
-impl CustomOp2 for GradSums {
+/// x, dy and y of the same length, as slices.
+fn gradient_operands<'a>(
+    (xs, xl): (&'a CpuStorage, &Layout),
+    (gs, gl): (&'a CpuStorage, &Layout),
+    (ys, yl): (&'a CpuStorage, &Layout),
+) -> Result<(&'a [f32], &'a [f32], &'a [f32])> {
+    let x = f32_slice(xs, xl, "batch-norm input")?;
+    let gy = f32_slice(gs, gl, "batch-norm output gradient")?;
+    let y = f32_slice(ys, yl, "batch-norm output")?;
+    if gy.len() != x.len() || y.len() != x.len() {
+        bail!(
+            "batch norm: {} gradients and {} outputs for {} values",
+            gy.len(),
+            y.len(),
+            x.len()
+        )
+    }
+    Ok((x, gy, y))
+}
+
+impl CustomOp3 for GradSums {
     fn name(&self) -> &'static str {
         "histolens-batch-norm-grad-sums"
     }
@@ -159,22 +192,32 @@ impl CustomOp2 for GradSums {
         xl: &Layout,
         gs: &CpuStorage,
         gl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(xs, xl, "batch-norm input")?;
-        let gy = f32_slice(gs, gl, "batch-norm output gradient")?;
+        let (x, gy, y) = gradient_operands((xs, xl), (gs, gl), (ys, yl))?;
         let (n, c, hw) = nchw(xl)?;
         let sums: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
-            .map(|ch| {
+            .map_init(Vec::new, |passed, ch| {
                 let (mut s, mut sx) = (0f64, 0f64);
                 let (mean, inv_std) = (self.0.mean[ch], self.0.inv_std[ch]);
+                let bounds = self.0.act.bounds();
                 for i in 0..n {
                     let at = (i * c + ch) * hw;
                     let (d, v) = (&gy[at..at + hw], &x[at..at + hw]);
                     let (mut ps, mut psx) = (0f32, 0f32);
                     vectorized(|| {
-                        ps = lane_sum(d, d, |d, _| d);
-                        psx = lane_sum(d, v, |d, v| d * (v - mean));
+                        // The plane's gradient through the activation, in a buffer that stays in
+                        // cache for the two sums.
+                        passed.clear();
+                        passed.extend(
+                            d.iter()
+                                .zip(&y[at..at + hw])
+                                .map(|(&d, &y)| pass(d, y, bounds)),
+                        );
+                        ps = lane_sum(passed, passed, |d, _| d);
+                        psx = lane_sum(passed, v, |d, v| d * (v - mean));
                     });
                     s += f64::from(ps);
                     sx += f64::from(psx * inv_std);
@@ -191,7 +234,7 @@ impl CustomOp2 for GradSums {
     }
 }
 
-impl CustomOp2 for GradInput {
+impl CustomOp3 for GradInput {
     fn name(&self) -> &'static str {
         "histolens-batch-norm-grad-input"
     }
@@ -202,14 +245,12 @@ impl CustomOp2 for GradInput {
         xl: &Layout,
         gs: &CpuStorage,
         gl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(xs, xl, "batch-norm input")?;
-        let gy = f32_slice(gs, gl, "batch-norm output gradient")?;
+        let (x, gy, y) = gradient_operands((xs, xl), (gs, gl), (ys, yl))?;
         let (n, c, hw) = nchw(xl)?;
         let m = (n * hw) as f32;
-        if gy.len() != x.len() {
-            bail!("batch norm: {} gradients for {} values", gy.len(), x.len())
-        }
         // SAFETY: each output plane is zipped with input planes of the same length.
         let dx = unsafe {
             par_filled(x.len(), hw, |plane, out| {
@@ -218,8 +259,11 @@ impl CustomOp2 for GradInput {
                 let k = self.gamma[ch] * self.norm.inv_std[ch];
                 let (mean, inv_std) = (self.norm.mean[ch], self.norm.inv_std[ch]);
                 let at = plane * hw;
+                let (gy, x, y) = (&gy[at..at + hw], &x[at..at + hw], &y[at..at + hw]);
+                let bounds = self.norm.act.bounds();
                 vectorized(|| {
-                    for ((o, &d), &v) in out.iter_mut().zip(&gy[at..at + hw]).zip(&x[at..at + hw]) {
+                    for (((o, &d), &v), &y) in out.iter_mut().zip(gy).zip(x).zip(y) {
+                        let d = pass(d, y, bounds);
                         o.write(k * (d - s - (v - mean) * inv_std * sx));
                     }
                 });
@@ -229,16 +273,15 @@ impl CustomOp2 for GradInput {
     }
 }
 
-/// Training-mode BatchNorm of an NCHW f32 tensor on the CPU: normalised with the batch's statistics,
-/// differentiable in `x`, `gamma` and `beta`; the running statistics move by `momentum` (the variance
-/// unbiased, as PyTorch and candle do).
+/// Training-mode BatchNorm of an NCHW f32 tensor on the CPU followed by `act`: normalised with the
+/// batch's statistics, differentiable in `x`, `gamma` and `beta`; the running statistics move by
+/// `momentum` (the variance unbiased, as PyTorch and candle do).
 pub fn batch_norm_train(
     x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
     running: (&Var, &Var),
-    momentum: f64,
-    eps: f64,
+    (momentum, eps): (f64, f64),
+    act: Activation,
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
     let stats = x.detach().apply_op1_no_bwd(&ChannelStats)?;
@@ -254,7 +297,7 @@ pub fn batch_norm_train(
     x.apply_op3(
         &gamma.contiguous()?,
         &beta.contiguous()?,
-        Normalize { mean, inv_std },
+        Normalize { mean, inv_std, act },
     )
 }
 
@@ -270,9 +313,16 @@ mod tests {
         d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-6)
     }
 
-    /// Output, running statistics and the three gradients against candle-nn's BatchNorm.
+    /// Output, running statistics and the three gradients against candle-nn's BatchNorm followed by
+    /// candle's relu and clamp.
     #[test]
     fn matches_candle_batch_norm_in_training() {
+        for act in [Activation::Identity, Activation::Relu, Activation::Relu6] {
+            matches_candle(act);
+        }
+    }
+
+    fn matches_candle(act: Activation) {
         let dev = Device::Cpu;
         let vars = VarMap::new();
         let vb = VarBuilder::from_varmap(&vars, candle_core::DType::F32, &dev);
@@ -283,11 +333,10 @@ mod tests {
             momentum: 0.1,
         };
         let bn = candle_nn::batch_norm(5, cfg, vb.pp("bn")).unwrap();
-        // Non-trivial affine parameters and running statistics.
-        for (name, var) in vars.data().lock().unwrap().iter() {
-            var.set(&Tensor::rand(0.5f32, 1.5, 5, &dev).unwrap())
+        // Non-trivial affine parameters and running statistics; γ up to 4 so that ReLU6 clips.
+        for var in vars.data().lock().unwrap().values() {
+            var.set(&Tensor::rand(0.5f32, 4.0, 5, &dev).unwrap())
                 .unwrap();
-            let _ = name;
         }
         let get = |n: &str| vars.data().lock().unwrap()[n].clone();
         let (gamma, beta) = (get("bn.weight"), get("bn.bias"));
@@ -304,11 +353,10 @@ mod tests {
 
         let ours = batch_norm_train(
             x.as_tensor(),
-            gamma.as_tensor(),
-            beta.as_tensor(),
+            (gamma.as_tensor(), beta.as_tensor()),
             (&rm, &rv),
-            0.1,
-            1e-3,
+            (0.1, 1e-3),
+            act,
         )
         .unwrap();
         let g1 = (&ours * &weigh)
@@ -324,14 +372,26 @@ mod tests {
         // candle's, from the same running statistics.
         rm.set(&rm0).unwrap();
         rv.set(&rv0).unwrap();
-        let theirs = bn.forward_t(x.as_tensor(), true).unwrap();
+        let normed = bn.forward_t(x.as_tensor(), true).unwrap();
+        let theirs = match act {
+            Activation::Identity => normed,
+            Activation::Relu => normed.relu().unwrap(),
+            Activation::Relu6 => normed.clamp(0f32, 6f32).unwrap(),
+        };
+        let clipped = |v: f32| v <= 0.0 || v >= 6.0;
+        let n_clipped = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let n_clipped = n_clipped.into_iter().filter(|&v| clipped(v)).count();
+        assert!(
+            act == Activation::Identity || n_clipped > 0,
+            "{act:?}: nothing clipped, the test would not see the activation"
+        );
         let g2 = (&theirs * &weigh)
             .unwrap()
             .sum_all()
             .unwrap()
             .backward()
             .unwrap();
-        assert!(max_rel(&ours, &theirs) < 1e-5, "output");
+        assert!(max_rel(&ours, &theirs) < 1e-5, "{act:?}: output");
         assert!(max_rel(&rm1, rm.as_tensor()) < 1e-6, "running mean");
         assert!(max_rel(&rv1, rv.as_tensor()) < 1e-5, "running variance");
         for (what, v) in [("x", &x), ("gamma", &gamma), ("beta", &beta)] {
@@ -341,7 +401,7 @@ mod tests {
             );
             assert!(
                 max_rel(a, b) < 1e-4,
-                "gradient of {what}: {}",
+                "{act:?}: gradient of {what}: {}",
                 max_rel(a, b)
             );
         }

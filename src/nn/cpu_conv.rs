@@ -835,9 +835,10 @@ mod tests {
     fn fused_activations_match_candle() {
         let dev = Device::Cpu;
         for act in [Activation::Relu, Activation::Relu6] {
-            let x =
-                candle_core::Var::from_tensor(&(Tensor::randn(0f32, 4., (3, 110, 110), &dev).unwrap()))
-                    .unwrap();
+            let x = candle_core::Var::from_tensor(
+                &(Tensor::randn(0f32, 4., (3, 110, 110), &dev).unwrap()),
+            )
+            .unwrap();
             let ours = act.apply_tensor(x.as_tensor()).unwrap();
             let theirs = match act {
                 Activation::Relu => x.as_tensor().relu().unwrap(),

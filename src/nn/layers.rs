@@ -134,20 +134,19 @@ impl ConvBn {
         if train {
             let own = self.own_training_ops(x);
             let y = self.conv_differentiable(x, &self.weight, pad)?;
-            let normed = match (&self.running, self.bn.weight_and_bias()) {
+            return match (&self.running, self.bn.weight_and_bias()) {
                 (Some((mean, var)), Some((gamma, beta))) if own => {
+                    // Normalisation and activation in one operation.
                     super::batch_norm::batch_norm_train(
                         &y,
-                        gamma,
-                        beta,
+                        (gamma, beta),
                         (mean, var),
-                        self.spec.bn_momentum,
-                        self.spec.bn_eps,
-                    )?
+                        (self.spec.bn_momentum, self.spec.bn_eps),
+                        act,
+                    )
                 }
-                _ => self.bn.forward_t(&y, true)?,
+                _ => act.apply_tensor(&self.bn.forward_t(&y, true)?),
             };
-            return act.apply_tensor(&normed);
         }
         let (w, b) = self.folded()?;
         cpu_conv::conv2d(x, &w, &b, geo, act)
