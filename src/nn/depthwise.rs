@@ -66,10 +66,7 @@ impl CustomOp2 for Forward {
             .enumerate()
             .for_each_init(Scratch::default, |scratch, (plane, (out, xin))| {
                 let k = &wt[(plane % c) * taps..(plane % c + 1) * taps];
-                vectorized(|| match g.stride {
-                    1 => scratch.forward(g, p, xin, k, out),
-                    _ => forward_plane(g, p, xin, k, out),
-                });
+                vectorized(|| scratch.forward(g, p, xin, k, out));
             });
         Ok((CpuStorage::F32(y), Shape::from((n, c, oh, ow))))
     }
@@ -113,10 +110,7 @@ impl CustomOp2 for GradInput {
             .enumerate()
             .for_each_init(Scratch::default, |scratch, (plane, (out, gin))| {
                 let k = &wt[(plane % c) * taps..(plane % c + 1) * taps];
-                vectorized(|| match g.stride {
-                    1 => scratch.grad_input(g, p, gin, k, out),
-                    _ => grad_input_plane(g, p, gin, k, out),
-                });
+                vectorized(|| scratch.grad_input(g, p, gin, k, out));
             });
         Ok((CpuStorage::F32(gx), Shape::from((n, c, h, w))))
     }
@@ -148,10 +142,7 @@ impl CustomOp2 for GradWeight {
                     let plane = img * c + ch;
                     let xin = &x[plane * h * w..(plane + 1) * h * w];
                     let gin = &gy[plane * oh * ow..(plane + 1) * oh * ow];
-                    vectorized(|| match g.stride {
-                        1 => scratch.grad_weight(g, p, xin, gin, k),
-                        _ => grad_weight_plane(g, p, xin, gin, k),
-                    });
+                    vectorized(|| scratch.grad_weight(g, p, xin, gin, k));
                 }
             },
         );
@@ -159,24 +150,52 @@ impl CustomOp2 for GradWeight {
     }
 }
 
-/// Stride 1 on zero-padded planes: with the output computed at the padded width `wp` (its last
-/// `kw - 1` columns discarded), every kernel tap is one shift of the whole flattened plane, so each
-/// tap is one long vector operation instead of one short one per row.
+/// Zero-padded planes: with the stride-1 output computed at the padded width `wp` (its last `kw - 1`
+/// columns discarded), every kernel tap is one shift of the flattened plane. The forward and the
+/// input gradient run [`LANES`] outputs at a time with every tap accumulated in registers (one store
+/// per output, the input rows read from L1); the weight gradient is one dot product per tap. A
+/// stride s > 1 reads the stride-1 plan: the forward keeps every s-th row and column, and the output
+/// gradient is spread to every s-th row and column of a zero plane (unit-stride vector loops doing
+/// s² the multiplications beat strided scalar ones).
 #[derive(Default)]
 struct Scratch {
-    /// The input (or its gradient), padded: `hp` rows of `wp`, and `kw - 1` floats of slack.
+    /// The input (or its gradient), padded: `hp` rows of `wp`, and slack for the last block.
     padded: Vec<f32>,
-    /// The output (or its gradient) at the padded width: `oh` rows of `wp`.
+    /// The output gradient at stride-1 places of the padded width (`hp - kh + 1` rows of `wp`),
+    /// after a margin of zeros (the input gradient reads it at negative tap offsets) and with slack
+    /// for the last block.
     wide: Vec<f32>,
+    /// One stride-1 output row, of which a strided forward keeps every s-th value.
+    line: Vec<f32>,
 }
 
+/// Outputs computed together, in registers (two AVX vectors).
+const LANES: usize = 16;
+
 impl Scratch {
-    /// (wp, the padded plane's length with its slack, the wide output's length).
+    /// (wp, the padded plane's length with its slack, the stride-1 output's length).
     #[inline(always)]
     fn sizes(g: Geo, p: Planes) -> (usize, usize, usize) {
         let wp = p.w + g.pad.left + g.pad.right;
         let hp = p.h + g.pad.top + g.pad.bottom;
-        (wp, hp * wp + g.kw - 1, p.oh * wp)
+        (
+            wp,
+            hp * wp + g.kw + g.stride + LANES,
+            (hp + 1).saturating_sub(g.kh) * wp,
+        )
+    }
+
+    /// Σ over the taps t of k[t] · src[at + offset(t) + l], for l < out.len() ≤ [`LANES`].
+    #[inline(always)]
+    fn block(src: &[f32], at: usize, offsets: &[usize], k: &[f32], out: &mut [f32]) {
+        let mut acc = [0f32; LANES];
+        for (&off, &kv) in offsets.iter().zip(k) {
+            let s = &src[at + off..at + off + LANES];
+            for l in 0..LANES {
+                acc[l] += kv * s[l];
+            }
+        }
+        out.copy_from_slice(&acc[..out.len()]);
     }
 
     /// Offset of tap (ky, kx) in the padded plane.
@@ -196,52 +215,73 @@ impl Scratch {
         wp
     }
 
+    /// The output gradient at the padded width after `margin` zeros; returns `wp`.
     #[inline(always)]
-    fn widen_output(&mut self, g: Geo, p: Planes, gin: &[f32]) {
-        let (wp, _, wide) = Self::sizes(g, p);
-        zeroed(&mut self.wide, wide);
+    fn widen_output(&mut self, g: Geo, p: Planes, gin: &[f32], margin: usize) -> usize {
+        let (wp, len, _) = Self::sizes(g, p);
+        // The input gradient's blocks read up to the padded plane's length past the margin.
+        zeroed(&mut self.wide, margin + len);
+        let s = g.stride;
         for (y, row) in gin.chunks_exact(p.ow).enumerate() {
-            self.wide[y * wp..y * wp + p.ow].copy_from_slice(row);
+            let at = margin + s * y * wp;
+            if s == 1 {
+                self.wide[at..at + p.ow].copy_from_slice(row);
+            } else {
+                for (d, &v) in self.wide[at..].iter_mut().step_by(s).zip(row) {
+                    *d = v;
+                }
+            }
         }
+        wp
     }
 
     #[inline(always)]
     fn forward(&mut self, g: Geo, p: Planes, xin: &[f32], k: &[f32], out: &mut [f32]) {
         let wp = self.pad_input(g, p, xin);
-        let n = p.oh * wp;
-        zeroed(&mut self.wide, n);
-        for (t, &kv) in k.iter().enumerate() {
-            let off = Self::tap(g, wp, t);
-            axpy_from(&mut self.wide, &self.padded[off..off + n], kv, 1);
-        }
-        for (row, wide) in out.chunks_exact_mut(p.ow).zip(self.wide.chunks_exact(wp)) {
-            row.copy_from_slice(&wide[..p.ow]);
+        let offsets: Vec<usize> = (0..k.len()).map(|t| Self::tap(g, wp, t)).collect();
+        let s = g.stride;
+        for (oy, row) in out.chunks_exact_mut(p.ow).enumerate() {
+            let at = s * oy * wp;
+            if s == 1 {
+                for (c, o) in row.chunks_mut(LANES).enumerate() {
+                    Self::block(&self.padded, at + c * LANES, &offsets, k, o);
+                }
+            } else {
+                zeroed(&mut self.line, s * p.ow);
+                for (c, o) in self.line.chunks_mut(LANES).enumerate() {
+                    Self::block(&self.padded, at + c * LANES, &offsets, k, o);
+                }
+                for (o, &v) in row.iter_mut().zip(self.line.iter().step_by(s)) {
+                    *o = v;
+                }
+            }
         }
     }
 
+    /// dx at padded position j is Σ_t k[t] · dy_wide[j − offset(t)]: the forward's blocks over
+    /// the output gradient shifted the other way (a margin of zeros in front of it).
     #[inline(always)]
     fn grad_input(&mut self, g: Geo, p: Planes, gin: &[f32], k: &[f32], out: &mut [f32]) {
-        self.widen_output(g, p, gin);
-        let (wp, len, n) = Self::sizes(g, p);
-        zeroed(&mut self.padded, len);
-        for (t, &kv) in k.iter().enumerate() {
-            let off = Self::tap(g, wp, t);
-            axpy_into(&mut self.padded[off..off + n], &self.wide, kv, 1);
-        }
+        let wp = p.w + g.pad.left + g.pad.right;
+        let margin = Self::tap(g, wp, k.len() - 1);
+        self.widen_output(g, p, gin, margin);
+        let offsets: Vec<usize> = (0..k.len()).map(|t| margin - Self::tap(g, wp, t)).collect();
         for (y, row) in out.chunks_exact_mut(p.w).enumerate() {
             let at = (y + g.pad.top) * wp + g.pad.left;
-            row.copy_from_slice(&self.padded[at..at + p.w]);
+            for (c, o) in row.chunks_mut(LANES).enumerate() {
+                Self::block(&self.wide, at + c * LANES, &offsets, k, o);
+            }
         }
     }
 
     #[inline(always)]
     fn grad_weight(&mut self, g: Geo, p: Planes, xin: &[f32], gin: &[f32], k: &mut [f32]) {
         let wp = self.pad_input(g, p, xin);
-        self.widen_output(g, p, gin);
-        let n = p.oh * wp;
+        self.widen_output(g, p, gin, 0);
+        let (_, _, n) = Self::sizes(g, p);
         for (t, kv) in k.iter_mut().enumerate() {
             let off = Self::tap(g, wp, t);
-            *kv += dot(&self.wide, &self.padded[off..off + n], 1);
+            *kv += lane_sum(&self.wide[..n], &self.padded[off..off + n], |x, y| x * y);
         }
     }
 }
@@ -251,107 +291,6 @@ impl Scratch {
 fn zeroed(buf: &mut Vec<f32>, len: usize) {
     buf.clear();
     buf.resize(len, 0.0);
-}
-
-/// dst[i] += a · src[i · stride].
-#[inline(always)]
-fn axpy_from(dst: &mut [f32], src: &[f32], a: f32, stride: usize) {
-    if stride == 1 {
-        let src = &src[..dst.len()];
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d += a * s;
-        }
-    } else {
-        for (d, &s) in dst.iter_mut().zip(src.iter().step_by(stride)) {
-            *d += a * s;
-        }
-    }
-}
-
-/// dst[i · stride] += a · src[i].
-#[inline(always)]
-fn axpy_into(dst: &mut [f32], src: &[f32], a: f32, stride: usize) {
-    if stride == 1 {
-        for (d, &s) in dst[..src.len()].iter_mut().zip(src) {
-            *d += a * s;
-        }
-    } else {
-        for (d, &s) in dst.iter_mut().step_by(stride).zip(src) {
-            *d += a * s;
-        }
-    }
-}
-
-/// Σ a[i] · b[i · stride].
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32], stride: usize) -> f32 {
-    if stride != 1 {
-        return a
-            .iter()
-            .zip(b.iter().step_by(stride))
-            .map(|(x, y)| x * y)
-            .sum();
-    }
-    lane_sum(a, b, |x, y| x * y)
-}
-
-/// The output columns of kernel column `kx` and the input column of the first of them.
-#[inline(always)]
-fn span(g: Geo, kx: usize, p: Planes) -> (std::ops::Range<usize>, usize) {
-    let cols = g.columns(kx, p.w, p.ow);
-    let first = (cols.start * g.stride + kx).saturating_sub(g.pad.left);
-    (cols, first)
-}
-
-#[inline(always)]
-fn forward_plane(g: Geo, p: Planes, xin: &[f32], k: &[f32], out: &mut [f32]) {
-    for ky in 0..g.kh {
-        for oy in 0..p.oh {
-            let Some(iy) = g.row(oy, ky, p.h) else {
-                continue;
-            };
-            let orow = &mut out[oy * p.ow..(oy + 1) * p.ow];
-            let irow = &xin[iy * p.w..(iy + 1) * p.w];
-            for kx in 0..g.kw {
-                let (cols, first) = span(g, kx, p);
-                axpy_from(&mut orow[cols], &irow[first..], k[ky * g.kw + kx], g.stride);
-            }
-        }
-    }
-}
-
-#[inline(always)]
-fn grad_input_plane(g: Geo, p: Planes, gin: &[f32], k: &[f32], out: &mut [f32]) {
-    for ky in 0..g.kh {
-        for oy in 0..p.oh {
-            let Some(iy) = g.row(oy, ky, p.h) else {
-                continue;
-            };
-            let grow = &gin[oy * p.ow..(oy + 1) * p.ow];
-            let xrow = &mut out[iy * p.w..(iy + 1) * p.w];
-            for kx in 0..g.kw {
-                let (cols, first) = span(g, kx, p);
-                axpy_into(&mut xrow[first..], &grow[cols], k[ky * g.kw + kx], g.stride);
-            }
-        }
-    }
-}
-
-#[inline(always)]
-fn grad_weight_plane(g: Geo, p: Planes, xin: &[f32], gin: &[f32], k: &mut [f32]) {
-    for ky in 0..g.kh {
-        for oy in 0..p.oh {
-            let Some(iy) = g.row(oy, ky, p.h) else {
-                continue;
-            };
-            let grow = &gin[oy * p.ow..(oy + 1) * p.ow];
-            let irow = &xin[iy * p.w..(iy + 1) * p.w];
-            for kx in 0..g.kw {
-                let (cols, first) = span(g, kx, p);
-                k[ky * g.kw + kx] += dot(&grow[cols], &irow[first..], g.stride);
-            }
-        }
-    }
 }
 
 #[cfg(test)]
