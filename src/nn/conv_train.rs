@@ -263,6 +263,11 @@ fn im2col(x: &[f32], g: Geo, z: Sizes, cols: &mut [f32]) {
 /// Adds one image's patch-matrix gradient back into its input gradient `x`: row r of it is
 /// `cols[r · row_stride..][..p]` (row_stride p for one image alone, wider when images sit side by side).
 fn col2im(cols: &[f32], row_stride: usize, g: Geo, z: Sizes, x: &mut [f32]) {
+    super::simd::vectorized(|| col2im_rows(cols, row_stride, g, z, x));
+}
+
+#[inline(always)]
+fn col2im_rows(cols: &[f32], row_stride: usize, g: Geo, z: Sizes, x: &mut [f32]) {
     let p = z.p();
     for (c, xout) in x.chunks_exact_mut(z.h * z.w).enumerate().take(z.cin) {
         for ky in 0..g.kh {
@@ -275,8 +280,17 @@ fn col2im(cols: &[f32], row_stride: usize, g: Geo, z: Sizes, x: &mut [f32]) {
                     };
                     let grow = &row[oy * z.ow..(oy + 1) * z.ow];
                     let xrow = &mut xout[iy * z.w..(iy + 1) * z.w];
-                    for ox in span.clone() {
-                        xrow[ox * g.stride + kx - g.pad.left] += grow[ox];
+                    if g.stride == 1 {
+                        // Unit stride: one slice added to another, vectorised.
+                        let first = span.start + kx - g.pad.left;
+                        let dst = &mut xrow[first..first + span.len()];
+                        for (d, &v) in dst.iter_mut().zip(&grow[span.clone()]) {
+                            *d += v;
+                        }
+                    } else {
+                        for ox in span.clone() {
+                            xrow[ox * g.stride + kx - g.pad.left] += grow[ox];
+                        }
                     }
                 }
             }
