@@ -8,6 +8,8 @@
 //! pass and again in the backward one (what autograd keeps is the input, a ninth of a 3x3
 //! convolution's patches). A 1x1 convolution with stride 1 and no padding needs no patches at all.
 
+use std::cell::RefCell;
+
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
@@ -365,6 +367,25 @@ fn patches(
     }
 }
 
+thread_local! {
+    /// Per-thread patch matrix of the training convolutions, reused across images, layers and
+    /// steps (a fresh one per call would be zeroed and page-faulted in every time).
+    static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `f` on `len` floats of this thread's patch-matrix buffer (a fresh buffer if it is in use).
+fn with_cols<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    COLS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![0f32; len]),
+    })
+}
+
 /// GEMM parallelism for one GEMM at a time over the whole pool.
 fn pool_parallelism() -> gemm::Parallelism {
     match rayon::current_num_threads() {
@@ -422,19 +443,24 @@ impl CustomOp2 for Forward {
             return Ok((CpuStorage::F32(y), Shape::from((z.n, z.cout, z.oh, z.ow))));
         }
         let out = Out(y.as_mut_ptr(), y.len());
-        per_image(z.n, Vec::new, |i, cols: &mut Vec<f32>, par| {
-            let xi = &x[i * z.image()..(i + 1) * z.image()];
-            let b = if pointwise(g) {
-                xi
-            } else {
-                cols.resize(k * p, 0.0);
-                im2col(xi, g, z, cols);
-                cols
-            };
-            // SAFETY: image i's output slice is written by this call only.
-            let yi = unsafe { out.image_mut(i, z.cout * p) };
-            gemm(yi, Mat::rows(wt, z.cout, k), Mat::rows(b, k, p), false, par);
-        });
+        per_image(
+            z.n,
+            || (),
+            |i, _, par| {
+                let xi = &x[i * z.image()..(i + 1) * z.image()];
+                // SAFETY: image i's output slice is written by this call only.
+                let yi = unsafe { out.image_mut(i, z.cout * p) };
+                let a = Mat::rows(wt, z.cout, k);
+                if pointwise(g) {
+                    gemm(yi, a, Mat::rows(xi, k, p), false, par);
+                } else {
+                    with_cols(k * p, |cols| {
+                        im2col(xi, g, z, cols);
+                        gemm(yi, a, Mat::rows(cols, k, p), false, par);
+                    });
+                }
+            },
+        );
         Ok((CpuStorage::F32(y), Shape::from((z.n, z.cout, z.oh, z.ow))))
     }
 
@@ -493,19 +519,24 @@ impl CustomOp2 for GradInput {
             return Ok((CpuStorage::F32(gx), Shape::from((n, z.cin, h, w))));
         }
         let out = Out(gx.as_mut_ptr(), gx.len());
-        per_image(n, Vec::new, |i, cols: &mut Vec<f32>, par| {
-            let gyi = &gy[i * cout * p..(i + 1) * cout * p];
-            // SAFETY: image i's gradient slice is written by this call only.
-            let gxi = unsafe { out.image_mut(i, z.image()) };
-            let (wt_t, gyi) = (Mat::transposed(wt, k, cout), Mat::rows(gyi, cout, p));
-            if pointwise(g) {
-                gemm(gxi, wt_t, gyi, false, par);
-            } else {
-                cols.resize(k * p, 0.0);
-                gemm(cols, wt_t, gyi, false, par);
-                col2im(cols, p, g, z, gxi);
-            }
-        });
+        per_image(
+            n,
+            || (),
+            |i, _, par| {
+                let gyi = &gy[i * cout * p..(i + 1) * cout * p];
+                // SAFETY: image i's gradient slice is written by this call only.
+                let gxi = unsafe { out.image_mut(i, z.image()) };
+                let (wt_t, gyi) = (Mat::transposed(wt, k, cout), Mat::rows(gyi, cout, p));
+                if pointwise(g) {
+                    gemm(gxi, wt_t, gyi, false, par);
+                } else {
+                    with_cols(k * p, |cols| {
+                        gemm(cols, wt_t, gyi, false, par);
+                        col2im(cols, p, g, z, gxi);
+                    });
+                }
+            },
+        );
         Ok((CpuStorage::F32(gx), Shape::from((n, z.cin, h, w))))
     }
 }
@@ -549,23 +580,22 @@ impl CustomOp2 for GradWeight {
         // Each piece of work sums its images' products into its own (Cout x K) accumulator.
         let parts = per_image(
             z.n,
-            || (vec![0f32; z.cout * k], Vec::new()),
-            |i, (acc, cols): &mut (Vec<f32>, Vec<f32>), par| {
+            || vec![0f32; z.cout * k],
+            |i, acc: &mut Vec<f32>, par| {
                 let xi = &x[i * z.image()..(i + 1) * z.image()];
-                let b = if pointwise(g) {
-                    xi
+                let gyi = Mat::rows(&gy[i * z.cout * p..(i + 1) * z.cout * p], z.cout, p);
+                if pointwise(g) {
+                    gemm(acc, gyi, Mat::transposed(xi, p, k), true, par);
                 } else {
-                    cols.resize(k * p, 0.0);
-                    im2col(xi, g, z, cols);
-                    cols
-                };
-                let gyi = &gy[i * z.cout * p..(i + 1) * z.cout * p];
-                let (gyi, b_t) = (Mat::rows(gyi, z.cout, p), Mat::transposed(b, p, k));
-                gemm(acc, gyi, b_t, true, par);
+                    with_cols(k * p, |cols| {
+                        im2col(xi, g, z, cols);
+                        gemm(acc, gyi, Mat::transposed(cols, p, k), true, par);
+                    });
+                }
             },
         );
         let mut gw = vec![0f32; z.cout * k];
-        for (acc, _) in parts {
+        for acc in parts {
             for (a, b) in gw.iter_mut().zip(&acc) {
                 *a += b;
             }
