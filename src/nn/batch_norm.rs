@@ -78,14 +78,6 @@ struct Normalize {
     act: Activation,
 }
 
-/// dy where the output `y` is strictly inside the activation's range (lo, hi), else 0: bit masks,
-/// and the bounds read before the loop, so that the loops using it vectorise.
-#[inline(always)]
-fn pass(dy: f32, y: f32, (lo, hi): (f32, f32)) -> f32 {
-    let keep = u32::from(y > lo) & u32::from(y < hi);
-    f32::from_bits(dy.to_bits() & keep.wrapping_neg())
-}
-
 impl CustomOp3 for Normalize {
     fn name(&self) -> &'static str {
         "histolens-batch-norm-train"
@@ -214,7 +206,7 @@ impl CustomOp3 for GradSums {
                         passed.extend(
                             d.iter()
                                 .zip(&y[at..at + hw])
-                                .map(|(&d, &y)| pass(d, y, bounds)),
+                                .map(|(&d, &y)| Activation::pass_gradient(d, y, bounds)),
                         );
                         ps = lane_sum(passed, passed, |d, _| d);
                         psx = lane_sum(passed, v, |d, v| d * (v - mean));
@@ -263,7 +255,7 @@ impl CustomOp3 for GradInput {
                 let bounds = self.norm.act.bounds();
                 vectorized(|| {
                     for (((o, &d), &v), &y) in out.iter_mut().zip(gy).zip(x).zip(y) {
-                        let d = pass(d, y, bounds);
+                        let d = Activation::pass_gradient(d, y, bounds);
                         o.write(k * (d - s - (v - mean) * inv_std * sx));
                     }
                 });

@@ -36,6 +36,14 @@ impl Activation {
         }
     }
 
+    /// `dy` where the activation's output `y` is strictly inside `bounds` (its [`Self::bounds`], read
+    /// before the loop), else 0: a mask of the bits rather than a branch, so that loops vectorise.
+    #[inline(always)]
+    pub(crate) fn pass_gradient(dy: f32, y: f32, (lo, hi): (f32, f32)) -> f32 {
+        let keep = u32::from(y > lo) & u32::from(y < hi);
+        f32::from_bits(dy.to_bits() & keep.wrapping_neg())
+    }
+
     /// The range the activation clamps to.
     #[inline(always)]
     pub(crate) fn bounds(self) -> (f32, f32) {
@@ -122,13 +130,10 @@ impl candle_core::CustomOp2 for ActGrad {
         let out = unsafe {
             crate::nn::simd::par_filled(g.len(), CHUNK, |i, o| {
                 let (g, y) = (&g[i * CHUNK..], &y[i * CHUNK..]);
-                // The gradient passes where the output is strictly inside (lo, hi): a mask of the
-                // bits rather than a branch, so that it vectorises.
-                let (lo, hi) = act.bounds();
+                let bounds = act.bounds();
                 crate::nn::simd::vectorized(|| {
                     for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                        let keep = u32::from(y > lo) & u32::from(y < hi);
-                        o.write(f32::from_bits(g.to_bits() & keep.wrapping_neg()));
+                        o.write(Activation::pass_gradient(g, y, bounds));
                     }
                 });
             })

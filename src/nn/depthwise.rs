@@ -167,6 +167,8 @@ struct Scratch {
     wide: Vec<f32>,
     /// One stride-1 output row, of which a strided forward keeps every s-th value.
     line: Vec<f32>,
+    /// Where each tap reads, relative to a block's first output.
+    offsets: Vec<usize>,
 }
 
 /// Outputs computed together, in registers (two AVX vectors).
@@ -238,18 +240,20 @@ impl Scratch {
     #[inline(always)]
     fn forward(&mut self, g: Geo, p: Planes, xin: &[f32], k: &[f32], out: &mut [f32]) {
         let wp = self.pad_input(g, p, xin);
-        let offsets: Vec<usize> = (0..k.len()).map(|t| Self::tap(g, wp, t)).collect();
+        self.offsets.clear();
+        self.offsets
+            .extend((0..k.len()).map(|t| Self::tap(g, wp, t)));
         let s = g.stride;
         for (oy, row) in out.chunks_exact_mut(p.ow).enumerate() {
             let at = s * oy * wp;
             if s == 1 {
                 for (c, o) in row.chunks_mut(LANES).enumerate() {
-                    Self::block(&self.padded, at + c * LANES, &offsets, k, o);
+                    Self::block(&self.padded, at + c * LANES, &self.offsets, k, o);
                 }
             } else {
                 zeroed(&mut self.line, s * p.ow);
                 for (c, o) in self.line.chunks_mut(LANES).enumerate() {
-                    Self::block(&self.padded, at + c * LANES, &offsets, k, o);
+                    Self::block(&self.padded, at + c * LANES, &self.offsets, k, o);
                 }
                 for (o, &v) in row.iter_mut().zip(self.line.iter().step_by(s)) {
                     *o = v;
@@ -265,11 +269,13 @@ impl Scratch {
         let wp = p.w + g.pad.left + g.pad.right;
         let margin = Self::tap(g, wp, k.len() - 1);
         self.widen_output(g, p, gin, margin);
-        let offsets: Vec<usize> = (0..k.len()).map(|t| margin - Self::tap(g, wp, t)).collect();
+        self.offsets.clear();
+        self.offsets
+            .extend((0..k.len()).map(|t| margin - Self::tap(g, wp, t)));
         for (y, row) in out.chunks_exact_mut(p.w).enumerate() {
             let at = (y + g.pad.top) * wp + g.pad.left;
             for (c, o) in row.chunks_mut(LANES).enumerate() {
-                Self::block(&self.wide, at + c * LANES, &offsets, k, o);
+                Self::block(&self.wide, at + c * LANES, &self.offsets, k, o);
             }
         }
     }
