@@ -8,12 +8,10 @@
 //! pass and again in the backward one (what autograd keeps is the input, a ninth of a 3x3
 //! convolution's patches). A 1x1 convolution with stride 1 and no padding needs no patches at all.
 
-use std::cell::RefCell;
-
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu_conv::{self, Dims, Geometry, f32_slice};
+use super::cpu_conv::{self, Dims, Geometry, f32_slice, with_scratch};
 use histolens_kernels::Pad;
 
 /// Where a kernel window falls on an input plane: kernel size, stride and padding (dilation 1).
@@ -367,25 +365,6 @@ fn patches(
     }
 }
 
-thread_local! {
-    /// Per-thread patch matrix of the training convolutions, reused across images, layers and
-    /// steps (a fresh one per call would be zeroed and page-faulted in every time).
-    static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// `f` on `len` floats of this thread's patch-matrix buffer (a fresh buffer if it is in use).
-fn with_cols<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    COLS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
-            if buf.len() < len {
-                buf.resize(len, 0.0);
-            }
-            f(&mut buf[..len])
-        }
-        Err(_) => f(&mut vec![0f32; len]),
-    })
-}
-
 /// GEMM parallelism for one GEMM at a time over the whole pool.
 fn pool_parallelism() -> gemm::Parallelism {
     match rayon::current_num_threads() {
@@ -454,7 +433,7 @@ impl CustomOp2 for Forward {
                 if pointwise(g) {
                     gemm(yi, a, Mat::rows(xi, k, p), false, par);
                 } else {
-                    with_cols(k * p, |cols| {
+                    with_scratch(k * p, |cols| {
                         im2col(xi, g, z, cols);
                         gemm(yi, a, Mat::rows(cols, k, p), false, par);
                     });
@@ -530,7 +509,7 @@ impl CustomOp2 for GradInput {
                 if pointwise(g) {
                     gemm(gxi, wt_t, gyi, false, par);
                 } else {
-                    with_cols(k * p, |cols| {
+                    with_scratch(k * p, |cols| {
                         gemm(cols, wt_t, gyi, false, par);
                         col2im(cols, p, g, z, gxi);
                     });
@@ -587,7 +566,7 @@ impl CustomOp2 for GradWeight {
                 if pointwise(g) {
                     gemm(acc, gyi, Mat::transposed(xi, p, k), true, par);
                 } else {
-                    with_cols(k * p, |cols| {
+                    with_scratch(k * p, |cols| {
                         im2col(xi, g, z, cols);
                         gemm(acc, gyi, Mat::transposed(cols, p, k), true, par);
                     });

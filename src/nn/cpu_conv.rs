@@ -71,6 +71,9 @@ impl Activation {
     }
 }
 
+/// Values per parallel piece of work of the elementwise operations (activation, its gradient, the
+/// fused add).
+const CHUNK: usize = 1 << 14;
 /// An activation as one differentiable operation.
 struct ActOp(Activation);
 /// (grad_y, y) → grad_x of an activation.
@@ -84,7 +87,6 @@ impl candle_core::CustomOp1 for ActOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "activation input")?;
         let act = self.0;
-        const CHUNK: usize = 1 << 14;
         // SAFETY: each output chunk is zipped with the input chunk of the same length.
         let y = unsafe {
             crate::nn::simd::par_filled(x.len(), CHUNK, |i, o| {
@@ -125,7 +127,6 @@ impl candle_core::CustomOp2 for ActGrad {
             bail!("activation gradient of {} values for {}", g.len(), y.len())
         }
         let act = self.0;
-        const CHUNK: usize = 1 << 14;
         // SAFETY: each output chunk is zipped with input chunks of the same length (checked above).
         let out = unsafe {
             crate::nn::simd::par_filled(g.len(), CHUNK, |i, o| {
@@ -292,17 +293,22 @@ impl CustomOp3 for FusedConv {
 }
 
 thread_local! {
-    /// Per-thread im2col matrix and padded depthwise plane, reused across calls.
+    /// Per-thread im2col matrix and padded depthwise plane (of inference and of the training
+    /// convolutions), reused across calls, layers and steps: a fresh buffer per call would be
+    /// zeroed and page-faulted in every time.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        if buf.len() < len {
-            buf.resize(len, 0.0);
+/// `f` on `len` floats of this thread's scratch buffer (a fresh buffer if it is already in use).
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
         }
-        f(&mut buf[..len])
+        Err(_) => f(&mut vec![0f32; len]),
     })
 }
 
@@ -725,7 +731,6 @@ impl InplaceOp2 for AddAct {
                 *x = act.apply(*x + y);
             }
         };
-        const CHUNK: usize = 1 << 14;
         if a.len() > 2 * CHUNK && histolens_kernels::threads() > 1 {
             a.par_chunks_mut(CHUNK)
                 .zip(b.par_chunks(CHUNK))

@@ -266,7 +266,7 @@ impl Scratch {
     /// the output gradient shifted the other way (a margin of zeros in front of it).
     #[inline(always)]
     fn grad_input(&mut self, g: Geo, p: Planes, gin: &[f32], k: &[f32], out: &mut [f32]) {
-        let wp = p.w + g.pad.left + g.pad.right;
+        let (wp, _, _) = Self::sizes(g, p);
         let margin = Self::tap(g, wp, k.len() - 1);
         self.widen_output(g, p, gin, margin);
         self.offsets.clear();
