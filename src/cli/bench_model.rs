@@ -51,7 +51,8 @@ pub fn run(
         if let Some(dir) = save_dir {
             save_for_baseline(dir, arch, &vars, size)?;
         }
-        // Inference runs on constant weights, as a model loaded from a checkpoint does.
+        // Inference runs on constant weights, as a model loaded from a checkpoint does; that copy
+        // (and its packed kernels) is dropped before training, which does not use it.
         let model_eval = build(arch, constant_weights(&vars)?.pp("backbone"))?;
         let mut forward = Vec::new();
         for &b in batches {
@@ -67,6 +68,7 @@ pub fn run(
             }
             forward.push((b, (b * iters) as f64 / t0.elapsed().as_secs_f64()));
         }
+        drop(model_eval);
         let train_step_seconds = if train_batch > 0 {
             let head = candle_nn::linear(arch.feature_dim(), 2, vb.pp("head"))?;
             let mut opt = histolens::nn::optim::AdamW::new(
