@@ -963,3 +963,52 @@ fn cached_frozen_features_equal_recomputed_ones_and_give_the_same_head_gradients
         "blocks 11-15, the head convolution and its BatchNorm"
     );
 }
+
+/// The red-cell ruler on real sections: it finds the two lone red cells in a capillary of a TCGA
+/// tile (about 16 px across at that tile's scale) and stays silent on red stroma (the skin's collagen
+/// and keratin on the bundled slide, the frozen sections' red connective tissue), where nothing is a
+/// red cell.
+#[test]
+fn red_cell_ruler_finds_lone_red_cells_and_not_red_stroma() {
+    use histolens::magnification::red_cells::{lone_red_discs, measure_crops};
+    let Some(data) = common::shared_data("red_cell_ruler_finds_lone_red_cells_and_not_red_stroma")
+    else {
+        return;
+    };
+    let tile = image::open(data.join("tiles/medium-nuclei-score-level0.png"))
+        .expect("the TCGA tile")
+        .to_rgb8();
+    let found = lone_red_discs(&tile);
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(found.iter().all(|d| (13.0..19.0).contains(d)), "{found:?}");
+    // Too few to read a scale from.
+    assert!(measure_crops(&[tile]).is_none());
+
+    let slide = histolens::slide::Slide::open(common::sample_slide()).expect("the sample slide");
+    let (w, h) = slide.info().dimensions();
+    let crops: Vec<image::RgbImage> = (0..(h as u32 / 224))
+        .flat_map(|r| (0..(w as u32 / 224)).map(move |c| (c, r)))
+        .map(|(c, r)| {
+            let region = slide
+                .read_region(0, i64::from(c * 224), i64::from(r * 224), 224, 224)
+                .expect("a region");
+            image::DynamicImage::ImageRgba8(region).to_rgb8()
+        })
+        .collect();
+    assert!(crops.len() > 100);
+    assert!(
+        measure_crops(&crops).is_none(),
+        "{:?}",
+        measure_crops(&crops)
+    );
+    for f in ["TCGA-DE-A4MA", "TCGA-S4-A8RO"] {
+        let path = std::fs::read_dir(data.join("known-mpp/cryonuseg"))
+            .expect("cryonuseg")
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().contains(f))
+            .expect("the frozen section");
+        let img = image::open(&path).expect("a TIFF").to_rgb8();
+        assert!(measure_crops(&[img]).is_none(), "{}", path.display());
+    }
+}

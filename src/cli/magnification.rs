@@ -704,6 +704,9 @@ struct PredictRow {
     nuclei_mpp: Option<f64>,
     /// The nuclei ruler only says "at least this coarse".
     nuclei_lower_bound: Option<bool>,
+    /// µm/px from lone red blood cells, and how many, where enough were found (not fused).
+    red_cells_mpp: Option<f64>,
+    red_cells: Option<usize>,
     spread: Option<f64>,
     crops: Option<usize>,
     metadata_mpp: Option<f64>,
@@ -758,7 +761,7 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
             match (&r.error, r.magnification) {
                 (Some(e), _) => println!("{}: error: {e}", r.path),
                 (None, Some(m)) => println!(
-                    "{}: {m:.1}x ({:.3} µm/px; network {:.3}, nuclei {}), spread {:.1}x over {} crops{}{}",
+                    "{}: {m:.1}x ({:.3} µm/px; network {:.3}, nuclei {}{}), spread {:.1}x over {} crops{}{}",
                     r.path,
                     r.mpp.unwrap_or(f64::NAN),
                     r.network_mpp.unwrap_or(f64::NAN),
@@ -766,6 +769,10 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
                         (Some(n), Some(true)) => format!("≥ {n:.3}"),
                         (Some(n), _) => format!("{n:.3}"),
                         (None, _) => "-".into(),
+                    },
+                    match (r.red_cells_mpp, r.red_cells) {
+                        (Some(m), Some(n)) => format!(", {n} red cells {m:.3}"),
+                        _ => String::new(),
                     },
                     r.spread.unwrap_or(f64::NAN),
                     r.crops.unwrap_or(0),
@@ -798,6 +805,8 @@ fn predict_one(model: &MagnificationModel, path: &Path, crops: usize) -> Predict
         network_mpp: None,
         nuclei_mpp: None,
         nuclei_lower_bound: None,
+        red_cells_mpp: None,
+        red_cells: None,
         spread: None,
         crops: None,
         metadata_mpp: None,
@@ -827,6 +836,8 @@ fn predict_one(model: &MagnificationModel, path: &Path, crops: usize) -> Predict
         row.network_mpp = Some(estimate.network_mpp);
         row.nuclei_mpp = estimate.ruler.as_ref().map(|r| r.mpp);
         row.nuclei_lower_bound = estimate.ruler.as_ref().map(|r| r.lower_bound);
+        row.red_cells_mpp = estimate.red_cells.as_ref().map(|r| r.mpp);
+        row.red_cells = estimate.red_cells.as_ref().map(|r| r.cells);
         row.spread = Some(estimate.spread);
         row.crops = Some(estimate.crops);
         row.out_of_range = Some(estimate.out_of_range);

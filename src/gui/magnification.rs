@@ -256,8 +256,11 @@ pub fn section(
                                 Some(r) => format!("{:.3} (out of range)", r.mpp),
                                 None => "-".into(),
                             };
+                            let red = e.red_cells.as_ref().map_or(String::new(), |r| {
+                                format!(", {} red cells {:.3}", r.cells, r.mpp)
+                            });
                             ui.label(format!(
-                                "network {:.3}, nuclei {nuclei} µm/px",
+                                "network {:.3}, nuclei {nuclei}{red} µm/px",
                                 e.network_mpp
                             ))
                             .on_hover_text(format!(

@@ -3,7 +3,8 @@
 //! estimate so far puts it at [`REFINE_TARGET_MPP`]. The last reading is summarised by the median and
 //! interquartile range (the uncertainty) of the crops; where the ruler reads inside its range the two
 //! are fused (which measured better in leave-one-source-out evaluation) and a disagreement beyond
-//! 1.5x is flagged. A file's metadata, when
+//! 1.5x is flagged. Where lone red blood cells are found their size is a third reading, shown and
+//! checked against the estimate but not fused (too rare here to measure). A file's metadata, when
 //! it states a pixel size, is compared with the estimate the same way for slides and snapshots.
 
 use image::imageops::FilterType;
@@ -13,6 +14,7 @@ use rand::seq::SliceRandom;
 use serde::Serialize;
 
 use super::model::{MagnificationModel, ModelError};
+use super::red_cells::{self, RedCellReading};
 use super::ruler::{RulerReading, fuse, measure_crops};
 use crate::data::augment::{pad_to, to_rgb};
 use crate::data::tissue::{background_fraction, background_fraction_rgb};
@@ -35,6 +37,8 @@ pub struct Estimate {
     pub network_mpp: f64,
     /// What the nuclei of the same crops say.
     pub ruler: Option<RulerReading>,
+    /// What lone red blood cells in the same crops say, where there are enough of them.
+    pub red_cells: Option<RedCellReading>,
     /// The network and a reliable ruler reading differ by more than [`DISAGREEMENT`].
     pub disagreement: bool,
     /// Interquartile range of the crops' predictions, in magnification units.
@@ -83,6 +87,7 @@ fn summarise(model: &MagnificationModel, reading: Reading, mut warnings: Vec<Str
         zoom,
         predictions,
         ruler,
+        red_cells,
         first_pass,
     } = reading;
     let sorted = sorted_finite(&predictions);
@@ -107,6 +112,16 @@ fn summarise(model: &MagnificationModel, reading: Reading, mut warnings: Vec<Str
     } else {
         fuse(network_mpp, reliable)
     };
+    if let Some(r) = red_cells
+        .as_ref()
+        .filter(|r| (mpp / r.mpp).log2().abs() > DISAGREEMENT.log2())
+    {
+        warnings.push(format!(
+            "the estimate ({mpp:.3} µm/px) and the size of {} red blood cells ({:.3} µm/px) \
+             disagree by more than {DISAGREEMENT}x: check the scale by hand",
+            r.cells, r.mpp
+        ));
+    }
     let magnification = 10.0 / mpp;
     let out_of_range = invalid
         || model
@@ -125,6 +140,7 @@ fn summarise(model: &MagnificationModel, reading: Reading, mut warnings: Vec<Str
         mpp,
         network_mpp,
         ruler,
+        red_cells,
         disagreement,
         spread,
         crops: predictions.len(),
@@ -229,6 +245,7 @@ struct Reading {
     /// Magnifications of the image itself.
     predictions: Vec<f64>,
     ruler: Option<RulerReading>,
+    red_cells: Option<RedCellReading>,
     first_pass: Vec<f64>,
 }
 
@@ -245,6 +262,7 @@ fn refine(
         zoom: 1.0,
         predictions: first.clone(),
         ruler: measure_crops(crops),
+        red_cells: red_cells::measure_crops(crops),
         first_pass: first,
     };
     for _ in 0..REFINEMENTS {
@@ -259,6 +277,13 @@ fn refine(
         };
         let crops = zoomed(k)?;
         reading.ruler = measure_crops(&crops).map(|r| r.of_zoomed(k));
+        // Enlarged, red specks of stroma grow to a red cell's size: red cells are read on the
+        // image as it is or shrunk, never enlarged.
+        if k >= 1.0 {
+            reading.red_cells = red_cells::measure_crops(&crops)
+                .map(|r| r.of_zoomed(k))
+                .or(reading.red_cells.take());
+        }
         reading.predictions = at_own_scale(model.predict(&crops)?, k);
         reading.zoom = k;
     }

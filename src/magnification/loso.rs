@@ -92,6 +92,8 @@ pub struct ImageScore {
     pub network_mpp: f64,
     /// The nuclei ruler's reading where it is inside its reliable range.
     pub ruler_mpp: Option<f64>,
+    /// The red-cell ruler's reading, where it finds enough lone red blood cells (not fused).
+    pub red_cells_mpp: Option<f64>,
     /// The network and the ruler combined ([`fuse`]).
     pub fused_mpp: f64,
 }
@@ -181,6 +183,7 @@ impl Scores {
 pub struct LosoReport {
     pub network: Scores,
     pub ruler: Scores,
+    pub red_cells: Scores,
     pub fused: Scores,
     pub images: Vec<ImageScore>,
 }
@@ -190,6 +193,7 @@ impl LosoReport {
         LosoReport {
             network: Scores::of(&images, groups, |i| Some(i.network_mpp)),
             ruler: Scores::of(&images, groups, |i| i.ruler_mpp),
+            red_cells: Scores::of(&images, groups, |i| i.red_cells_mpp),
             fused: Scores::of(&images, groups, |i| Some(i.fused_mpp)),
             images,
         }
@@ -197,11 +201,13 @@ impl LosoReport {
 
     pub fn table(&self) -> String {
         format!(
-            "network alone\n{}\nnuclei ruler alone (images it reads, resampled toward 0.5 µm/px, inside {:.1}-{:.1} µm/px)\n{}\nnetwork and ruler fused (what `predict` reports)\n{}",
+            "network alone\n{}\nnuclei ruler alone (images it reads, resampled toward 0.5 µm/px, inside {:.1}-{:.1} µm/px)\n{}\nred-cell ruler alone (images with at least {} lone red blood cells of one size; not fused)\n{}\nnetwork and ruler fused (what `predict` reports)\n{}",
             self.network.table(),
             RELIABLE_MPP.0,
             RELIABLE_MPP.1,
             self.ruler.table(),
+            super::red_cells::MIN_CELLS,
+            self.red_cells.table(),
             self.fused.table()
         )
     }
@@ -211,6 +217,7 @@ impl LosoReport {
             "estimator,source,evaluation_only,n,within_10,within_25,median_abs_log2,level_n,level_accuracy\n",
         ) + &self.network.csv_rows("network")
             + &self.ruler.csv_rows("ruler")
+            + &self.red_cells.csv_rows("red_cells")
             + &self.fused.csv_rows("fused")
     }
 }
@@ -380,6 +387,7 @@ fn score_group(
             true_mpp: r.mpp,
             network_mpp: e.network_mpp,
             ruler_mpp: e.ruler.filter(|r| r.reliable()).map(|r| r.mpp),
+            red_cells_mpp: e.red_cells.map(|r| r.mpp),
             fused_mpp: e.mpp,
         });
     }

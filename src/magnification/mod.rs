@@ -6,6 +6,7 @@ pub mod features;
 pub mod loso;
 pub mod metrics;
 pub mod model;
+pub mod red_cells;
 pub mod ruler;
 pub mod train;
 

@@ -162,27 +162,79 @@ fn nuclei(img: &RgbImage) -> Vec<(f64, f64)> {
         return Vec::new();
     };
     let mask: Vec<bool> = hem.iter().map(|&v| v.is_finite() && v > t).collect();
+    blobs(&mask, w, h)
+        .1
+        .into_iter()
+        // Round and solid: a blob filling most of its box, not elongated; specks and clumps out.
+        .filter(|b| !b.touches_edge && b.fill() >= 0.5 && b.elongation() <= 2.5 && b.area >= 6)
+        .map(|b| (b.diameter(), b.area as f64))
+        .collect()
+}
+
+/// A 4-connected component of a mask.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Blob {
+    pub area: usize,
+    /// Bounding box: first and last column and row.
+    pub x: (usize, usize),
+    pub y: (usize, usize),
+    pub touches_edge: bool,
+}
+
+impl Blob {
+    fn size(&self) -> (f64, f64) {
+        (
+            (self.x.1 - self.x.0 + 1) as f64,
+            (self.y.1 - self.y.0 + 1) as f64,
+        )
+    }
+
+    /// The share of its bounding box it fills.
+    pub fn fill(&self) -> f64 {
+        let (bw, bh) = self.size();
+        self.area as f64 / (bw * bh)
+    }
+
+    /// The long side of its bounding box over the short.
+    pub fn elongation(&self) -> f64 {
+        let (bw, bh) = self.size();
+        bw.max(bh) / bw.min(bh)
+    }
+
+    /// The diameter of a disc of its area.
+    pub fn diameter(&self) -> f64 {
+        2.0 * (self.area as f64 / std::f64::consts::PI).sqrt()
+    }
+}
+
+/// The 4-connected components of `mask` (`w` x `h`, row-major): each pixel's component number
+/// (0 off the mask, n for `blobs[n - 1]`) and the components.
+pub(super) fn blobs(mask: &[bool], w: usize, h: usize) -> (Vec<u32>, Vec<Blob>) {
     let mut label = vec![0u32; w * h];
-    let mut diameters: Vec<(f64, f64)> = Vec::new();
+    let mut found = Vec::new();
     let mut stack = Vec::new();
-    let mut next = 0u32;
     for start in 0..w * h {
         if !mask[start] || label[start] != 0 {
             continue;
         }
-        next += 1;
-        label[start] = next;
+        let id = found.len() as u32 + 1;
+        label[start] = id;
         stack.push(start);
-        let (mut area, mut touches) = (0usize, false);
-        let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
+        let mut b = Blob {
+            area: 0,
+            x: (usize::MAX, 0),
+            y: (usize::MAX, 0),
+            touches_edge: false,
+        };
         while let Some(i) = stack.pop() {
             let (x, y) = (i % w, i / w);
-            area += 1;
-            (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
-            touches |= x == 0 || y == 0 || x + 1 == w || y + 1 == h;
+            b.area += 1;
+            b.x = (b.x.0.min(x), b.x.1.max(x));
+            b.y = (b.y.0.min(y), b.y.1.max(y));
+            b.touches_edge |= x == 0 || y == 0 || x + 1 == w || y + 1 == h;
             let mut visit = |j: usize| {
                 if mask[j] && label[j] == 0 {
-                    label[j] = next;
+                    label[j] = id;
                     stack.push(j);
                 }
             };
@@ -199,18 +251,9 @@ fn nuclei(img: &RgbImage) -> Vec<(f64, f64)> {
                 visit(i + w);
             }
         }
-        let (bw, bh) = ((x1 - x0 + 1) as f64, (y1 - y0 + 1) as f64);
-        // Round and solid: a blob filling most of its box, not elongated; specks and clumps out.
-        let solid = area as f64 / (bw * bh) >= 0.5;
-        let round = bw.max(bh) / bw.min(bh) <= 2.5;
-        if !touches && solid && round && area >= 6 {
-            diameters.push((
-                2.0 * (area as f64 / std::f64::consts::PI).sqrt(),
-                area as f64,
-            ));
-        }
+        found.push(b);
     }
-    diameters
+    (label, found)
 }
 
 fn reading(mut diameters: Vec<(f64, f64)>) -> Option<RulerReading> {
