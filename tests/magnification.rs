@@ -430,7 +430,7 @@ fn leave_one_source_out_writes_its_table() {
         "{table}"
     );
     let csv = std::fs::read_to_string(d.join("loso.csv")).unwrap();
-    for estimator in ["network", "ruler", "fused"] {
+    for estimator in ["network", "ruler", "red_cells", "fused"] {
         for group in ["sample", "half", "held", "pooled"] {
             assert!(
                 csv.lines()
