@@ -198,6 +198,36 @@ impl Pool {
         start.max(0) as usize..end.max(0) as usize
     }
 
+    /// The output columns whose windows take input column `x0 + t` for every x0 of a row (window
+    /// tap t): ox with 0 <= ox·stride + t − padding < w, and ox < ow.
+    fn tap_outputs(&self, t: usize, w: usize, ow: usize) -> std::ops::Range<usize> {
+        let (s, p) = (self.stride, self.padding);
+        let first = p.saturating_sub(t).div_ceil(s);
+        let end = (w + p).saturating_sub(t).div_ceil(s).min(ow);
+        first..end.max(first)
+    }
+
+    /// `sums[ox]` += the sum of `row` over output column ox's window, tap by tap (a shifted,
+    /// contiguous add at stride 1).
+    fn row_windows(&self, row: &[f32], sums: &mut [f32]) {
+        for t in 0..self.kernel {
+            let outs = self.tap_outputs(t, row.len(), sums.len());
+            for ox in outs {
+                sums[ox] += row[ox * self.stride + t - self.padding];
+            }
+        }
+    }
+
+    /// The adjoint of [`Pool::row_windows`]: `row[x]` += `sums[ox]` for every window ox taking x.
+    fn spread_row_windows(&self, sums: &[f32], row: &mut [f32]) {
+        for t in 0..self.kernel {
+            let outs = self.tap_outputs(t, row.len(), sums.len());
+            for ox in outs {
+                row[ox * self.stride + t - self.padding] += sums[ox];
+            }
+        }
+    }
+
     /// Every output row's and every output column's window span, computed once for all planes.
     fn spans(&self, p: Planes) -> Spans {
         Spans {
@@ -237,17 +267,22 @@ fn argmax(
     rows: &std::ops::Range<usize>,
     cols: &std::ops::Range<usize>,
 ) -> Option<usize> {
-    let mut best: Option<(usize, f32)> = None;
+    if rows.is_empty() || cols.is_empty() {
+        return None;
+    }
+    let (mut best, mut at) = (
+        plane[rows.start * w + cols.start],
+        rows.start * w + cols.start,
+    );
     for y in rows.clone() {
-        let line = &plane[y * w..(y + 1) * w];
-        for x in cols.clone() {
-            let v = line[x];
-            if best.is_none_or(|(_, b)| v > b) {
-                best = Some((y * w + x, v));
+        let line = &plane[y * w..(y + 1) * w][cols.clone()];
+        for (x, &v) in line.iter().enumerate() {
+            if v > best {
+                (best, at) = (v, y * w + cols.start + x);
             }
         }
     }
-    best.map(|(i, _)| i)
+    Some(at)
 }
 
 impl CustomOp1 for Pool {
@@ -261,24 +296,33 @@ impl CustomOp1 for Pool {
         let area = (self.kernel * self.kernel) as f32;
         let spans = self.spans(p);
         let mut y = vec![0f32; planes * p.oh * p.ow];
-        y.par_chunks_mut(p.oh * p.ow)
-            .zip(x.par_chunks(p.h * p.w))
-            .for_each(|(out, inp)| {
+        let chunks = y.par_chunks_mut(p.oh * p.ow).zip(x.par_chunks(p.h * p.w));
+        match self.kind {
+            PoolKind::Max => chunks.for_each(|(out, inp)| {
                 for (o, ry, rx) in spans.windows() {
-                    out[o] = match self.kind {
-                        PoolKind::Max => {
-                            argmax(inp, p.w, ry, rx).map_or(f32::NEG_INFINITY, |i| inp[i])
-                        }
-                        PoolKind::Avg => {
-                            let mut sum = 0f32;
-                            for y in ry.clone() {
-                                sum += inp[y * p.w..][rx.clone()].iter().sum::<f32>();
-                            }
-                            sum / area
-                        }
-                    };
+                    out[o] = argmax(inp, p.w, ry, rx).map_or(f32::NEG_INFINITY, |i| inp[i]);
                 }
-            });
+            }),
+            // Separable: each input row's window sums, then each output row the sum of its
+            // window's rows (whole rows at a time).
+            PoolKind::Avg => chunks.for_each_init(
+                || vec![0f32; p.h * p.ow],
+                |across, (out, inp)| {
+                    across.fill(0.0);
+                    for (row, sums) in inp.chunks(p.w).zip(across.chunks_mut(p.ow)) {
+                        self.row_windows(row, sums);
+                    }
+                    for (o, ry) in out.chunks_mut(p.ow).zip(&spans.rows) {
+                        for y in ry.clone() {
+                            for (v, a) in o.iter_mut().zip(&across[y * p.ow..(y + 1) * p.ow]) {
+                                *v += a;
+                            }
+                        }
+                        o.iter_mut().for_each(|v| *v /= area);
+                    }
+                },
+            ),
+        }
         let (n, c, _, _) = l.shape().dims4()?;
         Ok((CpuStorage::F32(y), Shape::from((n, c, p.oh, p.ow))))
     }
@@ -315,28 +359,37 @@ impl CustomOp2 for PoolGrad {
         let area = (pool.kernel * pool.kernel) as f32;
         let spans = pool.spans(p);
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(p.h * p.w)
+        let chunks = dx
+            .par_chunks_mut(p.h * p.w)
             .zip(x.par_chunks(p.h * p.w))
-            .zip(gy.par_chunks(p.oh * p.ow))
-            .for_each(|((out, inp), g)| {
+            .zip(gy.par_chunks(p.oh * p.ow));
+        match pool.kind {
+            PoolKind::Max => chunks.for_each(|((out, inp), g)| {
                 for (o, ry, rx) in spans.windows() {
-                    let d = g[o];
-                    match pool.kind {
-                        PoolKind::Max => {
-                            if let Some(i) = argmax(inp, p.w, ry, rx) {
-                                out[i] += d;
-                            }
-                        }
-                        PoolKind::Avg => {
-                            for y in ry.clone() {
-                                for v in &mut out[y * p.w..][rx.clone()] {
-                                    *v += d / area;
-                                }
+                    if let Some(i) = argmax(inp, p.w, ry, rx) {
+                        out[i] += g[o];
+                    }
+                }
+            }),
+            // The forward's adjoint, separable the same way: each output row's gradient spread
+            // over its window's rows, then each row's over its windows' columns.
+            PoolKind::Avg => chunks.for_each_init(
+                || vec![0f32; p.h * p.ow],
+                |down, ((out, _), g)| {
+                    down.fill(0.0);
+                    for (go, ry) in g.chunks(p.ow).zip(&spans.rows) {
+                        for y in ry.clone() {
+                            for (d, v) in down[y * p.ow..(y + 1) * p.ow].iter_mut().zip(go) {
+                                *d += v / area;
                             }
                         }
                     }
-                }
-            });
+                    for (row, sums) in out.chunks_mut(p.w).zip(down.chunks(p.ow)) {
+                        pool.spread_row_windows(sums, row);
+                    }
+                },
+            ),
+        }
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 }
