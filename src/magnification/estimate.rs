@@ -74,6 +74,11 @@ pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
 }
 
+/// Two readings of µm/px differ by more than [`DISAGREEMENT`] either way.
+fn disagree(a: f64, b: f64) -> bool {
+    (a / b).log2().abs() > DISAGREEMENT.log2()
+}
+
 /// The finite values, sorted.
 fn sorted_finite(values: &[f64]) -> Vec<f64> {
     let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
@@ -99,8 +104,7 @@ fn summarise(model: &MagnificationModel, reading: Reading, mut warnings: Vec<Str
     }
     let network_mpp = 10.0 / network;
     let reliable = ruler.as_ref().filter(|r| r.reliable()).map(|r| r.mpp);
-    let disagreement =
-        !invalid && reliable.is_some_and(|r| (network_mpp / r).log2().abs() > DISAGREEMENT.log2());
+    let disagreement = !invalid && reliable.is_some_and(|r| disagree(network_mpp, r));
     if let (true, Some(r)) = (disagreement, reliable) {
         warnings.push(format!(
             "the network ({network_mpp:.3} µm/px) and the size of the nuclei ({r:.3} µm/px) \
@@ -112,10 +116,7 @@ fn summarise(model: &MagnificationModel, reading: Reading, mut warnings: Vec<Str
     } else {
         fuse(network_mpp, reliable)
     };
-    if let Some(r) = red_cells
-        .as_ref()
-        .filter(|r| (mpp / r.mpp).log2().abs() > DISAGREEMENT.log2())
-    {
+    if let Some(r) = red_cells.as_ref().filter(|r| disagree(mpp, r.mpp)) {
         warnings.push(format!(
             "the estimate ({mpp:.3} µm/px) and the size of {} red blood cells ({:.3} µm/px) \
              disagree by more than {DISAGREEMENT}x: check the scale by hand",
