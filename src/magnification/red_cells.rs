@@ -56,16 +56,21 @@ fn redness(p: &image::Rgb<u8>) -> f32 {
     (r - g) / r.max(1.0)
 }
 
-fn is_red(p: &image::Rgb<u8>) -> bool {
+/// A strongly red pixel, given its [`redness`].
+fn is_red(p: &image::Rgb<u8>, redness: f32) -> bool {
     let [r, _, b] = p.0.map(f32::from);
-    r > 100.0 && redness(p) >= MIN_REDNESS && r >= MIN_RED_OVER_BLUE * b
+    r > 100.0 && redness >= MIN_REDNESS && r >= MIN_RED_OVER_BLUE * b
 }
 
 /// Diameters in pixels of the lone red discs of an image (candidate red cells).
 pub fn lone_red_discs(img: &RgbImage) -> Vec<f64> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let red_of: Vec<f32> = img.pixels().map(redness).collect();
-    let mask: Vec<bool> = img.pixels().map(is_red).collect();
+    let mask: Vec<bool> = img
+        .pixels()
+        .zip(&red_of)
+        .map(|(p, &q)| is_red(p, q))
+        .collect();
     let (label, found) = blobs(&mask, w, h);
     let mut out = Vec::new();
     for (i, b) in found.iter().enumerate() {

@@ -10,7 +10,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Sh
 use rayon::prelude::*;
 
 use super::conv_train::Planes;
-use super::cpu_conv::f32_slice;
+use super::cpu_conv::{f32_slice, with_scratch};
 
 /// Output side of a pooling window sweep (PyTorch's floor mode).
 pub fn pooled_len(len: usize, kernel: usize, stride: usize, padding: usize) -> usize {
@@ -305,9 +305,8 @@ impl CustomOp1 for Pool {
             }),
             // Separable: each input row's window sums, then each output row the sum of its
             // window's rows (whole rows at a time).
-            PoolKind::Avg => chunks.for_each_init(
-                || vec![0f32; p.h * p.ow],
-                |across, (out, inp)| {
+            PoolKind::Avg => chunks.for_each(|(out, inp)| {
+                with_scratch(p.h * p.ow, |across| {
                     across.fill(0.0);
                     for (row, sums) in inp.chunks(p.w).zip(across.chunks_mut(p.ow)) {
                         self.row_windows(row, sums);
@@ -320,8 +319,8 @@ impl CustomOp1 for Pool {
                         }
                         o.iter_mut().for_each(|v| *v /= area);
                     }
-                },
-            ),
+                })
+            }),
         }
         let (n, c, _, _) = l.shape().dims4()?;
         Ok((CpuStorage::F32(y), Shape::from((n, c, p.oh, p.ow))))
@@ -373,22 +372,22 @@ impl CustomOp2 for PoolGrad {
             }),
             // The forward's adjoint, separable the same way: each output row's gradient spread
             // over its window's rows, then each row's over its windows' columns.
-            PoolKind::Avg => chunks.for_each_init(
-                || vec![0f32; p.h * p.ow],
-                |down, ((out, _), g)| {
+            PoolKind::Avg => chunks.for_each(|((out, _), g)| {
+                with_scratch(p.h * p.ow, |down| {
                     down.fill(0.0);
                     for (go, ry) in g.chunks(p.ow).zip(&spans.rows) {
                         for y in ry.clone() {
                             for (d, v) in down[y * p.ow..(y + 1) * p.ow].iter_mut().zip(go) {
-                                *d += v / area;
+                                *d += v;
                             }
                         }
                     }
+                    down.iter_mut().for_each(|d| *d /= area);
                     for (row, sums) in out.chunks_mut(p.w).zip(down.chunks(p.ow)) {
                         pool.spread_row_windows(sums, row);
                     }
-                },
-            ),
+                })
+            }),
         }
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
