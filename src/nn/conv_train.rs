@@ -490,10 +490,11 @@ impl CustomOp2 for GradInput {
                     scatter(&cols, z.cin, p, imgs, &mut gx);
                     continue;
                 }
-                for (j, i) in imgs.enumerate() {
-                    let gxi = &mut gx[i * z.image()..(i + 1) * z.image()];
-                    col2im(&cols[j * p..], width, g, z, gxi);
-                }
+                // Each image's input gradient is its own slice: one thread each.
+                gx[imgs.start * z.image()..imgs.end * z.image()]
+                    .par_chunks_mut(z.image())
+                    .enumerate()
+                    .for_each(|(j, gxi)| col2im(&cols[j * p..], width, g, z, gxi));
             }
             return Ok((CpuStorage::F32(gx), Shape::from((n, z.cin, h, w))));
         }
