@@ -212,6 +212,7 @@ pub struct PackedConv {
     isa: Isa,
     spec: ConvSpec,
     input: Input,
+    /// Empty where the Winograd weights replace them.
     weights: Vec<f32>,
     bias: Vec<f32>,
     /// Winograd F(2x2, 3x3) weights, for dense 3x3 stride-1 convolutions of blocked inputs.
@@ -256,9 +257,19 @@ impl PackedConv {
         let cbo = cout.div_ceil(l);
         let mut b = vec![0f32; cbo * l];
         b[..cout].copy_from_slice(bias);
+        let winograd = (kh == 3
+            && kw == 3
+            && stride == 1
+            && !depthwise
+            && input == Input::Blocked
+            && winograd_enabled())
+        .then(|| winograd::transform_weights(weight, cout, cin, l));
         let src =
             |o: usize, i: usize, y: usize, x: usize| weight[((o * per_out + i) * kh + y) * kw + x];
-        let weights = if depthwise {
+        // `run` reads only the Winograd weights where there are some.
+        let weights = if winograd.is_some() {
+            Vec::new()
+        } else if depthwise {
             let mut w = vec![0f32; cbo * kh * kw * l];
             for o in 0..cout {
                 for y in 0..kh {
@@ -288,13 +299,6 @@ impl PackedConv {
             }
             w
         };
-        let winograd = (kh == 3
-            && kw == 3
-            && stride == 1
-            && !depthwise
-            && input == Input::Blocked
-            && winograd_enabled())
-        .then(|| winograd::transform_weights(weight, cout, cin, l));
         Ok(PackedConv {
             isa,
             spec,

@@ -15,37 +15,98 @@ use crate::simd::{Avx2, Avx512};
 use crate::{Act, Isa, Pad};
 
 /// The transformed weights, packed as 16 1x1 convolutions ([plane][out block][in block][ic][L]).
+/// One (out block, in block) pair at a time: its kernels gathered tap by tap into a small buffer,
+/// transformed as whole vectors of L x L values, and written to each plane in order; out blocks
+/// across the pool (the training convolutions transform their weights at every call).
 pub(crate) fn transform_weights(weight: &[f32], cout: usize, cin: usize, l: usize) -> Vec<f32> {
     let (cbo, icb) = (cout.div_ceil(l), cin.div_ceil(l));
-    let plane = cbo * icb * l * l;
+    let span = icb * l * l;
+    let plane = cbo * span;
     let mut out = vec![0f32; 16 * plane];
-    for o in 0..cout {
-        for i in 0..cin {
-            let g = &weight[(o * cin + i) * 9..][..9];
-            // G g: 4 rows of 3.
-            let mut t = [[0f32; 3]; 4];
-            for c in 0..3 {
-                let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
-                t[0][c] = g0;
-                t[1][c] = (g0 + g1 + g2) * 0.5;
-                t[2][c] = (g0 - g1 + g2) * 0.5;
-                t[3][c] = g2;
-            }
-            let at = ((o / l) * icb + i / l) * l * l + (i % l) * l + o % l;
-            for (r, row) in t.iter().enumerate() {
-                let u = [
-                    row[0],
-                    (row[0] + row[1] + row[2]) * 0.5,
-                    (row[0] - row[1] + row[2]) * 0.5,
-                    row[2],
-                ];
-                for (c, v) in u.into_iter().enumerate() {
-                    out[(r * 4 + c) * plane + at] = v;
+    // Each out block's span in each of the 16 planes.
+    let mut per_block: Vec<Vec<&mut [f32]>> = (0..cbo).map(|_| Vec::with_capacity(16)).collect();
+    for p in out.chunks_mut(plane) {
+        for (ob, chunk) in p.chunks_mut(span).enumerate() {
+            per_block[ob].push(chunk);
+        }
+    }
+    let block = |ob: usize, planes: &mut Vec<&mut [f32]>| {
+        let ll = l * l;
+        // g[tap][ic · L + oc], zero outside the weights.
+        let mut g = vec![0f32; 9 * ll];
+        let mut t = vec![0f32; 12 * ll];
+        for ib in 0..icb {
+            g.fill(0.0);
+            for i in ib * l..((ib + 1) * l).min(cin) {
+                for o in ob * l..((ob + 1) * l).min(cout) {
+                    let kernel = &weight[(o * cin + i) * 9..][..9];
+                    for (tap, &v) in kernel.iter().enumerate() {
+                        g[tap * ll + (i % l) * l + o % l] = v;
+                    }
                 }
             }
+            // G g: 4 rows of 3 columns, t[row · 3 + column]; then (G g) Gᵀ, row by row.
+            for c in 0..3 {
+                let (g0, g1, g2) = (
+                    &g[c * ll..][..ll],
+                    &g[(3 + c) * ll..][..ll],
+                    &g[(6 + c) * ll..][..ll],
+                );
+                let mut rows = t.chunks_exact_mut(ll).skip(c).step_by(3);
+                let mut next = || rows.next().expect("4 rows of t");
+                rows_of_g(g0, g1, g2, [next(), next(), next(), next()]);
+            }
+            for r in 0..4 {
+                let row = |c: usize| &t[(r * 3 + c) * ll..][..ll];
+                let [p0, p1, p2, p3] = &mut planes[r * 4..r * 4 + 4] else {
+                    unreachable!("16 planes")
+                };
+                let at = ib * ll;
+                rows_of_g(
+                    row(0),
+                    row(1),
+                    row(2),
+                    [
+                        &mut p0[at..][..ll],
+                        &mut p1[at..][..ll],
+                        &mut p2[at..][..ll],
+                        &mut p3[at..][..ll],
+                    ],
+                );
+            }
+        }
+    };
+    if crate::threads() > 1 && cbo > 1 {
+        per_block
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(ob, planes)| block(ob, planes));
+    } else {
+        for (ob, planes) in per_block.iter_mut().enumerate() {
+            block(ob, planes);
         }
     }
     out
+}
+
+/// The four rows of G applied to three: (a, (a + b + c) / 2, (a − b + c) / 2, c), value by value.
+#[inline(always)]
+fn rows_of_g(a: &[f32], b: &[f32], c: &[f32], [r0, r1, r2, r3]: [&mut [f32]; 4]) {
+    let n = a.len();
+    let (b, c, r0, r1, r2, r3) = (
+        &b[..n],
+        &c[..n],
+        &mut r0[..n],
+        &mut r1[..n],
+        &mut r2[..n],
+        &mut r3[..n],
+    );
+    for j in 0..n {
+        r0[j] = a[j];
+        r1[j] = (a[j] + b[j] + c[j]) * 0.5;
+        r2[j] = (a[j] - b[j] + c[j]) * 0.5;
+        r3[j] = c[j];
+    }
 }
 
 /// The sizes of one call.

@@ -68,7 +68,7 @@ enum Op {
     Conv(Arc<PackedConv>, Pad, Act),
 }
 
-fn kernel_err(e: histolens_kernels::KernelError) -> candle_core::Error {
+pub(crate) fn kernel_err(e: histolens_kernels::KernelError) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
