@@ -8,8 +8,9 @@
 //! - the input gradient of a stride-1 convolution is itself a stride-1 convolution (of the output
 //!   gradient, by the weights transposed and turned by 180°, with the complementary padding) and
 //!   runs on the same kernels;
-//! - everything else (the weight gradient, the strided input gradients, a CPU without AVX2) is
-//!   im2col + GEMM: each image's convolution is a matrix product of the weights (Cout x Cin·kh·kw)
+//! - the weight gradient of a 3x3 stride-1 convolution is Winograd's (`winograd_grad.rs`);
+//! - everything else (the other weight gradients, the strided input gradients, a CPU without AVX2)
+//!   is im2col + GEMM: each image's convolution is a matrix product of the weights (Cout x Cin·kh·kw)
 //!   with the image's patches, on the `gemm` crate, and the patches' own gradient is a scatter back
 //!   into the input (col2im). The patches are never kept: one image's at a time is built in a
 //!   per-thread buffer (what autograd keeps is the input, a ninth of a 3x3 convolution's patches).
@@ -658,6 +659,17 @@ impl CustomOp2 for GradWeight {
         let gy = f32_slice(gs, gl, "convolution output gradient")?;
         let z = Sizes::new(g, xl.shape().dims4()?, gl.shape().dims4()?.1)?;
         let (k, p) = (z.k(g), z.p());
+        if g.kh == 3 && g.kw == 3 && g.stride == 1 {
+            let planes = Planes {
+                h: z.h,
+                w: z.w,
+                oh: z.oh,
+                ow: z.ow,
+            };
+            let gw =
+                super::winograd_grad::grad_weight_3x3(x, gy, (z.n, z.cin, z.cout), planes, g.pad);
+            return Ok((CpuStorage::F32(gw), Shape::from((z.cout, z.cin, 3, 3))));
+        }
         let group = images_per_gemm(z, k);
         if group > 1 {
             let mut gw = vec![0f32; z.cout * k];
@@ -826,6 +838,14 @@ mod tests {
     /// a remainder.
     #[test]
     fn gradients_match_finite_differences() {
+        // Stride 2 on im2col + GEMM; stride 1 on Winograd (weight gradient) and the blocked kernels
+        // (input gradient, with the complementary padding as asymmetric as this one).
+        for stride in [2, 1] {
+            finite_differences(stride);
+        }
+    }
+
+    fn finite_differences(stride: usize) {
         let dev = Device::Cpu;
         let (xs, ws) = ((1, 2, 6, 5), (3, 2, 3, 3));
         let x0: Vec<f32> = Tensor::randn(0f32, 1., 60, &dev)
@@ -846,7 +866,7 @@ mod tests {
         let loss = |x: &[f32], w: &[f32]| -> f64 {
             let x = Tensor::from_slice(x, xs, &dev).unwrap();
             let w = Tensor::from_slice(w, ws, &dev).unwrap();
-            let y: Vec<f32> = conv2d_train(&x, &w, 2, pad)
+            let y: Vec<f32> = conv2d_train(&x, &w, stride, pad)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
@@ -860,7 +880,7 @@ mod tests {
         };
         let xv = Var::from_tensor(&Tensor::from_slice(&x0, xs, &dev).unwrap()).unwrap();
         let wv = Var::from_tensor(&Tensor::from_slice(&w0, ws, &dev).unwrap()).unwrap();
-        let y = conv2d_train(xv.as_tensor(), wv.as_tensor(), 2, pad).unwrap();
+        let y = conv2d_train(xv.as_tensor(), wv.as_tensor(), stride, pad).unwrap();
         let k = Tensor::from_vec(weigh(y.elem_count()), y.dims(), &dev).unwrap();
         let grads = (&y * &k).unwrap().sum_all().unwrap().backward().unwrap();
         let flat = |v: &Var| -> Vec<f32> {
@@ -880,7 +900,7 @@ mod tests {
             let fd = (loss(&x0, &up) - loss(&x0, &down)) / (2.0 * f64::from(eps));
             assert!(
                 (fd - f64::from(a)).abs() / fd.abs().max(1.0) < 1e-3,
-                "weight {i}"
+                "weight {i}, stride {stride}"
             );
         }
         for (i, &a) in flat(&xv).iter().enumerate() {
@@ -890,7 +910,7 @@ mod tests {
             let fd = (loss(&up, &w0) - loss(&down, &w0)) / (2.0 * f64::from(eps));
             assert!(
                 (fd - f64::from(a)).abs() / fd.abs().max(1.0) < 1e-3,
-                "input {i}"
+                "input {i}, stride {stride}"
             );
         }
     }

@@ -18,5 +18,6 @@ pub mod optim;
 pub mod pool;
 pub mod simd;
 pub mod vars;
+mod winograd_grad;
 
 pub use backbone::{Arch, ArchSpec, Backbone, Features, Normalization, build};
