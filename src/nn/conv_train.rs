@@ -373,13 +373,17 @@ fn patches(
     }
 }
 
-/// `conv(x, wt)` as (n, cout, oh, ow) on the blocked kernels, or None where they do not run (no
-/// AVX2 or AVX-512, or `HISTOLENS_BLOCKED=off`).
+/// The instruction set of the blocked kernels, where a convolution of this geometry runs on them:
+/// not a 1x1 one (a plain matrix product, faster on the GEMM without the layout changes), and not
+/// without AVX2 or AVX-512 or with `HISTOLENS_BLOCKED=off`.
+fn blocked_isa(g: Geo) -> Option<Isa> {
+    (g.kh * g.kw > 1).then(Isa::detect).flatten()
+}
+
+/// `conv(x, wt)` as (n, cout, oh, ow) on the blocked kernels, or None where [`blocked_isa`] says
+/// they do not apply.
 fn blocked_conv(x: &[f32], wt: &[f32], z: Sizes, g: Geo) -> Result<Option<Vec<f32>>> {
-    if g.kh * g.kw == 1 {
-        return Ok(None);
-    }
-    let Some(isa) = Isa::detect() else {
+    let Some(isa) = blocked_isa(g) else {
         return Ok(None);
     };
     let err = super::blocked::kernel_err;
@@ -430,9 +434,9 @@ fn blocked_conv(x: &[f32], wt: &[f32], z: Sizes, g: Geo) -> Result<Option<Vec<f3
 
 /// The input gradient of a stride-1 convolution as a convolution: of `gy` by the weights transposed
 /// (Cin, Cout, kh, kw) and turned by 180°, padded by kernel − 1 − the forward padding on each side.
-/// None for strides above 1 or a padding wider than the kernel, or where the blocked kernels do not run.
+/// None for strides above 1, a padding wider than the kernel, or where the blocked kernels do not apply.
 fn blocked_grad_input(gy: &[f32], wt: &[f32], z: Sizes, g: Geo) -> Result<Option<Vec<f32>>> {
-    if g.stride != 1 {
+    if g.stride != 1 || blocked_isa(g).is_none() {
         return Ok(None);
     }
     let complement = |k: usize, p: usize| (k - 1).checked_sub(p);
