@@ -33,7 +33,7 @@ pub struct RedCellReading {
     /// µm/px from the red cells.
     pub mpp: f64,
     pub cells: usize,
-    /// Median diameter of the cells of one size, in pixels of the image measured.
+    /// Median diameter of the cells of one size, in the image's own pixels (as the nuclei ruler's).
     pub diameter_px: f64,
     /// µm/px of the image measured over the image's own (1: read as it is).
     pub zoom: f64,
@@ -44,6 +44,7 @@ impl RedCellReading {
     pub fn of_zoomed(self, k: f64) -> Self {
         Self {
             mpp: self.mpp / k,
+            diameter_px: self.diameter_px * k,
             zoom: self.zoom * k,
             ..self
         }
@@ -158,8 +159,11 @@ mod tests {
                 (r.diameter_px / diameter - 1.0).abs() < 0.08,
                 "{diameter}: {r:?}"
             );
-            let r = r.of_zoomed(0.5);
-            assert!((r.mpp - 2.0 * RED_CELL_UM / r.diameter_px).abs() < 1e-9);
+            // Read on the image at half its µm/px: the cells are half as wide in its own pixels,
+            // and the µm/px still matches that width.
+            let own = r.clone().of_zoomed(0.5);
+            assert!((own.diameter_px - r.diameter_px / 2.0).abs() < 1e-12);
+            assert!((own.mpp - RED_CELL_UM / own.diameter_px).abs() < 1e-9);
         }
     }
 
