@@ -30,7 +30,7 @@ pub(crate) fn transform_weights(weight: &[f32], cout: usize, cin: usize, l: usiz
             per_block[ob].push(chunk);
         }
     }
-    let block = |ob: usize, planes: &mut Vec<&mut [f32]>| {
+    let block = |ob: usize, planes: &mut [&mut [f32]]| {
         let ll = l * l;
         // g[tap][ic · L + oc], zero outside the weights.
         let mut g = vec![0f32; 9 * ll];

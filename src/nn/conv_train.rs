@@ -787,8 +787,11 @@ mod tests {
                 .conv2d(wt.as_tensor(), p, stride, 1, 1)
                 .unwrap();
             assert_eq!(ours.dims(), theirs.dims(), "k {k} s {stride} p {p}");
+            // Winograd's transforms round differently from a direct sum; every other path within 1e-5.
+            let winograd = k == 3 && stride == 1 && cin == 20;
+            let tolerance = if winograd { 1e-4 } else { 1e-5 };
             assert!(
-                max_rel(&ours, &theirs) < 1e-4,
+                max_rel(&ours, &theirs) < tolerance,
                 "forward k {k} s {stride} p {p} {cin}->{cout}"
             );
             if (h + 2 * p - k) % stride != 0 || (w + 2 * p - k) % stride != 0 {
