@@ -716,6 +716,9 @@ struct PredictRow {
     mismatch: Option<bool>,
     #[serde(skip)]
     comparison: Option<String>,
+    /// The readings as text (`Estimate::readings`), for the plain output.
+    #[serde(skip)]
+    readings: Option<String>,
     out_of_range: Option<bool>,
     warnings: String,
     error: Option<String>,
@@ -761,19 +764,10 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
             match (&r.error, r.magnification) {
                 (Some(e), _) => println!("{}: error: {e}", r.path),
                 (None, Some(m)) => println!(
-                    "{}: {m:.1}x ({:.3} µm/px; network {:.3}, nuclei {}{}), spread {:.1}x over {} crops{}{}",
+                    "{}: {m:.1}x ({:.3} µm/px; {}), spread {:.1}x over {} crops{}{}",
                     r.path,
                     r.mpp.unwrap_or(f64::NAN),
-                    r.network_mpp.unwrap_or(f64::NAN),
-                    match (r.nuclei_mpp, r.nuclei_lower_bound) {
-                        (Some(n), Some(true)) => format!("≥ {n:.3}"),
-                        (Some(n), _) => format!("{n:.3}"),
-                        (None, _) => "-".into(),
-                    },
-                    match (r.red_cells_mpp, r.red_cells) {
-                        (Some(m), Some(n)) => format!(", {n} red cells {m:.3}"),
-                        _ => String::new(),
-                    },
+                    r.readings.as_deref().unwrap_or("-"),
                     r.spread.unwrap_or(f64::NAN),
                     r.crops.unwrap_or(0),
                     r.comparison
@@ -814,6 +808,7 @@ fn predict_one(model: &MagnificationModel, path: &Path, crops: usize) -> Predict
         relative_difference: None,
         mismatch: None,
         comparison: None,
+        readings: None,
         out_of_range: None,
         warnings: String::new(),
         error: None,
@@ -838,6 +833,7 @@ fn predict_one(model: &MagnificationModel, path: &Path, crops: usize) -> Predict
         row.nuclei_lower_bound = estimate.ruler.as_ref().map(|r| r.lower_bound);
         row.red_cells_mpp = estimate.red_cells.as_ref().map(|r| r.mpp);
         row.red_cells = estimate.red_cells.as_ref().map(|r| r.cells);
+        row.readings = Some(estimate.readings());
         row.spread = Some(estimate.spread);
         row.crops = Some(estimate.crops);
         row.out_of_range = Some(estimate.out_of_range);

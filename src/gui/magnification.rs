@@ -250,20 +250,7 @@ pub fn section(
                             ui.end_row();
                             // The network and the nuclei ruler (the crops' spread on hover).
                             ui.label("Readings");
-                            let nuclei = match &e.ruler {
-                                Some(r) if r.lower_bound => format!("≥ {:.2}", r.mpp),
-                                Some(r) if r.reliable() => format!("{:.3}", r.mpp),
-                                Some(r) => format!("{:.3} (out of range)", r.mpp),
-                                None => "-".into(),
-                            };
-                            let red = e.red_cells.as_ref().map_or(String::new(), |r| {
-                                format!(", {} red cells {:.3}", r.cells, r.mpp)
-                            });
-                            ui.label(format!(
-                                "network {:.3}, nuclei {nuclei}{red} µm/px",
-                                e.network_mpp
-                            ))
-                            .on_hover_text(format!(
+                            ui.label(e.readings()).on_hover_text(format!(
                                 "spread (IQR) {:.1}x over {} crops",
                                 e.spread, e.crops
                             ));

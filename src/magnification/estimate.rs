@@ -56,6 +56,27 @@ pub struct Estimate {
     pub warnings: Vec<String>,
 }
 
+impl Estimate {
+    /// The readings behind the estimate, as `predict` and the window show them: "network 0.512,
+    /// nuclei 0.498, 6 red cells 0.530 µm/px" (nuclei "≥ x" when only a lower bound, "(out of
+    /// range)" outside the range where the ruler is fused).
+    pub fn readings(&self) -> String {
+        let nuclei = match &self.ruler {
+            Some(r) if r.lower_bound => format!("≥ {:.2}", r.mpp),
+            Some(r) if r.reliable() => format!("{:.3}", r.mpp),
+            Some(r) => format!("{:.3} (out of range)", r.mpp),
+            None => "-".into(),
+        };
+        let red = self.red_cells.as_ref().map_or(String::new(), |r| {
+            format!(", {} red cells {:.3}", r.cells, r.mpp)
+        });
+        format!(
+            "network {:.3}, nuclei {nuclei}{red} µm/px",
+            self.network_mpp
+        )
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EstimateError {
     #[error(transparent)]
@@ -531,6 +552,51 @@ fn compare(estimate: Estimate, stated: Option<crate::slide::Mpp>) -> Check {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readings_say_what_each_ruler_read() {
+        let ruler = |mpp, lower_bound| RulerReading {
+            mpp,
+            nuclei: 40,
+            diameter_px: 7.25 / mpp,
+            lower_bound,
+            zoom: 1.0,
+        };
+        let mut e = Estimate {
+            magnification: 20.0,
+            mpp: 0.5,
+            network_mpp: 0.512,
+            ruler: Some(ruler(0.498, false)),
+            red_cells: Some(RedCellReading {
+                mpp: 0.53,
+                cells: 6,
+                diameter_px: 13.2,
+                zoom: 1.0,
+            }),
+            disagreement: false,
+            spread: 1.0,
+            crops: 16,
+            predictions: Vec::new(),
+            first_pass: Vec::new(),
+            out_of_range: false,
+            zoom: 1.0,
+            warnings: Vec::new(),
+        };
+        assert_eq!(
+            e.readings(),
+            "network 0.512, nuclei 0.498, 6 red cells 0.530 µm/px"
+        );
+        e.red_cells = None;
+        e.ruler = Some(ruler(1.9, true));
+        assert_eq!(e.readings(), "network 0.512, nuclei ≥ 1.90 µm/px");
+        e.ruler = Some(ruler(0.2, false));
+        assert_eq!(
+            e.readings(),
+            "network 0.512, nuclei 0.200 (out of range) µm/px"
+        );
+        e.ruler = None;
+        assert_eq!(e.readings(), "network 0.512, nuclei - µm/px");
+    }
 
     #[test]
     fn quantiles() {
