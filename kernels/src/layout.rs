@@ -1,6 +1,8 @@
 //! Layout changes between NCHW and the blocked layout, and the pools that ResNet needs on blocked
 //! activations.
 
+use std::mem::MaybeUninit;
+
 use crate::{Isa, KernelError, for_each_chunk};
 
 fn check(what: &str, got: usize, want: usize) -> Result<(), KernelError> {
@@ -13,12 +15,12 @@ fn check(what: &str, got: usize, want: usize) -> Result<(), KernelError> {
     }
 }
 
-/// (n, c, h, w) → (n, ⌈c/L⌉, h, w, L), padding channels with zeros.
+/// (n, c, h, w) → (n, ⌈c/L⌉, h, w, L), padding channels with zeros. Writes every float of `out`.
 pub fn to_blocked(
     isa: Isa,
     x: &[f32],
     (n, c, h, w): (usize, usize, usize, usize),
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) -> Result<(), KernelError> {
     let l = isa.lanes();
     let cb = c.div_ceil(l);
@@ -26,23 +28,26 @@ pub fn to_blocked(
     check("blocked output", out.len(), n * cb * h * w * l)?;
     for_each_chunk(out, h * w * l, |i, dst| {
         let (image, b) = (i / cb, i % cb);
-        dst.fill(0.0);
-        for lane in 0..l.min(c - b * l) {
+        let lanes = l.min(c - b * l);
+        if lanes < l {
+            dst.fill(MaybeUninit::new(0.0));
+        }
+        for lane in 0..lanes {
             let src = &x[(image * c + b * l + lane) * h * w..][..h * w];
             for (p, &v) in src.iter().enumerate() {
-                dst[p * l + lane] = v;
+                dst[p * l + lane].write(v);
             }
         }
     });
     Ok(())
 }
 
-/// (n, ⌈c/L⌉, h, w, L) → (n, c, h, w), dropping the padding channels.
+/// (n, ⌈c/L⌉, h, w, L) → (n, c, h, w), dropping the padding channels. Writes every float of `out`.
 pub fn to_nchw(
     isa: Isa,
     x: &[f32],
     (n, c, h, w): (usize, usize, usize, usize),
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) -> Result<(), KernelError> {
     let l = isa.lanes();
     let cb = c.div_ceil(l);
@@ -52,7 +57,7 @@ pub fn to_nchw(
         let (image, ch) = (i / c, i % c);
         let src = &x[(image * cb + ch / l) * h * w * l..][..h * w * l];
         for (p, d) in dst.iter_mut().enumerate() {
-            *d = src[p * l + ch % l];
+            d.write(src[p * l + ch % l]);
         }
     });
     Ok(())

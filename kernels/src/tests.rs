@@ -2,6 +2,16 @@
 
 use std::mem::MaybeUninit;
 
+/// `len` floats written by `write`, which starts from NaN so that an unwritten float shows.
+fn written(len: usize, write: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut out = vec![MaybeUninit::new(f32::NAN); len];
+    write(&mut out);
+    // SAFETY: every element was initialised (to NaN) before `write`.
+    out.into_iter()
+        .map(|v| unsafe { v.assume_init() })
+        .collect()
+}
+
 use super::*;
 
 /// A deterministic pseudo-random sequence in [-1, 1).
@@ -131,11 +141,9 @@ fn check_at(
         let p = PackedConv::new(isa, spec, input, &wt, &b).unwrap();
         let xin = match input {
             Input::Nchw => x.clone(),
-            Input::Blocked => {
-                let mut xb = vec![0f32; n * cin.div_ceil(l) * l * h * w];
-                to_blocked(isa, &x, (n, cin, h, w), &mut xb).unwrap();
-                xb
-            }
+            Input::Blocked => written(n * cin.div_ceil(l) * l * h * w, |xb| {
+                to_blocked(isa, &x, (n, cin, h, w), xb).unwrap()
+            }),
         };
         let (ho, wo) = p.output_size(h, w, pad).unwrap();
         let mut out = vec![MaybeUninit::new(f32::NAN); n * cout.div_ceil(l) * l * ho * wo];
@@ -145,8 +153,9 @@ fn check_at(
             .into_iter()
             .map(|v| unsafe { v.assume_init() })
             .collect();
-        let mut got = vec![0f32; n * cout * ho * wo];
-        to_nchw(isa, &out, (n, cout, ho, wo), &mut got).unwrap();
+        let got = written(n * cout * ho * wo, |got| {
+            to_nchw(isa, &out, (n, cout, ho, wo), got).unwrap()
+        });
         // f32 sums of up to thousands of terms: the tolerance follows the value's size.
         let worst = got
             .iter()
@@ -236,10 +245,20 @@ fn pools_and_layouts() {
     let x = values(n * c * h * w, 4);
     for &isa in Isa::supported() {
         let l = isa.lanes();
-        let mut xb = vec![0f32; n * c.div_ceil(l) * l * h * w];
-        to_blocked(isa, &x, (n, c, h, w), &mut xb).unwrap();
-        let mut back = vec![0f32; x.len()];
-        to_nchw(isa, &xb, (n, c, h, w), &mut back).unwrap();
+        let xb = written(n * c.div_ceil(l) * l * h * w, |xb| {
+            to_blocked(isa, &x, (n, c, h, w), xb).unwrap()
+        });
+        // The padding channels of the last block are zeros (written: they started as NaN).
+        for (i, v) in xb.iter().enumerate() {
+            let channel = i / (h * w * l) % c.div_ceil(l) * l + i % l;
+            assert!(
+                channel < c || *v == 0.0,
+                "padding channel {channel} holds {v}"
+            );
+        }
+        let back = written(x.len(), |back| {
+            to_nchw(isa, &xb, (n, c, h, w), back).unwrap()
+        });
         assert_eq!(back, x);
         let mut pooled = vec![0f32; n * c];
         global_avg_pool(isa, &xb, (n, c, h, w), &mut pooled).unwrap();
@@ -253,8 +272,9 @@ fn pools_and_layouts() {
             max_pool(isa, &xb, (n, c, h, w), 3, 2, 1, &mut mp).unwrap(),
             (ho, wo)
         );
-        let mut got = vec![0f32; n * c * ho * wo];
-        to_nchw(isa, &mp, (n, c, ho, wo), &mut got).unwrap();
+        let got = written(n * c * ho * wo, |got| {
+            to_nchw(isa, &mp, (n, c, ho, wo), got).unwrap()
+        });
         for (i, &v) in got.iter().enumerate() {
             let (plane, oy, ox) = (i / (ho * wo), i / wo % ho, i % wo);
             let mut m = f32::NEG_INFINITY;

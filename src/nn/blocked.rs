@@ -72,16 +72,25 @@ pub(crate) fn kernel_err(e: histolens_kernels::KernelError) -> candle_core::Erro
     candle_core::Error::Msg(e.to_string())
 }
 
-/// A new storage of `shape` filled by `write`, a kernel that writes every float of its argument.
-fn written_by(
-    shape: Shape,
+/// `len` floats filled by `write`, a kernel that writes every float of its argument when it
+/// returns Ok (no zero-fill first).
+pub(crate) fn kernel_output(
+    len: usize,
     write: impl FnOnce(&mut [MaybeUninit<f32>]) -> std::result::Result<(), KernelError>,
-) -> Result<(CpuStorage, Shape)> {
-    let len = shape.elem_count();
+) -> Result<Vec<f32>> {
     let mut out: Vec<f32> = Vec::with_capacity(len);
     write(&mut out.spare_capacity_mut()[..len]).map_err(kernel_err)?;
     // SAFETY: the kernel returned Ok, so it wrote all `len` floats.
     unsafe { out.set_len(len) };
+    Ok(out)
+}
+
+/// A new storage of `shape` filled by `write`, as [`kernel_output`].
+fn written_by(
+    shape: Shape,
+    write: impl FnOnce(&mut [MaybeUninit<f32>]) -> std::result::Result<(), KernelError>,
+) -> Result<(CpuStorage, Shape)> {
+    let out = kernel_output(shape.elem_count(), write)?;
     Ok((CpuStorage::F32(out), shape))
 }
 
@@ -112,15 +121,16 @@ impl CustomOp1 for Op {
             Op::ToBlocked(isa) => {
                 let (n, c, h, w) = l.shape().dims4()?;
                 let cb = c.div_ceil(isa.lanes());
-                let mut out = vec![0f32; n * cb * h * w * isa.lanes()];
-                histolens_kernels::to_blocked(*isa, x, (n, c, h, w), &mut out)
-                    .map_err(kernel_err)?;
+                let out = kernel_output(n * cb * h * w * isa.lanes(), |out| {
+                    histolens_kernels::to_blocked(*isa, x, (n, c, h, w), out)
+                })?;
                 (out, (n, cb, h, w, isa.lanes()).into())
             }
             Op::ToNchw(isa, c) => {
                 let (n, _, h, w) = blocked_dims(*isa)?;
-                let mut out = vec![0f32; n * c * h * w];
-                histolens_kernels::to_nchw(*isa, x, (n, *c, h, w), &mut out).map_err(kernel_err)?;
+                let out = kernel_output(n * c * h * w, |out| {
+                    histolens_kernels::to_nchw(*isa, x, (n, *c, h, w), out)
+                })?;
                 (out, (n, *c, h, w).into())
             }
             Op::AvgPool(isa, c) => {

@@ -19,6 +19,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
+use super::blocked::{kernel_err, kernel_output};
 use super::cpu_conv::{self, Dims, Geometry, f32_slice, with_scratch};
 use histolens_kernels::{Act, ConvSpec, Input, Isa, PackedConv, Pad};
 
@@ -386,7 +387,6 @@ fn blocked_conv(x: &[f32], wt: &[f32], z: Sizes, g: Geo) -> Result<Option<Vec<f3
     let Some(isa) = blocked_isa(g) else {
         return Ok(None);
     };
-    let err = super::blocked::kernel_err;
     let spec = ConvSpec {
         cin: z.cin,
         cout: z.cout,
@@ -402,33 +402,26 @@ fn blocked_conv(x: &[f32], wt: &[f32], z: Sizes, g: Geo) -> Result<Option<Vec<f3
     } else {
         Input::Blocked
     };
-    let packed = PackedConv::new(isa, spec, input, wt, &vec![0.0; z.cout]).map_err(err)?;
-    let mut blocked_x = Vec::new();
+    let packed = PackedConv::new(isa, spec, input, wt, &vec![0.0; z.cout]).map_err(kernel_err)?;
+    let blocked_x = match input {
+        Input::Blocked => kernel_output(packed.input_len(z.n, z.h, z.w), |out| {
+            histolens_kernels::to_blocked(isa, x, (z.n, z.cin, z.h, z.w), out)
+        })?,
+        Input::Nchw => Vec::new(),
+    };
     let x = if input == Input::Blocked {
-        blocked_x.resize(packed.input_len(z.n, z.h, z.w), 0.0);
-        histolens_kernels::to_blocked(isa, x, (z.n, z.cin, z.h, z.w), &mut blocked_x)
-            .map_err(err)?;
         &blocked_x
     } else {
         x
     };
     let len = z.n * z.cout.div_ceil(l) * l * z.p();
-    let mut yb: Vec<f32> = Vec::with_capacity(len);
-    packed
-        .run(
-            x,
-            (z.n, z.h, z.w),
-            g.pad,
-            Act::Identity,
-            None,
-            &mut yb.spare_capacity_mut()[..len],
-        )
-        .map_err(err)?;
-    // SAFETY: `run` returned Ok, so it wrote all `len` floats.
-    unsafe { yb.set_len(len) };
+    let yb = kernel_output(len, |out| {
+        packed.run(x, (z.n, z.h, z.w), g.pad, Act::Identity, None, out)
+    })?;
     drop(blocked_x);
-    let mut y = vec![0f32; z.n * z.cout * z.p()];
-    histolens_kernels::to_nchw(isa, &yb, (z.n, z.cout, z.oh, z.ow), &mut y).map_err(err)?;
+    let y = kernel_output(z.n * z.cout * z.p(), |out| {
+        histolens_kernels::to_nchw(isa, &yb, (z.n, z.cout, z.oh, z.ow), out)
+    })?;
     Ok(Some(y))
 }
 
