@@ -403,22 +403,23 @@ fn blocked_conv(x: &[f32], wt: &[f32], z: Sizes, g: Geo) -> Result<Option<Vec<f3
         Input::Blocked
     };
     let packed = PackedConv::new(isa, spec, input, wt, &vec![0.0; z.cout]).map_err(kernel_err)?;
-    let blocked_x = match input {
-        Input::Blocked => kernel_output(packed.input_len(z.n, z.h, z.w), |out| {
-            histolens_kernels::to_blocked(isa, x, (z.n, z.cin, z.h, z.w), out)
-        })?,
-        Input::Nchw => Vec::new(),
-    };
-    let x = if input == Input::Blocked {
-        &blocked_x
-    } else {
-        x
-    };
     let len = z.n * z.cout.div_ceil(l) * l * z.p();
-    let yb = kernel_output(len, |out| {
-        packed.run(x, (z.n, z.h, z.w), g.pad, Act::Identity, None, out)
-    })?;
-    drop(blocked_x);
+    // The blocked copy of the input lives only as long as the convolution.
+    let yb = {
+        let blocked_x;
+        let x = match input {
+            Input::Blocked => {
+                blocked_x = kernel_output(packed.input_len(z.n, z.h, z.w), |out| {
+                    histolens_kernels::to_blocked(isa, x, (z.n, z.cin, z.h, z.w), out)
+                })?;
+                &blocked_x
+            }
+            Input::Nchw => x,
+        };
+        kernel_output(len, |out| {
+            packed.run(x, (z.n, z.h, z.w), g.pad, Act::Identity, None, out)
+        })?
+    };
     let y = kernel_output(z.n * z.cout * z.p(), |out| {
         histolens_kernels::to_nchw(isa, &yb, (z.n, z.cout, z.oh, z.ow), out)
     })?;
